@@ -1,0 +1,307 @@
+"""The GRU cell: the one place where the GRU math lives.
+
+Everything else in jaxgru (sequences, stacks, directions, the Flax module, the tasks) is a thin
+layer over :meth:`GRUConfig.step`, or over its two halves :meth:`GRUConfig.project_inputs` and
+:meth:`GRUConfig.recur`, which let a sequence do the input projection of all time steps in one
+matrix product outside the time loop.
+
+Gates are stored fused, in the order ``z | r | n`` (update, reset, candidate), the Keras order.
+For one example with input ``x`` (I,) and state ``h`` (H,)::
+
+  gx = x @ w_x + b_x                          (3H,)  input projection
+  z  = ract(gx_z + h @ w_h_z + b_h_z)                update gate
+  r  = ract(gx_r + h @ w_h_r + b_h_r)                reset gate
+
+  reset_after  (PyTorch, cuDNN, Keras reset_after=True, Flax):
+    n = act(gx_n + r * (h @ w_h_n + b_h_n))
+  reset_before (Cho et al. 2014, Keras reset_after=False; no recurrent bias):
+    n = act(gx_n + (r * h) @ w_h_n)
+
+  h' = (1 - z) * n + z * h
+
+with ``act`` = tanh and ``ract`` = sigmoid by default.
+
+Parameters (a dict of arrays; ``use_bias=False`` drops the biases):
+
+  ``w_x``  (I, 3H)   input kernel
+  ``w_h``  (H, 3H)   recurrent kernel
+  ``b_x``  (3H,)     input bias
+  ``b_h``  (3H,)     recurrent bias, reset_after only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgru import activations as _act
+
+Params = dict[str, jax.Array]
+
+VARIANTS = ("reset_after", "reset_before")
+INITIALIZERS = ("keras", "pytorch")
+
+
+def default_float_dtype() -> np.dtype:
+  """float32, or float64 when JAX's x64 mode is on."""
+  return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def _positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _as_dtype(name: str, value: Any) -> Optional[np.dtype]:
+  if value is None:
+    return None
+  try:
+    dtype = np.dtype(jnp.dtype(value))
+  except TypeError:
+    raise ValueError(f"{name} must be a floating dtype, got {value!r}") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating dtype, got {dtype}")
+  return dtype
+
+
+def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+  """``y + b`` with ``b`` broadcast over the leading axes of ``y`` explicitly."""
+  return y + jnp.reshape(b, (1,) * (y.ndim - b.ndim) + b.shape)
+
+
+def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: str) -> None:
+  """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size)."""
+  shape = tuple(np.shape(x))
+  ok = len(shape) == len(expected) and all(
+      e is None or e == s for e, s in zip(expected, shape))
+  if not ok:
+    raise ValueError(f"{what}: expected shape {names}, got {shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRUConfig:
+  """Static, hashable description of one GRU cell; pass it to ``jax.jit`` as a static argument.
+
+  Attributes:
+    input_size: I, features per time step.
+    hidden_size: H, size of the state.
+    variant: ``"reset_after"`` (default; PyTorch/cuDNN/Keras/Flax) or ``"reset_before"``
+      (Cho et al. 2014, Keras ``reset_after=False``).
+    activation: candidate activation ``act``, a name from ``jaxgru.ACTIVATIONS`` or a callable.
+    recurrent_activation: gate activation ``ract``, likewise (``"hard_sigmoid"`` is Keras's).
+    use_bias: whether the cell has biases.
+    param_dtype: dtype of the parameters and of the state; None means float32 (float64 in x64
+      mode).
+    dtype: dtype of the matrix products (for instance bfloat16, accumulated in ``param_dtype``);
+      None means ``param_dtype``.
+  """
+
+  input_size: int
+  hidden_size: int
+  variant: str = "reset_after"
+  activation: _act.Activation = "tanh"
+  recurrent_activation: _act.Activation = "sigmoid"
+  use_bias: bool = True
+  param_dtype: Any = None
+  dtype: Any = None
+
+  def __post_init__(self):
+    _positive_int("input_size", self.input_size)
+    _positive_int("hidden_size", self.hidden_size)
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+    _act.resolve(self.activation)
+    _act.resolve(self.recurrent_activation)
+    object.__setattr__(self, "param_dtype", _as_dtype("param_dtype", self.param_dtype))
+    object.__setattr__(self, "dtype", _as_dtype("dtype", self.dtype))
+
+  # -- dtypes -------------------------------------------------------------------------------------
+
+  @property
+  def state_dtype(self) -> np.dtype:
+    """dtype of the parameters and the state (``param_dtype`` resolved)."""
+    return self.param_dtype if self.param_dtype is not None else default_float_dtype()
+
+  @property
+  def compute_dtype(self) -> np.dtype:
+    """dtype of the matrix products (``dtype`` resolved)."""
+    return self.dtype if self.dtype is not None else self.state_dtype
+
+  def _dot(self, a: jax.Array, w: jax.Array) -> jax.Array:
+    cd = self.compute_dtype
+    return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=self.state_dtype)
+
+  # -- parameters ---------------------------------------------------------------------------------
+
+  def param_shapes(self) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter, by name."""
+    i, h = self.input_size, self.hidden_size
+    shapes = {"w_x": (i, 3 * h), "w_h": (h, 3 * h)}
+    if self.use_bias:
+      shapes["b_x"] = (3 * h,)
+      if self.variant == "reset_after":
+        shapes["b_h"] = (3 * h,)
+    return shapes
+
+  def init(self, key: jax.Array, initializer: str = "keras") -> Params:
+    """Returns fresh parameters.
+
+    Args:
+      key: a PRNG key.
+      initializer: ``"keras"`` (Glorot-uniform ``w_x``, orthogonal ``w_h``, zero biases, as Keras
+        and Flax) or ``"pytorch"`` (everything uniform in ``±1/sqrt(H)``, as ``torch.nn.GRU``).
+
+    Returns:
+      A dict of arrays with the shapes of :meth:`param_shapes`, in ``state_dtype``.
+    """
+    if initializer not in INITIALIZERS:
+      raise ValueError(f"initializer must be one of {INITIALIZERS}, got {initializer!r}")
+    dtype = self.state_dtype
+    shapes = self.param_shapes()
+    keys = dict(zip(shapes, jax.random.split(key, len(shapes))))
+    if initializer == "pytorch":
+      k = 1.0 / math.sqrt(self.hidden_size)
+      return {n: jax.random.uniform(keys[n], s, dtype, -k, k) for n, s in shapes.items()}
+    params = {
+        "w_x": jax.nn.initializers.glorot_uniform()(keys["w_x"], shapes["w_x"], dtype),
+        "w_h": jax.nn.initializers.orthogonal()(keys["w_h"], shapes["w_h"], dtype),
+    }
+    for n in ("b_x", "b_h"):
+      if n in shapes:
+        params[n] = jnp.zeros(shapes[n], dtype)
+    return params
+
+  def check_params(self, params: Params) -> None:
+    """Raises ValueError unless ``params`` has exactly the expected names and shapes."""
+    shapes = self.param_shapes()
+    if not isinstance(params, dict) or set(params) != set(shapes):
+      got = sorted(params) if isinstance(params, dict) else type(params).__name__
+      raise ValueError(f"GRU params: expected keys {sorted(shapes)}, got {got}")
+    for n, s in shapes.items():
+      check_shape(f"GRU params[{n!r}]", params[n], s, str(s))
+
+  # -- the math -----------------------------------------------------------------------------------
+
+  def project_inputs(self, params: Params, x: jax.Array) -> jax.Array:
+    """Input projection ``gx = x @ w_x + b_x``: (..., I) -> (..., 3H).
+
+    Applied to a whole sequence (T, I) it is one matrix product for all time steps.
+    """
+    gx = self._dot(x, params["w_x"])
+    if self.use_bias:
+      gx = add_bias(gx, params["b_x"])
+    return gx
+
+  def recur(self, params: Params, h: jax.Array, gx: jax.Array) -> jax.Array:
+    """One recurrent update from a projected input: ``h`` (H,), ``gx`` (3H,) -> ``h'`` (H,).
+
+    Also accepts matching leading batch axes, (B, H) and (B, 3H).
+    """
+    size = self.hidden_size
+    act = _act.resolve(self.activation)
+    ract = _act.resolve(self.recurrent_activation)
+    h = h.astype(self.state_dtype)
+    gx_z, gx_r, gx_n = jnp.split(gx, 3, axis=-1)
+    w_h = params["w_h"]
+    if self.variant == "reset_after":
+      gh = self._dot(h, w_h)
+      if self.use_bias:
+        gh = add_bias(gh, params["b_h"])
+      gh_z, gh_r, gh_n = jnp.split(gh, 3, axis=-1)
+      z = ract(gx_z + gh_z)
+      r = ract(gx_r + gh_r)
+      n = act(gx_n + r * gh_n)
+    else:
+      gh_z, gh_r = jnp.split(self._dot(h, w_h[:, : 2 * size]), 2, axis=-1)
+      z = ract(gx_z + gh_z)
+      r = ract(gx_r + gh_r)
+      n = act(gx_n + self._dot(r * h, w_h[:, 2 * size:]))
+    return (1.0 - z) * n + z * h
+
+  def step(self, params: Params, h: jax.Array, x: jax.Array) -> jax.Array:
+    """One GRU step for ONE example, carry first: ``h`` (H,), ``x`` (I,) -> ``h'`` (H,).
+
+    Batch with ``jax.vmap(cfg.step, in_axes=(None, 0, 0))``; scan over time with
+    ``jax.lax.scan(lambda h, x: (cfg.step(params, h, x),) * 2, h0, xs)``.
+    """
+    check_shape("GRU step h", h, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
+    check_shape("GRU step x", x, (self.input_size,), f"(input_size={self.input_size},)")
+    return self.recur(params, h, self.project_inputs(params, x))
+
+  # -- one sequence -------------------------------------------------------------------------------
+
+  def initial_state(self) -> jax.Array:
+    """The zero state, (H,)."""
+    return jnp.zeros((self.hidden_size,), self.state_dtype)
+
+  def sequence(self, params: Params, xs: jax.Array, h0: Optional[jax.Array] = None,
+               length: Optional[jax.Array] = None, reverse: bool = False,
+               unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Runs the cell over ONE sequence with ``jax.lax.scan``.
+
+    Args:
+      params: parameters from :meth:`init`.
+      xs: inputs, (T, I).
+      h0: initial state, (H,); zeros when None.
+      length: optional scalar valid length L (0 <= L <= T). Steps t >= L leave the state
+        unchanged and output zeros, so ``h_last`` is the state after step L-1 (or after step 0
+        when ``reverse``) and padding never reaches it.
+      reverse: read the sequence from its end (with ``length``, from step L-1). Outputs stay in
+        input order.
+      unroll: how many steps ``lax.scan`` unrolls per loop iteration.
+
+    Returns:
+      ``(ys, h_last)``: every step's state (T, H) and the final state (H,).
+    """
+    check_shape("GRU sequence xs", xs, (None, self.input_size),
+                f"(T, input_size={self.input_size})")
+    if h0 is None:
+      h0 = self.initial_state()
+    check_shape("GRU sequence h0", h0, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
+    if length is not None:
+      check_shape("GRU sequence length", length, (), "() (a scalar)")
+      check_lengths(length, xs.shape[0])
+    return self.scan_projected(params, self.project_inputs(params, xs), h0.astype(self.state_dtype),
+                               length, reverse, unroll)
+
+  def scan_projected(self, params: Params, gx: jax.Array, h0: jax.Array,
+                     length: Optional[jax.Array] = None, reverse: bool = False,
+                     unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """The time loop of :meth:`sequence` over already projected inputs ``gx`` (T, 3H)."""
+    if length is None:
+      def body(h, g):
+        h = self.recur(params, h, g)
+        return h, h
+      h_last, ys = jax.lax.scan(body, h0, gx, reverse=reverse, unroll=unroll)
+      return ys, h_last
+
+    def masked_body(h, inputs):
+      g, t = inputs
+      valid = t < length
+      h_new = jnp.where(valid, self.recur(params, h, g), h)
+      return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
+
+    steps = jnp.arange(gx.shape[0])
+    h_last, ys = jax.lax.scan(masked_body, h0, (gx, steps), reverse=reverse, unroll=unroll)
+    return ys, h_last
+
+
+def check_lengths(lengths: Any, max_length: int) -> None:
+  """Raises ValueError for lengths outside [0, T] when their values are known (not traced).
+
+  Under ``jax.jit`` the values are not known at trace time; a length above T then behaves as T.
+  """
+  if isinstance(lengths, jax.core.Tracer):
+    return
+  values = np.asarray(lengths)
+  if not np.issubdtype(values.dtype, np.integer):
+    raise ValueError(f"lengths must be integers, got dtype {values.dtype}")
+  if values.size and (values.min() < 0 or values.max() > max_length):
+    raise ValueError(
+        f"lengths must lie in [0, T={max_length}], got values in "
+        f"[{values.min()}, {values.max()}]")

@@ -1,0 +1,166 @@
+"""Layers over the cell: batches, stacks, both directions, variable lengths, dropout.
+
+Every function here is a thin layer over :class:`jaxgru.GRUConfig`: a batch is ``jax.vmap`` of
+:meth:`GRUConfig.sequence`, a stack feeds one layer's outputs to the next, and the backward
+direction is the same sequence with ``reverse=True``.
+
+Parameters are a list with one dict per layer, ``{"fwd": cell_params}`` or
+``{"fwd": ..., "bwd": ...}`` when bidirectional, each cell's params as in :mod:`jaxgru.cell`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgru import activations as _act
+from jaxgru.cell import GRUConfig, Params, check_lengths, check_shape
+
+StackParams = list[dict[str, Params]]
+
+MERGES = ("concat", "sum")
+DIRECTIONS = ("fwd", "bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+  """Static, hashable description of a (possibly stacked, bidirectional) GRU layer.
+
+  Attributes:
+    input_size: I, features per time step of the input.
+    hidden_size: H, state size of every cell.
+    num_layers: L, stacked layers; layer l > 0 reads the outputs of layer l - 1.
+    bidirectional: run a backward cell beside the forward one in every layer.
+    merge: how the two directions' outputs are combined: ``"concat"`` (2H) or ``"sum"`` (H).
+    dropout: dropout rate on the outputs of every layer but the last (as ``torch.nn.GRU``),
+      applied only when :meth:`apply` is given a ``dropout_key``.
+    variant, activation, recurrent_activation, use_bias, param_dtype, dtype: as
+      :class:`GRUConfig`, shared by every cell.
+  """
+
+  input_size: int
+  hidden_size: int
+  num_layers: int = 1
+  bidirectional: bool = False
+  merge: str = "concat"
+  dropout: float = 0.0
+  variant: str = "reset_after"
+  activation: _act.Activation = "tanh"
+  recurrent_activation: _act.Activation = "sigmoid"
+  use_bias: bool = True
+  param_dtype: Any = None
+  dtype: Any = None
+
+  def __post_init__(self):
+    if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, (int, np.integer)) \
+        or self.num_layers < 1:
+      raise ValueError(f"num_layers must be a positive integer, got {self.num_layers!r}")
+    if self.merge not in MERGES:
+      raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+    self.cell(0)  # validates the shared cell settings
+
+  @property
+  def num_directions(self) -> int:
+    return 2 if self.bidirectional else 1
+
+  @property
+  def directions(self) -> tuple[str, ...]:
+    return DIRECTIONS[: self.num_directions]
+
+  @property
+  def output_size(self) -> int:
+    """Features per time step of the output: 2H with concat-merged directions, else H."""
+    if self.bidirectional and self.merge == "concat":
+      return 2 * self.hidden_size
+    return self.hidden_size
+
+  def cell(self, layer: int) -> GRUConfig:
+    """The cell configuration of ``layer`` (its input size depends on the layer)."""
+    return GRUConfig(
+        input_size=self.input_size if layer == 0 else self.output_size,
+        hidden_size=self.hidden_size, variant=self.variant, activation=self.activation,
+        recurrent_activation=self.recurrent_activation, use_bias=self.use_bias,
+        param_dtype=self.param_dtype, dtype=self.dtype)
+
+  def init(self, key: jax.Array, initializer: str = "keras") -> StackParams:
+    """Fresh parameters: a list of ``num_layers`` dicts of cell params by direction."""
+    keys = jax.random.split(key, self.num_layers * self.num_directions)
+    nd = self.num_directions
+    return [{d: self.cell(l).init(keys[l * nd + i], initializer) for i, d in enumerate(self.directions)}
+            for l in range(self.num_layers)]
+
+  def check_params(self, params: StackParams) -> None:
+    """Raises ValueError unless ``params`` matches this configuration."""
+    if not isinstance(params, (list, tuple)) or len(params) != self.num_layers:
+      got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+      raise ValueError(f"RNN params: expected a list of {self.num_layers} layers, got {got}")
+    for l, layer in enumerate(params):
+      if not isinstance(layer, dict) or set(layer) != set(self.directions):
+        got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
+        raise ValueError(f"RNN params[{l}]: expected directions {list(self.directions)}, got {got}")
+      for d in self.directions:
+        self.cell(l).check_params(layer[d])
+
+  def apply(self, params: StackParams, xs: jax.Array, lengths: Optional[jax.Array] = None,
+            h0: Optional[jax.Array] = None, *, dropout_key: Optional[jax.Array] = None,
+            unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Runs the stack over a batch of sequences.
+
+    Args:
+      params: from :meth:`init`.
+      xs: inputs, (B, T, I).
+      lengths: optional valid lengths, (B,) integers in [0, T]. Each sequence's state stops
+        changing after its last valid step, outputs past it are zero, and the backward direction
+        starts at each sequence's own last valid step.
+      h0: optional initial states, (L * D, B, H) in ``torch.nn.GRU``'s order (layer-major,
+        forward before backward); zeros when None.
+      dropout_key: PRNG key for dropout between layers; None (evaluation) disables dropout.
+      unroll: the ``lax.scan`` unroll factor.
+
+    Returns:
+      ``(ys, h_last)``: the last layer's outputs (B, T, output_size) and every cell's final
+      state (L * D, B, H).
+    """
+    self.check_params(params)
+    check_shape("RNN xs", xs, (None, None, self.input_size), f"(B, T, input_size={self.input_size})")
+    batch, steps = xs.shape[0], xs.shape[1]
+    if lengths is not None:
+      check_shape("RNN lengths", lengths, (batch,), f"(B={batch},), one per sequence")
+      check_lengths(lengths, steps)
+    num_cells = self.num_layers * self.num_directions
+    if h0 is None:
+      h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell(0).state_dtype)
+    check_shape("RNN h0", h0, (num_cells, batch, self.hidden_size),
+                f"(L*D={num_cells}, B={batch}, H={self.hidden_size})")
+
+    finals = []
+    for l, layer in enumerate(params):
+      cell = self.cell(l)
+      outs = []
+      for i, d in enumerate(self.directions):
+        run = lambda p, x, h, n, rev=(d == "bwd"), c=cell: c.sequence(p, x, h, n, rev, unroll)
+        if lengths is None:
+          ys, hs = jax.vmap(lambda x, h, p=layer[d], r=run: r(p, x, h, None))(
+              xs, h0[l * self.num_directions + i])
+        else:
+          ys, hs = jax.vmap(run, in_axes=(None, 0, 0, 0))(
+              layer[d], xs, h0[l * self.num_directions + i], lengths)
+        outs.append(ys)
+        finals.append(hs)
+      if len(outs) == 1:
+        xs = outs[0]
+      elif self.merge == "concat":
+        xs = jnp.concatenate(outs, axis=-1)
+      else:
+        xs = outs[0] + outs[1]
+      if dropout_key is not None and self.dropout > 0 and l < self.num_layers - 1:
+        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l), 1.0 - self.dropout,
+                                    xs.shape)
+        xs = jnp.where(keep, xs / (1.0 - self.dropout), jnp.zeros_like(xs))
+    return xs, jnp.stack(finals)
