@@ -1,0 +1,217 @@
+"""jaxgru's main job: train, evaluate and use GRU models from the command line.
+
+  python run.py                                   # learn binary addition, then add two big numbers
+  python run.py --mode=add --a=123 --b=456        # add with the trained model (exit 0 iff exact)
+  python run.py --num_models=64                   # 64 independent models in one compiled program
+  python run.py --task=imdb --data_path=aclImdb_labeled.tar.gz
+  python run.py --mode=predict --workdir=runs/imdb --text="A wonderful film."
+
+Only this file reads flags; it turns them into a task config and calls the library. Usage errors
+print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+
+from absl import app, flags, logging
+
+TASKS = ("addition", "classify", "imdb")
+MODES = ("train", "add", "eval", "predict")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("task", "addition", TASKS, "What to learn.")
+flags.DEFINE_enum("mode", "train", MODES,
+                  "train (resumes from --workdir), add (addition: --a + --b), eval, "
+                  "predict (imdb: --text).")
+flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (default runs/<task>).")
+flags.DEFINE_integer("hidden_size", None, "GRU state size (task default if unset).")
+flags.DEFINE_integer("num_layers", None, "Stacked GRU layers (task default if unset).")
+flags.DEFINE_enum("variant", "reset_after", ("reset_after", "reset_before"), "GRU variant.")
+flags.DEFINE_string("activation", "tanh", "Candidate activation (tanh, relu, gelu, ...).")
+flags.DEFINE_string("recurrent_activation", "sigmoid", "Gate activation (sigmoid, hard_sigmoid).")
+flags.DEFINE_integer("bits", 8, "Addition: bits per operand during training.")
+flags.DEFINE_list("eval_bits", ["16", "64", "256", "1024", "10000"],
+                  "Addition: operand lengths for the length-generalization evaluation.")
+flags.DEFINE_integer("batch_size", None, "Examples per step (task default if unset).")
+flags.DEFINE_integer("steps", None, "Maximum training steps (task default if unset).")
+flags.DEFINE_enum("optimizer", "adam", ("adam", "adamw", "sgd", "rmsprop"), "Optimizer.")
+flags.DEFINE_list("learning_rate", None,
+                  "Peak learning rate; a comma list cycles over --num_models models.")
+flags.DEFINE_enum("schedule", "constant", ("constant", "cosine"), "Learning-rate schedule.")
+flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.")
+flags.DEFINE_float("clip_norm", None, "Global-norm gradient clipping (0 disables).")
+flags.DEFINE_integer("seed", 0, "Random seed; model i of --num_models uses seed + i.")
+flags.DEFINE_integer("num_models", 1, "Independent models trained at once (vmap).")
+flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
+flags.DEFINE_integer("log_every", None, "Steps between metric fetches, logs and evaluations.")
+flags.DEFINE_enum("platform", None, ("cpu", "gpu", "tpu"), "JAX platform (default: what JAX finds).")
+flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16", "float64"),
+                  "Compute dtype of the matrix products (float64 turns on JAX's x64 mode).")
+flags.DEFINE_string("a", None, "--mode=add: first non-negative integer (any number of digits).")
+flags.DEFINE_string("b", None, "--mode=add: second non-negative integer.")
+
+_POSITIVE = ("hidden_size", "num_layers", "bits", "batch_size", "steps", "num_models",
+             "checkpoint_every", "log_every")
+for _name in _POSITIVE:
+  flags.register_validator(_name, lambda v: v is None or v >= 1,
+                           message=f"--{_name} must be a positive integer")
+flags.register_validator("eval_bits", lambda v: all(re.fullmatch(r"[1-9]\d*", s) for s in v),
+                         message="--eval_bits must be a comma list of positive integers")
+flags.register_validator(
+    "learning_rate",
+    lambda v: v is None or all(re.fullmatch(r"\d*\.?\d+(e-?\d+)?", s) and float(s) > 0 for s in v),
+    message="--learning_rate must be a positive number or a comma list of them")
+flags.register_validator("clip_norm", lambda v: v is None or v >= 0,
+                         message="--clip_norm must be >= 0")
+flags.register_validator("warmup_steps", lambda v: v >= 0, message="--warmup_steps must be >= 0")
+flags.register_validator("seed", lambda v: v >= 0, message="--seed must be >= 0")
+
+
+class UsageError(Exception):
+  """A user mistake: reported in one line with exit status 2."""
+
+
+def _check_activation(name: str, value: str) -> None:
+  from jaxgru import ACTIVATIONS
+  if value not in ACTIVATIONS:
+    raise UsageError(f"--{name}={value!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
+
+
+def _non_negative_int(name: str, value: str | None) -> int:
+  if value is None:
+    raise UsageError(f"--mode=add needs --{name}=INT")
+  if not re.fullmatch(r"\s*\+?\d+\s*", value):
+    raise UsageError(f"--{name} must be a non-negative integer, got {value!r}")
+  sys.set_int_max_str_digits(0)
+  return int(value)
+
+
+def _addition_config():
+  from jaxgru.tasks import addition
+  fields = dict(
+      variant=FLAGS.variant, activation=FLAGS.activation,
+      recurrent_activation=FLAGS.recurrent_activation, bits=FLAGS.bits,
+      eval_bits=tuple(int(s) for s in FLAGS.eval_bits), optimizer=FLAGS.optimizer,
+      schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
+      num_models=FLAGS.num_models,
+      dtype=None if FLAGS.dtype in ("float32", "float64") else FLAGS.dtype)
+  for k in ("hidden_size", "num_layers", "batch_size", "steps", "checkpoint_every", "log_every",
+            "clip_norm"):
+    if getattr(FLAGS, k) is not None:
+      fields[k] = getattr(FLAGS, k)
+  if FLAGS.learning_rate:
+    fields["learning_rates"] = tuple(float(s) for s in FLAGS.learning_rate)
+  return addition.AdditionConfig(**fields)
+
+
+def _show_addition(workdir: str, a: int, b: int) -> bool:
+  import jax
+  from jaxgru.tasks import addition
+  cfg, state, steps_to_solve = addition.load_trained(workdir)
+  params = jax.device_get(addition.best_model(state, steps_to_solve))
+  got = addition.predict_sum(cfg.model(), params, a, b)
+  ok = got == a + b
+  print(f"a       = {a}")
+  print(f"b       = {b}")
+  print(f"model   = {got}")
+  print(f"a + b   = {a + b}")
+  print(f"{'correct' if ok else 'WRONG'}: the model's sum {'equals' if ok else 'differs from'} the "
+        f"exact sum ({max(a.bit_length(), b.bit_length()) + 1} bits, {len(str(a + b))} digits)")
+  return ok
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  ckpts = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+
+
+def _run_addition(workdir: str) -> int:
+  from jaxgru.tasks import addition
+  if FLAGS.mode == "add":
+    a, b = _non_negative_int("a", FLAGS.a), _non_negative_int("b", FLAGS.b)
+    if not _has_checkpoint(workdir):
+      raise UsageError(f"--mode=add needs a trained model in --workdir={workdir}; train one with "
+                       f"`python run.py --workdir={workdir}` first")
+    return 0 if _show_addition(workdir, a, b) else 1
+  if FLAGS.mode == "eval":
+    if not _has_checkpoint(workdir):
+      raise UsageError(f"--mode=eval needs a trained model in --workdir={workdir}")
+    import numpy as np
+    cfg, state, _ = addition.load_trained(workdir)
+    for bits in (cfg.bits,) + tuple(int(s) for s in FLAGS.eval_bits):
+      size = cfg.long_eval_size if bits > 256 else cfg.eval_size
+      exact = addition.make_evaluate(cfg, bits, size)(state.params)
+      print(f"{bits} bits: exact-match {np.mean(exact):.4f} over {size} problems "
+            f"x {cfg.num_models} model(s)")
+    return 0
+  if FLAGS.mode == "predict":
+    raise UsageError("--mode=predict is for --task=imdb; use --mode=add for addition")
+  cfg = _addition_config()
+  summary_path = os.path.join(workdir, "summary.json")
+  default_run = all(FLAGS[k].using_default_value for k in ("task", "mode"))
+  if default_run and os.path.exists(summary_path) and _has_checkpoint(workdir):
+    logging.info("a finished run is in %s; showing it (delete the folder to train again)", workdir)
+  else:
+    summary = addition.train_and_evaluate(cfg, workdir, log=logging.info)
+    s = summary
+    logging.info("steps_to_solve=%s solved_fraction=%.3f compile=%.2fs train=%.2fs wall=%.2fs",
+                 s["steps_to_solve"], s["solved_fraction"], s["compile_seconds"],
+                 s["train_seconds"], s["wall_seconds"])
+    logging.info("length generalization (bits -> exact-match): %s", s["length_generalization"])
+    if s["solved_fraction"] == 0:
+      print(f"not solved in {s['steps']} steps; see {workdir}/metrics.jsonl")
+      return 1
+  rng = random.Random(FLAGS.seed)
+  sys.set_int_max_str_digits(0)
+  a, b = rng.getrandbits(1000), rng.getrandbits(1000)
+  return 0 if _show_addition(workdir, a, b) else 1
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.platform:
+    import jax
+    jax.config.update("jax_platforms", FLAGS.platform)
+  if FLAGS.dtype == "float64":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+  _check_activation("activation", FLAGS.activation)
+  _check_activation("recurrent_activation", FLAGS.recurrent_activation)
+  workdir = FLAGS.workdir or os.path.join("runs", FLAGS.task)
+  if FLAGS.task == "addition":
+    return _run_addition(workdir)
+  from jaxgru.tasks import text_runner  # classify and imdb
+  return text_runner.run(FLAGS, workdir, UsageError)
+
+
+def _parse_flags(argv):
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"run.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv):
+  from jaxgru import train
+  try:
+    sys.exit(main(argv))
+  except UsageError as e:
+    print(f"run.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except train.Diverged as e:
+    print(f"run.py: {e}", file=sys.stderr)
+    sys.exit(1)
+  except train.Interrupted as e:
+    print(f"run.py: {e}", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.INFO)
+  app.run(_main, flags_parser=_parse_flags)

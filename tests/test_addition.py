@@ -1,0 +1,185 @@
+"""The addition task: encoding, generated problems, training, many models, sharding."""
+
+import os
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgru import train
+from jaxgru.tasks import addition
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 255, 256, 2**64 - 1, 2**64, "big"])
+def test_bits_round_trip(n):
+  if n == "big":
+    n = random.Random(0).getrandbits(5000) | 1 << 4999
+  width = max(n.bit_length(), 1) + 3
+  bits = addition.to_bits(n, width)
+  assert bits.shape == (width,)
+  assert addition.from_bits(bits) == n
+  # Least significant bit first, as Python's own arithmetic says.
+  assert [int(b) for b in bits] == [(n >> i) & 1 for i in range(width)]
+
+
+def test_encode_matches_python_sum():
+  rng = random.Random(1)
+  for _ in range(20):
+    a, b = rng.getrandbits(rng.randint(1, 3000)), rng.getrandbits(rng.randint(1, 3000))
+    x, y = addition.encode(a, b)
+    assert x.shape == (len(y), 2)
+    assert addition.from_bits(x[:, 0]) == a and addition.from_bits(x[:, 1]) == b
+    assert addition.from_bits(y) == a + b
+
+
+def test_to_bits_rejects_bad_input():
+  with pytest.raises(ValueError, match="non-negative integer"):
+    addition.to_bits(-1, 4)
+  with pytest.raises(ValueError, match="needs 5 bits"):
+    addition.to_bits(16, 4)
+
+
+def test_random_problems_have_python_sums():
+  x, y = addition.random_batch(jax.random.PRNGKey(3), 64, 12)
+  x, y = np.asarray(x), np.asarray(y)
+  assert x.shape == (64, 13, 2) and y.shape == (64, 13)
+  assert (x[:, -1] == 0).all()  # room for the final carry
+  for i in range(64):
+    a, b = addition.from_bits(x[i, :, 0]), addition.from_bits(x[i, :, 1])
+    assert a < 2**12 and b < 2**12
+    assert addition.from_bits(y[i]) == a + b
+  # Different keys give different problems; the same key the same ones.
+  x2, _ = addition.random_batch(jax.random.PRNGKey(3), 64, 12)
+  x3, _ = addition.random_batch(jax.random.PRNGKey(4), 64, 12)
+  np.testing.assert_array_equal(x, x2)
+  assert not np.array_equal(x, x3)
+
+
+def _small_cfg(**kw):
+  base = dict(hidden_size=8, bits=3, batch_size=32, steps=20, eval_bits=(8,), eval_size=64,
+              long_eval_size=64, log_every=5, checkpoint_every=10)
+  base.update(kw)
+  return addition.AdditionConfig(**base)
+
+
+def test_one_step_changes_every_parameter():
+  cfg = _small_cfg(num_models=2)
+  state = addition.init_states(cfg)
+  new, metrics = addition.make_train_step(cfg)(jax.tree.map(jnp.copy, state))
+  assert np.asarray(metrics["loss"]).shape == (2,)
+  for path, old_leaf, new_leaf in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                      jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+    changed = np.abs(np.asarray(new_leaf) - np.asarray(old_leaf)).max(axis=tuple(
+        range(1, np.ndim(old_leaf))))
+    assert (changed > 0).all(), f"{jax.tree_util.keystr(path[0])} did not change"
+  np.testing.assert_array_equal(np.asarray(new.step), [1, 1])
+
+
+def test_evaluate_against_python_reference():
+  """The chunked evaluation (time and problem chunks) equals a per-problem Python check."""
+  cfg = _small_cfg(num_models=2, hidden_size=4)
+  params = addition.init_states(cfg).params
+  model = cfg.model()
+  evaluate = addition.make_evaluate(cfg, bits=20, size=30, batch_chunk=7, time_chunk=6)
+  got = evaluate(params)
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), addition.EVAL_SALT + 20)
+  x, y = addition.random_batch(key, 30, 20)
+  for m in range(2):
+    p = jax.tree.map(lambda l: l[m], params)
+    logits, _ = model.logits(p, x)
+    want = np.mean([np.array_equal(np.asarray(logits[i]) > 0, np.asarray(y[i]) > 0)
+                    for i in range(30)])
+    assert got[m] == pytest.approx(want)
+
+
+def test_tiny_run_solves_3_bit_addition(tmp_path):
+  cfg = _small_cfg(steps=400, learning_rates=(0.03,), eval_bits=(8, 32), log_every=10,
+                   checkpoint_every=200)
+  summary = addition.train_and_evaluate(cfg, str(tmp_path), log=lambda m: None)
+  assert summary["steps_to_solve"] is not None, summary
+  assert summary["solved_fraction"] == 1.0
+  cfg2, state, steps = addition.load_trained(str(tmp_path))
+  assert cfg2 == cfg
+  params = addition.best_model(state, steps)
+  # A solved 3-bit model must at least add 3-bit numbers exactly.
+  for a in range(8):
+    for b in range(8):
+      assert addition.predict_sum(cfg.model(), params, a, b) == a + b
+
+
+def test_many_models_equal_separate_runs():
+  steps = 5
+  many = _small_cfg(num_models=3, seed=10, learning_rates=(0.01, 0.03))
+  state = addition.init_states(many)
+  step = addition.make_train_step(many)
+  for _ in range(steps):
+    state, _ = step(state)
+  for i in range(3):
+    one = _small_cfg(num_models=1, seed=10 + i, learning_rates=(many.learning_rates[i % 2],))
+    s1 = addition.init_states(one)
+    step1 = addition.make_train_step(one)
+    for _ in range(steps):
+      s1, _ = step1(s1)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(state.params)):
+      np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[i], rtol=1e-5, atol=1e-6)
+
+
+_SHARDED_SCRIPT = r"""
+import sys, jax, numpy as np
+sys.path.insert(0, {root!r})
+from jaxgru import parallel
+from jaxgru.tasks import addition
+cfg = addition.AdditionConfig(hidden_size=8, bits=4, batch_size=32, num_models={n},
+                              learning_rates=(0.03,))
+mesh = parallel.make_mesh()
+state = parallel.shard_models(addition.init_states(cfg), mesh)
+step = addition.make_train_step(cfg, mesh)
+for _ in range(3):
+  state, metrics = step(state)
+leaves = [np.asarray(l) for l in jax.tree.leaves(state.params)]
+np.savez({out!r}, *leaves, loss=np.asarray(metrics["loss"]))
+print(len(jax.devices()), state.params["readout"]["w"].sharding)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_models", [1, 4])
+def test_four_device_sharded_step_equals_one_device(tmp_path, num_models):
+  results = {}
+  for devices in (1, 4):
+    out = str(tmp_path / f"d{devices}.npz")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT.format(root=ROOT, n=num_models, out=out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == str(devices)
+    results[devices] = np.load(out)
+  for k in results[1].files:
+    np.testing.assert_allclose(results[4][k], results[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_fit_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
+  """A non-finite loss raises Diverged naming the step; no checkpoint of the bad state."""
+  state = train.init_state({"w": jnp.ones((2,))}, train.make_optimizer(train.OptimizerConfig()),
+                           0.1, seed=0)
+
+  def step(s):
+    loss = jnp.where(s.step == 6, jnp.nan, 1.0)
+    return s._replace(step=s.step + 1), {"loss": loss}
+
+  ckpt = train.Checkpointer(str(tmp_path))
+  with pytest.raises(train.Diverged, match="step 7"):
+    train.fit(state, step, total_steps=20, log_every=4, checkpoint_every=4, checkpointer=ckpt,
+              writer=None, progress=None)
+  assert ckpt.latest_step() == 4
+  restored, _ = ckpt.restore(state)
+  assert int(restored.step) == 4
+  ckpt.close()
