@@ -1,0 +1,124 @@
+"""run.py end to end, as a user runs it: bad input, --mode=add, and resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "run.py")
+TINY = ["--hidden_size=8", "--bits=4", "--batch_size=32", "--eval_bits=16", "--log_every=10",
+        "--checkpoint_every=10"]
+
+
+def _run(args, timeout=300, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True,
+                        timeout=timeout, env=env, **kw)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hidden_size=-3"], "--hidden_size must be a positive integer"),
+    (["--bits=0"], "--bits must be a positive integer"),
+    (["--steps=0"], "--steps must be a positive integer"),
+    (["--optimizer=adamax"], "value should be one of"),
+    (["--activation=swoosh"], "--activation='swoosh' is not one of"),
+    (["--recurrent_activation=nope"], "--recurrent_activation='nope' is not one of"),
+    (["--learning_rate=-0.1"], "--learning_rate must be a positive number"),
+    (["--eval_bits=16,x"], "--eval_bits must be a comma list"),
+    (["--no_such_flag=1"], "Unknown command line flag"),
+    (["--mode=add", "--a=1", "--b=2", "--workdir={tmp}/empty"], "needs a trained model"),
+    (["--mode=add", "--a=-5", "--b=2", "--workdir={tmp}/empty"], "--a must be a non-negative"),
+    (["--mode=add", "--a=1.5", "--b=2", "--workdir={tmp}/empty"], "--a must be a non-negative"),
+    (["--mode=add", "--a=12", "--workdir={tmp}/empty"], "needs --b=INT"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+  proc = _run([a.format(tmp=tmp_path) for a in args], timeout=120)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1, proc.stderr
+
+
+def _final_params(workdir):
+  sys.path.insert(0, ROOT)
+  from jaxgru.tasks import addition
+  _, state, steps = addition.load_trained(workdir)
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(state.params)], steps, int(state.step[0])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+  args = TINY + ["--steps=60", "--num_models=2", "--learning_rate=0.01"]
+  ref = str(tmp_path / "ref")
+  proc = _run(args + [f"--workdir={ref}"])
+  assert proc.returncode == 0, proc.stderr
+  summary = json.load(open(os.path.join(ref, "summary.json")))
+  assert summary["steps"] > 20, summary  # long enough to be interrupted part-way
+
+  work = str(tmp_path / "killed")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.Popen([sys.executable, RUN, *args, f"--workdir={work}"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(work, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and p.poll() is None:
+    if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  assert p.poll() is None, "the run ended before it could be killed"
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not os.path.exists(os.path.join(work, "summary.json"))
+
+  proc = _run(args + [f"--workdir={work}"])
+  assert proc.returncode == 0, proc.stderr
+  assert "resumed from the checkpoint at step" in proc.stderr
+  got, got_steps, got_step = _final_params(work)
+  want, want_steps, want_step = _final_params(ref)
+  assert got_step == want_step and got_steps == want_steps
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)  # bitwise on the CPU
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  work = str(tmp_path / "term")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  p = subprocess.Popen([sys.executable, RUN, *TINY, "--steps=100000", "--learning_rate=1e-5",
+                        f"--workdir={work}"], env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(work, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.exists(metrics):
+    time.sleep(0.05)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 130, err
+  assert "checkpoint saved" in err and "Traceback" not in err
+  sys.path.insert(0, ROOT)
+  from jaxgru.tasks import addition
+  _, state, _ = addition.load_trained(work)
+  assert int(state.step[0]) >= 10
+
+
+@pytest.mark.slow
+def test_mode_add_with_trained_model(tmp_path):
+  work = str(tmp_path / "add")
+  proc = _run(TINY + ["--bits=8", "--hidden_size=16", "--steps=400", f"--workdir={work}"])
+  assert proc.returncode == 0, proc.stderr
+  summary = json.load(open(os.path.join(work, "summary.json")))
+  for key in ("task", "steps", "steps_to_solve", "wall_seconds", "compile_seconds",
+              "num_models", "solved_fraction", "length_generalization", "config"):
+    assert key in summary
+  assert summary["solved_fraction"] == 1.0
+  proc = _run(["--mode=add", f"--workdir={work}", "--a=200", "--b=55"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "model   = 255" in proc.stdout and "correct" in proc.stdout
