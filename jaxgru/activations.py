@@ -19,6 +19,12 @@ def hard_sigmoid(x: jax.Array) -> jax.Array:
   return jax.nn.relu6(x + 3.0) / 6.0
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Keras's (and PyTorch's) default, exact ``gelu``: ``x * Phi(x)``, not the tanh approximation
+  that ``jax.nn.gelu`` gives by default."""
+  return jax.nn.gelu(x, approximate=False)
+
+
 def linear(x: jax.Array) -> jax.Array:
   """The identity."""
   return x
@@ -29,7 +35,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "sigmoid": jax.nn.sigmoid,
     "hard_sigmoid": hard_sigmoid,
     "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
+    "gelu": gelu,
     "softsign": jax.nn.soft_sign,
     "elu": jax.nn.elu,
     "selu": jax.nn.selu,

@@ -169,7 +169,10 @@ class GRUConfig:
       return {n: jax.random.uniform(keys[n], s, dtype, -k, k) for n, s in shapes.items()}
     params = {
         "w_x": jax.nn.initializers.glorot_uniform()(keys["w_x"], shapes["w_x"], dtype),
-        "w_h": jax.nn.initializers.orthogonal()(keys["w_h"], shapes["w_h"], dtype),
+        # The QR behind orthogonal has no half-precision kernel: draw in float32, then cast.
+        "w_h": jax.nn.initializers.orthogonal()(
+            keys["w_h"], shapes["w_h"], dtype if dtype.itemsize >= 4 else np.float32
+        ).astype(dtype),
     }
     for n in ("b_x", "b_h"):
       if n in shapes:

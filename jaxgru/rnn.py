@@ -133,6 +133,7 @@ class RNNConfig:
     if lengths is not None:
       check_shape("RNN lengths", lengths, (batch,), f"(B={batch},), one per sequence")
       check_lengths(lengths, steps)
+      lengths = jnp.asarray(lengths)  # a list or tuple would be vmapped as a pytree of scalars
     num_cells = self.num_layers * self.num_directions
     if h0 is None:
       h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell(0).state_dtype)

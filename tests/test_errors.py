@@ -1,0 +1,262 @@
+"""Bad input raises ValueError naming both what was expected and what was given."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgru
+from jaxgru import GRUConfig, RNNConfig
+
+I, H, T, B = 3, 4, 6, 2
+
+
+def raises(*parts):
+  """pytest.raises(ValueError) whose message contains every part, in order, literally."""
+  return pytest.raises(ValueError, match=".*".join(re.escape(p) for p in parts))
+
+
+def zeros_params(cfg):
+  return {n: np.zeros(s, np.float32) for n, s in cfg.param_shapes().items()}
+
+
+def zeros_stack(cfg):
+  return [{d: zeros_params(cfg.cell(l)) for d in cfg.directions} for l in range(cfg.num_layers)]
+
+
+# -- configurations -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, parts", [
+    ({"variant": "reset_middle"}, ("variant", "reset_after", "reset_before", "'reset_middle'")),
+    ({"activation": "tanhh"}, ("unknown activation 'tanhh'", "'tanh'")),
+    ({"recurrent_activation": "hardsigmoid"},
+     ("unknown activation 'hardsigmoid'", "'hard_sigmoid'")),
+    ({"activation": 3}, ("unknown activation 3", "or a callable")),
+    ({"hidden_size": 0}, ("hidden_size must be a positive integer", "got 0")),
+    ({"input_size": 2.5}, ("input_size must be a positive integer", "got 2.5")),
+    ({"dtype": jnp.int32}, ("dtype must be a floating dtype", "int32")),
+    ({"param_dtype": "not-a-dtype"}, ("param_dtype must be a floating dtype", "'not-a-dtype'")),
+])
+def test_bad_cell_config(kwargs, parts):
+  args = {"input_size": I, "hidden_size": H, **kwargs}
+  with raises(*parts):
+    GRUConfig(**args)
+  with raises(*parts):  # the stack validates its cells' settings the same way
+    RNNConfig(**args)
+
+
+@pytest.mark.parametrize("kwargs, parts", [
+    ({"merge": "mean"}, ("merge must be one of", "'concat'", "'sum'", "got 'mean'")),
+    ({"dropout": 1.0}, ("dropout must lie in [0, 1)", "got 1.0")),
+    ({"dropout": -0.1}, ("dropout must lie in [0, 1)", "got -0.1")),
+    ({"num_layers": 0}, ("num_layers must be a positive integer", "got 0")),
+])
+def test_bad_rnn_config(kwargs, parts):
+  with raises(*parts):
+    RNNConfig(I, H, **kwargs)
+
+
+def test_unknown_initializer():
+  with raises("initializer must be one of", "'keras'", "'pytorch'", "got 'glorot'"):
+    GRUConfig(I, H).init(np.zeros(2, np.uint32), "glorot")
+
+
+# -- the cell's inputs ----------------------------------------------------------------------------
+
+def test_step_wrong_shapes():
+  cfg = GRUConfig(I, H)
+  params = zeros_params(cfg)
+  with raises("GRU step x", "expected shape (input_size=3,)", "got (4,)"):
+    cfg.step(params, jnp.zeros(H), jnp.zeros(I + 1))
+  with raises("GRU step x", "expected shape (input_size=3,)", "got (2, 3)"):  # a batch: vmap it
+    cfg.step(params, jnp.zeros(H), jnp.zeros((B, I)))
+  with raises("GRU step h", "expected shape (hidden_size=4,)", "got (5,)"):
+    cfg.step(params, jnp.zeros(H + 1), jnp.zeros(I))
+
+
+def test_sequence_wrong_shapes():
+  cfg = GRUConfig(I, H)
+  params = zeros_params(cfg)
+  with raises("GRU sequence xs", "expected shape (T, input_size=3)", "got (6, 4)"):
+    cfg.sequence(params, jnp.zeros((T, I + 1)))
+  with raises("GRU sequence xs", "expected shape (T, input_size=3)", "got (2, 6, 3)"):
+    cfg.sequence(params, jnp.zeros((B, T, I)))
+  with raises("GRU sequence xs", "expected shape (T, input_size=3)", "got (3,)"):
+    cfg.sequence(params, jnp.zeros(I))
+  with raises("GRU sequence h0", "expected shape (hidden_size=4,)", "got (2, 4)"):
+    cfg.sequence(params, jnp.zeros((T, I)), jnp.zeros((B, H)))
+  with raises("GRU sequence length", "expected shape () (a scalar)", "got (1,)"):
+    cfg.sequence(params, jnp.zeros((T, I)), None, jnp.array([3]))
+
+
+@pytest.mark.parametrize("length, parts", [
+    (7, ("lengths must lie in [0, T=6]", "got values in [7, 7]")),
+    (-1, ("lengths must lie in [0, T=6]", "got values in [-1, -1]")),
+    (2.0, ("lengths must be integers", "got dtype float")),
+])
+def test_sequence_bad_length(length, parts):
+  cfg = GRUConfig(I, H)
+  with raises(*parts):
+    cfg.sequence(zeros_params(cfg), jnp.zeros((T, I)), None, np.asarray(length))
+
+
+def test_check_params():
+  cfg = GRUConfig(I, H)
+  params = zeros_params(cfg)
+  with raises("GRU params", "expected keys ['b_h', 'b_x', 'w_h', 'w_x']", "got ['b_x', 'w_h',"):
+    cfg.check_params({k: v for k, v in params.items() if k != "b_h"})
+  with raises("GRU params['w_x']", "expected shape (3, 12)", "got (4, 12)"):
+    cfg.check_params({**params, "w_x": np.zeros((I + 1, 3 * H))})
+  with raises("GRU params['b_h']", "expected shape (12,)", "got (2, 12)"):
+    cfg.check_params({**params, "b_h": np.zeros((2, 3 * H))})
+  no_bias = GRUConfig(I, H, variant="reset_before", use_bias=False)
+  with raises("expected keys ['w_h', 'w_x']", "got ['b_h', 'b_x', 'w_h', 'w_x']"):
+    no_bias.check_params(params)
+
+
+# -- the stack's inputs ---------------------------------------------------------------------------
+
+def test_apply_wrong_shapes():
+  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
+  params = zeros_stack(cfg)
+  xs = jnp.zeros((B, T, I))
+  with raises("RNN xs", "expected shape (B, T, input_size=3)", "got (2, 6, 5)"):
+    cfg.apply(params, jnp.zeros((B, T, I + 2)))
+  with raises("RNN xs", "expected shape (B, T, input_size=3)", "got (6, 3)"):  # no batch axis
+    cfg.apply(params, jnp.zeros((T, I)))
+  with raises("RNN lengths", "expected shape (B=2,)", "got (3,)"):
+    cfg.apply(params, xs, jnp.array([T, T, T]))
+  with raises("RNN lengths", "expected shape (B=2,)", "got ()"):
+    cfg.apply(params, xs, jnp.array(T))
+  with raises("lengths must lie in [0, T=6]", "got values in [2, 9]"):
+    cfg.apply(params, xs, jnp.array([2, 9]))
+  with raises("RNN h0", "expected shape (L*D=4, B=2, H=4)", "got (2, 2, 4)"):
+    cfg.apply(params, xs, None, jnp.zeros((2, B, H)))
+
+
+def test_apply_wrong_params():
+  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
+  params = zeros_stack(cfg)
+  xs = jnp.zeros((B, T, I))
+  with raises("expected a list of 2 layers", "got 1"):
+    cfg.apply(params[:1], xs)
+  with raises("RNN params[1]", "expected directions ['fwd', 'bwd']", "got ['fwd']"):
+    cfg.apply([params[0], {"fwd": params[1]["fwd"]}], xs)
+  # Layer 1 reads both directions of layer 0: its input size is 2H, not I.
+  wrong = [params[0], {d: zeros_params(GRUConfig(I, H)) for d in ("fwd", "bwd")}]
+  with raises("GRU params['w_x']", "expected shape (8, 12)", "got (3, 12)"):
+    cfg.apply(wrong, xs)
+
+
+# -- converters -----------------------------------------------------------------------------------
+
+@pytest.fixture(name="torch_sd")
+def _torch_sd():
+  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
+  return jaxgru.to_torch(cfg, zeros_stack(cfg))
+
+
+@pytest.mark.parametrize("key, shape, parts", [
+    ("weight_ih_l1", (3 * H, 2 * H + 1), ("weight_ih_l1", "expected shape (12, 8)", "got (12, 9)")),
+    ("weight_hh_l0", (3 * H + 3, H), ("weight_hh_l0", "expected shape (12, 4)", "got (15, 4)")),
+    ("weight_hh_l1_reverse", (3 * H, H - 1),
+     ("weight_hh_l1_reverse", "expected shape (12, 4)", "got (12, 3)")),
+    ("bias_hh_l0_reverse", (3 * H + 1,), ("bias_hh_l0_reverse", "expected shape (12,)", "got (13,)")),
+    ("bias_ih_l1", (2, 3 * H), ("bias_ih_l1", "expected shape (12,)", "got (2, 12)")),
+])
+def test_from_torch_wrong_shapes(torch_sd, key, shape, parts):
+  with raises(*parts):
+    jaxgru.from_torch({**torch_sd, key: np.zeros(shape, np.float32)})
+
+
+def test_from_torch_wrong_keys(torch_sd):
+  missing = {k: v for k, v in torch_sd.items() if k != "bias_hh_l1_reverse"}
+  with raises("expected ['bias_hh', 'bias_ih', 'weight_hh', 'weight_ih'] for l1_reverse",
+              "got ['bias_ih', 'weight_hh', 'weight_ih']"):
+    jaxgru.from_torch(missing)
+  with raises("unexpected key 'weight_hr_l0'", "proj_size is not supported"):
+    jaxgru.from_torch({**torch_sd, "weight_hr_l0": np.zeros((H, H), np.float32)})
+  with raises("empty torch.nn.GRU state dict"):
+    jaxgru.from_torch({})
+
+
+def test_to_torch_unsupported():
+  params = zeros_stack(RNNConfig(I, H, bidirectional=True))
+  with raises("reset_after", "got variant='reset_before'"):
+    cfg = RNNConfig(I, H, variant="reset_before", use_bias=False)
+    jaxgru.to_torch(cfg, zeros_stack(cfg))
+  with raises("concatenates directions", "got merge='sum'"):
+    jaxgru.to_torch(RNNConfig(I, H, bidirectional=True, merge="sum"), params)
+  with raises("activation='tanh' and recurrent_activation='sigmoid'", "got 'relu' and 'sigmoid'"):
+    jaxgru.to_torch(RNNConfig(I, H, bidirectional=True, activation="relu"), params)
+  with raises("GRU params['w_h']", "expected shape (4, 12)", "got (5, 12)"):
+    bad = [{d: {**p, "w_h": np.zeros((H + 1, 3 * H))} for d, p in params[0].items()}]
+    jaxgru.to_torch(RNNConfig(I, H, bidirectional=True), bad)
+
+
+def test_from_keras_wrong_shapes():
+  kernel, recurrent = np.zeros((I, 3 * H), np.float32), np.zeros((H, 3 * H), np.float32)
+  with raises("Keras GRU kernel", "expected shape (I, 3H)", "got (3, 11)"):
+    jaxgru.from_keras([np.zeros((I, 3 * H - 1)), recurrent])
+  with raises("Keras GRU kernel", "expected shape (I, 3H)", "got (12,)"):
+    jaxgru.from_keras([np.zeros(3 * H), recurrent])
+  with raises("Keras GRU recurrent_kernel", "expected shape (4, 12)", "got (12, 4)"):
+    jaxgru.from_keras([kernel, recurrent.T])
+  with raises("Keras GRU bias", "expected shape (2, 12)", "or (12,)", "got (3, 12)"):
+    jaxgru.from_keras([kernel, recurrent, np.zeros((3, 3 * H))])
+  with raises("expected [kernel, recurrent_kernel(, bias)]", "got 1 arrays"):
+    jaxgru.from_keras([kernel])
+  with raises("unknown activation 'hard-sigmoid'"):
+    jaxgru.from_keras([kernel, recurrent], recurrent_activation="hard-sigmoid")
+
+
+def test_to_keras_wrong_shapes():
+  cfg = GRUConfig(I, H)
+  with raises("GRU params['b_x']", "expected shape (12,)", "got (13,)"):
+    jaxgru.to_keras(cfg, {**zeros_params(cfg), "b_x": np.zeros(3 * H + 1)})
+
+
+def _linen_params():
+  d = lambda i, bias: ({"kernel": np.zeros((i, H), np.float32)} |
+                       ({"bias": np.zeros(H, np.float32)} if bias else {}))
+  return {"ir": d(I, True), "iz": d(I, True), "in": d(I, True),
+          "hr": d(H, False), "hz": d(H, False), "hn": d(H, True)}
+
+
+@pytest.mark.parametrize("key, field, shape, parts", [
+    ("iz", "kernel", (I + 1, H), ("Flax GRUCell iz.kernel", "expected shape (3, 4)", "got (4, 4)")),
+    ("in", "kernel", (I, H + 1), ("Flax GRUCell in.kernel", "expected shape (3, 4)", "got (3, 5)")),
+    ("hn", "kernel", (H, 2 * H), ("Flax GRUCell hn.kernel", "expected shape (4, 4)", "got (4, 8)")),
+    ("hn", "bias", (H + 1,), ("Flax GRUCell hn.bias", "expected shape (4,)", "got (5,)")),
+    ("ir", "bias", (1, H), ("Flax GRUCell ir.bias", "expected shape (4,)", "got (1, 4)")),
+])
+def test_from_flax_linen_wrong_shapes(key, field, shape, parts):
+  p = _linen_params()
+  p[key] = {**p[key], field: np.zeros(shape, np.float32)}
+  with raises(*parts):
+    jaxgru.from_flax({"params": p})
+
+
+def test_from_flax_nnx_wrong_shapes():
+  ok = {"dense_i": {"kernel": np.zeros((I, 3 * H)), "bias": np.zeros(3 * H)},
+        "dense_h": {"kernel": np.zeros((H, 3 * H))}}
+  with raises("Flax nnx GRUCell dense_h.kernel", "expected shape (4, 12)", "got (5, 12)"):
+    jaxgru.from_flax({**ok, "dense_h": {"kernel": np.zeros((H + 1, 3 * H))}})
+  with raises("Flax nnx GRUCell dense_i.bias", "expected shape (12,)", "got (11,)"):
+    jaxgru.from_flax({**ok, "dense_i": {**ok["dense_i"], "bias": np.zeros(3 * H - 1)}})
+  with raises("expected keys ['hn', 'hr', 'hz', 'in', 'ir', 'iz'] (linen)",
+              "or ['dense_h', 'dense_i'] (nnx)", "got ['dense_i']"):
+    jaxgru.from_flax({"dense_i": ok["dense_i"]})
+
+
+def test_to_flax_unsupported():
+  with raises("Flax GRUCell is reset_after with biases", "variant='reset_before'"):
+    cfg = GRUConfig(I, H, variant="reset_before")
+    jaxgru.to_flax(cfg, zeros_params(cfg))
+  with raises("Flax GRUCell is reset_after with biases", "use_bias=False"):
+    cfg = GRUConfig(I, H, use_bias=False)
+    jaxgru.to_flax(cfg, zeros_params(cfg))
+  with raises("GRU params['w_x']", "expected shape (3, 12)", "got (3, 13)"):
+    cfg = GRUConfig(I, H)
+    jaxgru.to_flax(cfg, {**zeros_params(cfg), "w_x": np.zeros((I, 3 * H + 1))})
