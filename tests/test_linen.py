@@ -45,7 +45,7 @@ def test_module_equals_rnnconfig_apply():
   layer = GRU(hidden_size=H, num_layers=2, bidirectional=True, initializer="pytorch")
   xs, lengths = randn(B, T, I), jnp.array([T, 2, 0])
   h0 = randn(4, B, H, seed=2)
-  variables = layer.init(jax.random.key(0), xs)
+  variables = jax.jit(layer.init)(jax.random.key(0), xs)
   params = variables["params"]["gru"]
   cfg = layer.config(I)
   assert cfg == jaxgru.RNNConfig(I, H, num_layers=2, bidirectional=True)
@@ -61,7 +61,7 @@ def test_module_equals_rnnconfig_apply():
 def test_module_dropout():
   layer = GRU(hidden_size=H, num_layers=2, dropout=0.5)
   xs = randn(B, T, I)
-  variables = layer.init(jax.random.key(0), xs)
+  variables = jax.jit(layer.init)(jax.random.key(0), xs)
   apply = jax.jit(layer.apply, static_argnames="deterministic")
   eval_ys, _ = apply(variables, xs)  # deterministic=True by default: no dropout, no rng needed
   rngs = {"dropout": jax.random.key(1)}
