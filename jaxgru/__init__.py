@@ -16,6 +16,7 @@ from jaxgru.activations import ACTIVATIONS, hard_sigmoid
 from jaxgru.cell import GRUConfig, Params, default_float_dtype
 from jaxgru.convert import from_flax, from_keras, from_torch, to_flax, to_keras, to_torch
 from jaxgru.rnn import RNNConfig, StackParams
+from jaxgru.scan import ScanOptions, scan_layer
 
 __version__ = "0.1.0"
 
@@ -24,12 +25,14 @@ __all__ = (
     "GRUConfig",
     "Params",
     "RNNConfig",
+    "ScanOptions",
     "StackParams",
     "default_float_dtype",
     "from_flax",
     "from_keras",
     "from_torch",
     "hard_sigmoid",
+    "scan_layer",
     "to_flax",
     "to_keras",
     "to_torch",

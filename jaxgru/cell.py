@@ -205,25 +205,54 @@ class GRUConfig:
 
     Also accepts matching leading batch axes, (B, H) and (B, 3H).
     """
+    return self.recur_with(h, gx, lambda k, a: self.recurrent_product(params, k, a))
+
+  # The recurrent matrix products, named so that a time loop can replay or record them: the
+  # custom VJP in jaxgru.scan differentiates the gates step by step but takes the weight
+  # gradient of these products once, over all steps, as one large matrix product.
+
+  @property
+  def num_recurrent_products(self) -> int:
+    """How many recurrent products one step makes: 1 (reset_after) or 2 (reset_before)."""
+    return 1 if self.variant == "reset_after" else 2
+
+  def recurrent_product(self, params: Params, k: int, a: jax.Array) -> jax.Array:
+    """The k-th recurrent product of a step, affine in ``a`` (..., H).
+
+    reset_after: k=0, ``a @ w_h + b_h`` (..., 3H), ``a`` = h.
+    reset_before: k=0, ``a @ w_h[:, :2H]`` (..., 2H), ``a`` = h; k=1, ``a @ w_h[:, 2H:]`` (..., H),
+    ``a`` = r * h.
+    """
     size = self.hidden_size
+    w_h = params["w_h"]
+    if self.variant == "reset_after":
+      gh = self._dot(a, w_h)
+      return add_bias(gh, params["b_h"]) if self.use_bias else gh
+    return self._dot(a, w_h[:, : 2 * size] if k == 0 else w_h[:, 2 * size:])
+
+  def recur_with(self, h: jax.Array, gx: Any, product: Any) -> jax.Array:
+    """:meth:`recur` with the recurrent products computed by ``product(k, a)``.
+
+    ``product`` stands in for :meth:`recurrent_product` (bound to ``params``) and may return its
+    result as one array or already split into gates (a tuple); ``gx`` may likewise be the tuple
+    ``(gx_z, gx_r, gx_n)``. A time loop over gate-split arrays avoids slicing each step's
+    columns out of a wide (T, B, 3H) array, which XLA:CPU fuses into slow element loops.
+    """
     act = _act.resolve(self.activation)
     ract = _act.resolve(self.recurrent_activation)
     h = h.astype(self.state_dtype)
-    gx_z, gx_r, gx_n = jnp.split(gx, 3, axis=-1)
-    w_h = params["w_h"]
+    gx_z, gx_r, gx_n = split_gates(gx, 3)
     if self.variant == "reset_after":
-      gh = self._dot(h, w_h)
-      if self.use_bias:
-        gh = add_bias(gh, params["b_h"])
-      gh_z, gh_r, gh_n = jnp.split(gh, 3, axis=-1)
+      gh_z, gh_r, gh_n = split_gates(product(0, h), 3)
       z = ract(gx_z + gh_z)
       r = ract(gx_r + gh_r)
       n = act(gx_n + r * gh_n)
     else:
-      gh_z, gh_r = jnp.split(self._dot(h, w_h[:, : 2 * size]), 2, axis=-1)
+      gh_z, gh_r = split_gates(product(0, h), 2)
       z = ract(gx_z + gh_z)
       r = ract(gx_r + gh_r)
-      n = act(gx_n + self._dot(r * h, w_h[:, 2 * size:]))
+      (gh_n,) = split_gates(product(1, r * h), 1)
+      n = act(gx_n + gh_n)
     return (1.0 - z) * n + z * h
 
   def step(self, params: Params, h: jax.Array, x: jax.Array) -> jax.Array:
@@ -292,6 +321,15 @@ class GRUConfig:
     steps = jnp.arange(gx.shape[0])
     h_last, ys = jax.lax.scan(masked_body, h0, (gx, steps), reverse=reverse, unroll=unroll)
     return ys, h_last
+
+
+def split_gates(y: Any, parts: int) -> tuple[jax.Array, ...]:
+  """``y`` (..., parts * H) split along its last axis, or ``y`` itself when already a tuple."""
+  if isinstance(y, (tuple, list)):
+    if len(y) != parts:
+      raise ValueError(f"expected {parts} gate arrays, got {len(y)}")
+    return tuple(y)
+  return tuple(jnp.split(y, parts, axis=-1))
 
 
 def check_lengths(lengths: Any, max_length: int) -> None:

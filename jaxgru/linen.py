@@ -44,7 +44,7 @@ class GRU(nn.Module):
   initializer: str = "keras"
   param_dtype: Any = None
   dtype: Any = None
-  unroll: int = 1
+  unroll: Optional[int] = None  # None: the backend's default (jaxgru.ScanOptions)
 
   def config(self, input_size: int) -> RNNConfig:
     return RNNConfig(

@@ -1,8 +1,9 @@
 """Layers over the cell: batches, stacks, both directions, variable lengths, dropout.
 
-Every function here is a thin layer over :class:`jaxgru.GRUConfig`: a batch is ``jax.vmap`` of
-:meth:`GRUConfig.sequence`, a stack feeds one layer's outputs to the next, and the backward
-direction is the same sequence with ``reverse=True``.
+Every function here is a thin layer over :class:`jaxgru.GRUConfig`: a batch is one time-major loop
+(:func:`jaxgru.scan_layer`, equal to ``jax.vmap`` of :meth:`GRUConfig.sequence`), a stack feeds
+one layer's outputs to the next, and the backward direction is the same loop with
+``reverse=True``.
 
 Parameters are a list with one dict per layer, ``{"fwd": cell_params}`` or
 ``{"fwd": ..., "bwd": ...}`` when bidirectional, each cell's params as in :mod:`jaxgru.cell`.
@@ -19,6 +20,7 @@ import numpy as np
 
 from jaxgru import activations as _act
 from jaxgru.cell import GRUConfig, Params, check_lengths, check_shape
+from jaxgru.scan import ScanOptions, scan_layer
 
 StackParams = list[dict[str, Params]]
 
@@ -109,59 +111,73 @@ class RNNConfig:
 
   def apply(self, params: StackParams, xs: jax.Array, lengths: Optional[jax.Array] = None,
             h0: Optional[jax.Array] = None, *, dropout_key: Optional[jax.Array] = None,
-            unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+            unroll: Optional[int] = None, time_major: bool = False,
+            options: Optional[ScanOptions] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack over a batch of sequences.
+
+    Each cell runs as one time-major loop over the whole batch (:func:`jaxgru.scan_layer`), with
+    the same results as ``jax.vmap`` of :meth:`GRUConfig.sequence` over the batch.
 
     Args:
       params: from :meth:`init`.
-      xs: inputs, (B, T, I).
+      xs: inputs, (B, T, I); (T, B, I) when ``time_major``.
       lengths: optional valid lengths, (B,) integers in [0, T]. Each sequence's state stops
         changing after its last valid step, outputs past it are zero, and the backward direction
         starts at each sequence's own last valid step.
       h0: optional initial states, (L * D, B, H) in ``torch.nn.GRU``'s order (layer-major,
         forward before backward); zeros when None.
       dropout_key: PRNG key for dropout between layers; None (evaluation) disables dropout.
-      unroll: the ``lax.scan`` unroll factor.
+      unroll: the ``lax.scan`` unroll factor; None picks the backend's default. Shorthand for
+        ``options.unroll``.
+      time_major: inputs and outputs are (T, B, ...), which saves two transposes.
+      options: how the time loops run (:class:`jaxgru.ScanOptions`: chunks, rematerialization,
+        the custom VJP); None means the backend's defaults. Never changes the results.
 
     Returns:
-      ``(ys, h_last)``: the last layer's outputs (B, T, output_size) and every cell's final
-      state (L * D, B, H).
+      ``(ys, h_last)``: the last layer's outputs (B, T, output_size) ((T, B, output_size) when
+      ``time_major``) and every cell's final state (L * D, B, H).
     """
     self.check_params(params)
-    check_shape("RNN xs", xs, (None, None, self.input_size), f"(B, T, input_size={self.input_size})")
-    batch, steps = xs.shape[0], xs.shape[1]
+    names = "(T, B, input_size" if time_major else "(B, T, input_size"
+    check_shape("RNN xs", xs, (None, None, self.input_size), f"{names}={self.input_size})")
+    if time_major:
+      steps, batch = xs.shape[0], xs.shape[1]
+    else:
+      batch, steps = xs.shape[0], xs.shape[1]
     if lengths is not None:
       check_shape("RNN lengths", lengths, (batch,), f"(B={batch},), one per sequence")
       check_lengths(lengths, steps)
-      lengths = jnp.asarray(lengths)  # a list or tuple would be vmapped as a pytree of scalars
+      lengths = jnp.asarray(lengths)  # a list or tuple becomes one array
     num_cells = self.num_layers * self.num_directions
     if h0 is None:
       h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell(0).state_dtype)
     check_shape("RNN h0", h0, (num_cells, batch, self.hidden_size),
                 f"(L*D={num_cells}, B={batch}, H={self.hidden_size})")
+    options = options if options is not None else ScanOptions()
+    if unroll is not None:
+      options = dataclasses.replace(options, unroll=unroll)
 
+    xs_TBF = xs if time_major else jnp.swapaxes(xs, 0, 1)
     finals = []
     for l, layer in enumerate(params):
       cell = self.cell(l)
       outs = []
       for i, d in enumerate(self.directions):
-        run = lambda p, x, h, n, rev=(d == "bwd"), c=cell: c.sequence(p, x, h, n, rev, unroll)
-        if lengths is None:
-          ys, hs = jax.vmap(lambda x, h, p=layer[d], r=run: r(p, x, h, None))(
-              xs, h0[l * self.num_directions + i])
-        else:
-          ys, hs = jax.vmap(run, in_axes=(None, 0, 0, 0))(
-              layer[d], xs, h0[l * self.num_directions + i], lengths)
+        ys, hs = scan_layer(cell, layer[d], xs_TBF, h0[l * self.num_directions + i], lengths,
+                            reverse=d == "bwd", options=options)
         outs.append(ys)
         finals.append(hs)
       if len(outs) == 1:
-        xs = outs[0]
+        xs_TBF = outs[0]
       elif self.merge == "concat":
-        xs = jnp.concatenate(outs, axis=-1)
+        xs_TBF = jnp.concatenate(outs, axis=-1)
       else:
-        xs = outs[0] + outs[1]
+        xs_TBF = outs[0] + outs[1]
       if dropout_key is not None and self.dropout > 0 and l < self.num_layers - 1:
+        # Drawn batch-major whatever the layout, so a key gives the same mask either way.
         keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l), 1.0 - self.dropout,
-                                    xs.shape)
-        xs = jnp.where(keep, xs / (1.0 - self.dropout), jnp.zeros_like(xs))
-    return xs, jnp.stack(finals)
+                                    (batch, steps, xs_TBF.shape[-1]))
+        keep = jnp.swapaxes(keep, 0, 1)
+        xs_TBF = jnp.where(keep, xs_TBF / (1.0 - self.dropout), jnp.zeros_like(xs_TBF))
+    ys = xs_TBF if time_major else jnp.swapaxes(xs_TBF, 0, 1)
+    return ys, jnp.stack(finals)

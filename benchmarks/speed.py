@@ -1,0 +1,312 @@
+r"""Times GRU training steps and forward passes: jaxgru against the other GRU libraries.
+
+  python benchmarks/speed.py --out=benchmarks/results/cpu.json
+
+For every shape (B, T, I, H) of the grid and every mode (``train``: forward, backward and an Adam
+update; ``forward``: the outputs alone), all implementations are built and compiled first
+(compile time measured on its own), warmed up, then timed in the same process, interleaved
+round by round so that a change in the machine's load hits them all alike. A record holds the
+median and spread of the repeated runs, the ratio to the fastest peer library, the model
+FLOP rate and its share of the float32 matrix-product peak measured in the same run, and the
+peak memory of one call (the process's peak RSS above its level before the call on the CPU, read
+from /proc/self/status after resetting it; the device's memory statistics or XLA's buffer
+assignment on GPU/TPU).
+
+Runs unchanged on whatever device JAX sees (CPU, GPU or TPU); PyTorch uses CUDA (cuDNN) when it
+sees a GPU. Writes a JSON file (``--out``) and, beside it, a markdown table (``.md``) and a plot
+(``.png``, when matplotlib is installed); ``benchmarks/speed_report.py`` remakes both from the
+JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import speed_impls  # pylint: disable=g-import-not-at-top
+import speed_report  # pylint: disable=g-import-not-at-top
+
+DEFAULT_SHAPES = "256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512"
+DEFAULT_IMPLS = "jaxgru,flax_linen,flax_nnx,keras,torch,equinox,jax_scan"
+
+_SHAPES = flags.DEFINE_list("shapes", DEFAULT_SHAPES, "Shapes BxTxIxH to time.")
+_IMPLS = flags.DEFINE_list(
+    "impls", DEFAULT_IMPLS,
+    "Implementations: jaxgru, flax_linen, flax_nnx, keras, torch, equinox, jax_scan; jaxgru "
+    "variants as jaxgru[key=value;...] with the keys of jaxgru.ScanOptions and dtype, vmap "
+    "(use ';' between keys inside brackets, as ',' separates implementations).")
+_MODES = flags.DEFINE_list("modes", "train,forward", "Modes: train and/or forward.")
+_REPEATS = flags.DEFINE_integer("repeats", 25, "Timed runs per implementation, at most.")
+_MIN_REPEATS = flags.DEFINE_integer("min_repeats", 5, "Timed runs per implementation, at least.")
+_BUDGET = flags.DEFINE_float(
+    "budget_s", 25.0,
+    "Seconds of timed runs per shape and mode, all implementations together; fewer repeats "
+    "(not fewer than --min_repeats) for shapes that would take longer.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs per implementation before timing.")
+_OUT = flags.DEFINE_string("out", None, "JSON file to write; .md and .png go beside it.")
+_PLOT = flags.DEFINE_bool("plot", True, "Write the PNG plot (needs matplotlib).")
+_MEMORY = flags.DEFINE_bool("memory", True, "Measure the peak memory of one call.")
+_COMPILE_T = flags.DEFINE_list(
+    "compile_t", "128,1024,8192",
+    "Sequence lengths at which to time jaxgru's train-step compilation at the second shape's "
+    "B, I, H, to show it does not grow with T; empty to skip.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and data.")
+
+
+# -- the machine -----------------------------------------------------------------------------------
+
+
+def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
+  """The float32 matrix-product rate of the JAX device: the best median over a few sizes."""
+  import jax
+  import jax.numpy as jnp
+  rates = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    rates[str(n)] = 2.0 * n ** 3 / float(np.median(times)) / 1e9
+  return {"gflops": max(rates.values()), "by_size_gflops": rates}
+
+
+def git_revision() -> dict:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return {"revision": rev, "dirty": bool(dirty)}
+  except (OSError, subprocess.CalledProcessError):
+    return {"revision": None, "dirty": None}
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def environment() -> dict:
+  import jax
+  dev = jax.devices()[0]
+  versions = {lib: speed_impls.version_of(lib) for lib in
+              ("jax", "jaxlib", "flax", "optax", "keras", "torch", "equinox", "numpy")}
+  versions["jaxgru"] = speed_impls.version_of("jaxgru") or _jaxgru_version()
+  versions["python"] = platform.python_version()
+  return {
+      "platform": dev.platform,
+      "device_kind": dev.device_kind,
+      "device_count": jax.device_count(),
+      "cpu": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "load_average_at_start": list(os.getloadavg()),
+      "versions": versions,
+      "git": git_revision(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "command": " ".join(sys.argv),
+  }
+
+
+def _jaxgru_version() -> str:
+  import jaxgru
+  return jaxgru.__version__
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise KeyError(field)
+
+
+def peak_memory(runner: speed_impls.Runner, mode: str) -> tuple[int | None, str]:
+  """The memory one call of ``mode`` needs above what the process held before it."""
+  import jax
+  platform_ = jax.devices()[0].platform
+  if runner.library == "torch" and "cuda" in runner.device:
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    runner.sync(runner.run[mode]())
+    return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
+  if platform_ == "cpu" or runner.library == "torch":
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+      before = _status_kb("VmRSS")
+      runner.sync(runner.run[mode]())
+      return (_status_kb("VmHWM") - before) * 1024, "peak RSS above the RSS before the call"
+    except OSError:
+      return None, "unavailable"
+  stats = jax.devices()[0].memory_stats() or {}
+  before = stats.get("bytes_in_use")
+  runner.sync(runner.run[mode]())
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  planned = runner.planned_bytes.get(mode)
+  if peak is not None and before is not None and peak - before > 0:
+    return peak - before, "device peak_bytes_in_use above bytes_in_use before the call"
+  return planned, "XLA buffer assignment (arguments + outputs + temporaries)"
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
+  """Times every runner at one shape and mode, interleaved; returns one record per runner."""
+  for r in runners:
+    for _ in range(_WARMUP.value):
+      r.sync(r.run[mode]())
+  # One more untimed round gives the cost of a round, hence the number of repeats.
+  t0 = time.perf_counter()
+  for r in runners:
+    r.sync(r.run[mode]())
+  per_round = time.perf_counter() - t0
+  repeats = int(np.clip(_BUDGET.value / max(per_round, 1e-9), _MIN_REPEATS.value,
+                        _REPEATS.value))
+  times = {r.name: [] for r in runners}
+  for i in range(repeats):
+    order = runners[i % len(runners):] + runners[:i % len(runners)]  # rotate the order
+    for r in order:
+      t0 = time.perf_counter()
+      r.sync(r.run[mode]())
+      times[r.name].append((time.perf_counter() - t0) * 1e3)
+  records = []
+  for r in runners:
+    t = np.asarray(times[r.name])
+    median = float(np.median(t))
+    gflops = shape.flops(mode) / (median / 1e3) / 1e9
+    records.append({
+        "impl": r.name, "library": r.library, "version": r.version, "peer": r.peer,
+        "shape": str(shape), "batch": shape.batch, "time": shape.time, "input": shape.input,
+        "hidden": shape.hidden, "mode": mode, "repeats": len(t),
+        "median_ms": median, "min_ms": float(t.min()),
+        "q25_ms": float(np.percentile(t, 25)), "q75_ms": float(np.percentile(t, 75)),
+        "times_ms": [round(v, 4) for v in t.tolist()],
+        "compile_s": r.compile_s.get(mode), "flops": shape.flops(mode),
+        "gflops_per_s": gflops, "percent_of_peak": 100.0 * gflops / peak_gflops,
+        "planned_bytes": r.planned_bytes.get(mode), "device": r.device, "note": r.note,
+    })
+  peers = [rec for rec in records if rec["peer"]]
+  fastest = min(peers, key=lambda rec: rec["median_ms"]) if peers else None
+  for rec in records:
+    rec["fastest_peer"] = fastest["impl"] if fastest else None
+    rec["ratio_to_fastest_peer"] = rec["median_ms"] / fastest["median_ms"] if fastest else None
+  for rec in records:
+    ratio = rec["ratio_to_fastest_peer"]
+    ratio = "" if ratio is None else f"x{ratio:.2f} of fastest peer  "
+    compiled = "-" if rec["compile_s"] is None else f"{rec['compile_s']:.2f} s"
+    log(f"  {mode:7s} {rec['impl']:28s} {rec['median_ms']:10.3f} ms  (n={rec['repeats']}, "
+        f"IQR {rec['q25_ms']:.3f}-{rec['q75_ms']:.3f})  {ratio}"
+        f"{rec['percent_of_peak']:5.1f}% of peak  compile {compiled}")
+  return records
+
+
+def compile_vs_t(shape, steps_list, log) -> list[dict]:
+  """jaxgru's train-step compile time at several T (same B, I, H)."""
+  out = []
+  for steps in steps_list:
+    s = speed_impls.Shape(shape.batch, steps, shape.input, shape.hidden)
+    r = speed_impls.build("jaxgru", s, ("train",), _SEED.value)
+    out.append({"shape": str(s), "time": steps, "compile_s": r.compile_s["train"]})
+    log(f"  compile of jaxgru's train step at {s}: {r.compile_s['train']:.2f} s")
+    del r
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  log = lambda msg: print(msg, flush=True)
+  shapes = [speed_impls.Shape.parse(s) for s in _SHAPES.value]
+  specs = [s.replace(";", ",") for s in _IMPLS.value]
+  modes = tuple(_MODES.value)
+  for m in modes:
+    if m not in ("train", "forward"):
+      raise app.UsageError(f"unknown mode {m!r}; expected train and/or forward")
+
+  result = {"environment": environment(), "records": [], "skipped": [], "memory": []}
+  log(f"device: {result['environment']['device_kind']} ({result['environment']['platform']}), "
+      f"load average {result['environment']['load_average_at_start']}")
+  peak = matmul_peak()
+  log(f"float32 matmul peak: {peak['gflops']:.0f} GFLOP/s {peak['by_size_gflops']}")
+  t_start = time.perf_counter()
+  for shape in shapes:
+    log(f"shape {shape} (B x T x I x H)")
+    runners = []
+    for spec in specs:
+      try:
+        runners.append(speed_impls.build(spec, shape, modes, _SEED.value))
+      except speed_impls.Unavailable as e:
+        result["skipped"].append({"impl": spec, "shape": str(shape), "reason": str(e)})
+        log(f"  skipped {spec}: {e}")
+    for mode in modes:
+      records = time_shape(shape, runners, mode, peak["gflops"], log)
+      if _MEMORY.value:
+        for rec, r in zip(records, runners):
+          rec["peak_memory_bytes"], rec["memory_source"] = peak_memory(r, mode)
+      result["records"].extend(records)
+    del runners
+  peak_end = matmul_peak()
+  result["matmul_peak"] = {"start": peak, "end": peak_end,
+                           "gflops": max(peak["gflops"], peak_end["gflops"])}
+  # Percentages against the higher of the two peaks, the stricter reading.
+  for rec in result["records"]:
+    rec["percent_of_peak"] = 100.0 * rec["gflops_per_s"] / result["matmul_peak"]["gflops"]
+  if _COMPILE_T.value and len(shapes) > 1 and any(s.startswith("jaxgru") for s in specs):
+    result["compile_vs_time"] = compile_vs_t(shapes[1], [int(t) for t in _COMPILE_T.value], log)
+  result["environment"]["load_average_at_end"] = list(os.getloadavg())
+  result["environment"]["wall_s"] = time.perf_counter() - t_start
+  log(f"float32 matmul peak at the end: {peak_end['gflops']:.0f} GFLOP/s; "
+      f"load average {result['environment']['load_average_at_end']}")
+  del jax
+
+  if _OUT.value:
+    out = _OUT.value
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(result, f, indent=1)
+    base = os.path.splitext(out)[0]
+    with open(base + ".md", "w") as f:
+      f.write(speed_report.markdown(result))
+    log(f"wrote {out} and {base}.md")
+    if _PLOT.value:
+      note = speed_report.plot(result, base + ".png")
+      log(note)
+  else:
+    print(speed_report.markdown(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,355 @@
+"""The time loop of one GRU layer over a batch: time-major, in chunks, with a custom VJP.
+
+:func:`scan_layer` runs :meth:`GRUConfig.recur_with` (the GRU math, kept in :mod:`jaxgru.cell`)
+over a time-major batch. What it adds is only how the loop is run and differentiated:
+
+* one carry, the (B, H) state; inputs and outputs time-major, (T, B, ...), so the loop slices the
+  leading axis and nothing is transposed inside it;
+* time in chunks of C steps: an outer loop over chunks, an inner loop over the steps of a chunk.
+  A chunk's input projection ``x @ w_x + b_x`` can be one product for its C steps before its
+  loop, and whatever a chunk needs for the backward pass is C steps long, not T;
+* the projected inputs and the saved products kept as separate gate arrays (C, B, H): XLA:CPU
+  turns column slices of a wide (C, B, 3H) array inside a loop into slow element loops;
+* a custom VJP. The backward loop differentiates the gates step by step but leaves the weights
+  alone: it stacks, for every step, the input ``a`` and the output cotangent ``dy`` of each
+  recurrent product, and the weight gradient is then ONE product per chunk, e.g.
+  ``dw_h = h_prev^T @ dgh`` as (H, C*B) x (C*B, 3H), instead of C small ones added into an
+  accumulator. The input projection's gradient is likewise one product per chunk; gradients
+  nobody asked for (the inputs' of a first layer, the initial state's) are skipped;
+* rematerialization: with ``remat=True`` the forward pass keeps only each chunk's initial state
+  and the backward pass recomputes a chunk's residuals just before it needs them, so training
+  memory no longer grows with T beyond the inputs and outputs themselves.
+
+The custom VJP computes the same gradients as ``jax.grad`` of the plain loop, up to the order of
+floating-point additions (tests/test_fast_path.py checks this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jaxgru.cell import GRUConfig, Params, split_gates
+
+# Per-backend defaults, measured with benchmarks/speed.py.
+_TUNED = {
+    "cpu": {"unroll": 1, "hoist_projection": False, "chunk_rows": 1024, "remat": True},
+    "gpu": {"unroll": 8, "hoist_projection": True, "chunk_rows": None, "remat": False},
+    "tpu": {"unroll": 8, "hoist_projection": True, "chunk_rows": None, "remat": False},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+  """How :func:`scan_layer` runs the time loop; none of it changes the results.
+
+  Every None picks the default measured for the backend (``jax.default_backend()``).
+
+  Attributes:
+    unroll: steps per iteration of the inner loop (``lax.scan``'s ``unroll``).
+    chunk: steps per chunk C (the whole sequence when larger than T). None picks C from the
+      batch size on the CPU (about 1024 rows, C*B, per chunk), and T elsewhere.
+    remat: keep only each chunk's initial state in the forward pass and recompute the chunk in
+      the backward pass (True), or keep every step's residuals (False).
+    hoist_projection: project a chunk's inputs in one product before its loop (True) or each
+      step's inside it (False).
+    custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk);
+      False uses JAX's autodiff of the loop (with ``jax.checkpoint`` per chunk when ``remat``).
+  """
+
+  unroll: Optional[int] = None
+  chunk: Optional[int] = None
+  remat: Optional[bool] = None
+  hoist_projection: Optional[bool] = None
+  custom_vjp: bool = True
+
+  def __post_init__(self):
+    for name in ("unroll", "chunk"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+  def resolved(self, steps: int, batch: int, backend: Optional[str] = None) -> "ScanOptions":
+    """These options with every None replaced by the default for ``backend`` and the shape."""
+    tuned = _TUNED.get(backend or jax.default_backend(), _TUNED["gpu"])
+    chunk = self.chunk
+    if chunk is None:
+      rows = tuned["chunk_rows"]
+      chunk = steps if rows is None else max(1, rows // max(batch, 1))
+    pick = lambda value, name: tuned[name] if value is None else value
+    return dataclasses.replace(
+        self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
+        remat=pick(self.remat, "remat"),
+        hoist_projection=pick(self.hoist_projection, "hoist_projection"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one layer's loop (a nondiff argument of the custom VJP)."""
+  cell: GRUConfig
+  reverse: bool
+  unroll: int
+  hoist: bool
+  remat: bool
+
+
+def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
+               h0_BH: Optional[jax.Array] = None, lengths_B: Optional[jax.Array] = None, *,
+               reverse: bool = False,
+               options: ScanOptions = ScanOptions()) -> tuple[jax.Array, jax.Array]:
+  """Runs ``cell`` over a time-major batch of sequences.
+
+  The results equal ``jax.vmap(cell.sequence)`` over the batch (with the time axis moved), and
+  so do their gradients, up to the order of floating-point additions.
+
+  Args:
+    cell: the cell configuration.
+    params: the cell's parameters.
+    xs_TBI: inputs, (T, B, I), time-major.
+    h0_BH: initial states, (B, H); zeros when None.
+    lengths_B: optional valid lengths, (B,) integers in [0, T], as in :meth:`GRUConfig.sequence`.
+    reverse: read the sequences from their (valid) ends; outputs stay in input order.
+    options: how to run the loop (:class:`ScanOptions`).
+
+  Returns:
+    ``(ys_TBH, h_last_BH)``: every step's output and the final states.
+  """
+  steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
+  dtype = cell.state_dtype
+  if h0_BH is None:
+    h0_BH = jnp.zeros((batch, cell.hidden_size), dtype)
+  h0_BH = h0_BH.astype(dtype)
+  if steps == 0:
+    return jnp.zeros((0, batch, cell.hidden_size), dtype), h0_BH
+  opts = options.resolved(steps, batch)
+  chunk = opts.chunk
+  num_chunks = -(-steps // chunk)
+  pad = num_chunks * chunk - steps
+  if lengths_B is not None:
+    # Under jit a length above T acts as T; with padding it must not reach the padded steps.
+    lengths_B = jnp.minimum(jnp.asarray(lengths_B).astype(jnp.int32), steps)
+  if pad:
+    # Whole chunks only: the padded steps are masked out, so states and outputs are unchanged.
+    xs_TBI = jnp.concatenate([xs_TBI, jnp.zeros((pad,) + xs_TBI.shape[1:], xs_TBI.dtype)])
+    if lengths_B is None:
+      lengths_B = jnp.full((batch,), steps, jnp.int32)
+  xs_NCBI = xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
+  st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat)
+  run = _layer_vjp if opts.custom_vjp else _layer
+  ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B)
+  return ys_NCBH.reshape((num_chunks * chunk,) + ys_NCBH.shape[2:])[:steps], h_last
+
+
+# -- one step -------------------------------------------------------------------------------------
+
+
+def _project(cell: GRUConfig, params: Params, x: jax.Array) -> tuple[jax.Array, ...]:
+  return split_gates(cell.project_inputs(params, x), 3)
+
+
+def _step(cell: GRUConfig, h, g, t, lengths, product):
+  """One step, masked as in :meth:`GRUConfig.scan_projected`: returns (carry, output)."""
+  h_new = cell.recur_with(h, g, product)
+  if lengths is None:
+    return h_new, h_new
+  valid = (t < lengths)[:, None]
+  h_new = jnp.where(valid, h_new, h)
+  return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
+
+
+def _join(parts: tuple[jax.Array, ...]) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def _rows(a: jax.Array) -> jax.Array:
+  return a.reshape((-1, a.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _replay(cell: GRUConfig, k: int, params: Params, a: jax.Array, y: tuple[jax.Array, ...]):
+  """``recurrent_product(params, k, a)``, already computed as ``y`` by the forward pass.
+
+  Its VJP passes ``dy`` back to ``a`` (through the product) and to ``y`` (so the backward loop
+  can read the product's output cotangent), but not to ``params``: their gradient is taken
+  after the loop, over all steps at once.
+  """
+  del cell, k, params, a
+  return y
+
+
+def _replay_fwd(cell, k, params, a, y):
+  del cell, k
+  return y, (params, a)
+
+
+def _replay_bwd(cell, k, res, dy):
+  params, a = res
+  _, vjp = jax.vjp(lambda a: cell.recurrent_product(params, k, a), a)
+  (da,) = vjp(_join(dy))
+  return jax.tree.map(jnp.zeros_like, params), da, dy
+
+
+_replay.defvjp(_replay_fwd, _replay_bwd)
+
+
+# -- one chunk ------------------------------------------------------------------------------------
+
+
+def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: bool):
+  """The loop over one chunk's steps, starting at time index t0.
+
+  Returns (ys, h_last, residuals); with ``save``, the residuals are, per step, the state before
+  the step, the gate inputs and the outputs of the recurrent products, all split by gate.
+  """
+  cell = st.cell
+  size = cell.hidden_size
+  ts = t0 + jnp.arange(x_CBI.shape[0], dtype=jnp.int32)
+  seq = _project(cell, params, x_CBI) if st.hoist else x_CBI
+
+  def body(h, inp):
+    x_or_g, t = inp
+    g = x_or_g if st.hoist else _project(cell, params, x_or_g)
+    outs = []
+
+    def product(k, a):
+      y = cell.recurrent_product(params, k, a)
+      y = split_gates(y, y.shape[-1] // size)
+      outs.append(y)
+      return y
+
+    h_new, y = _step(cell, h, g, t, lengths, product)
+    res = (h, None if st.hoist else g, tuple(outs)) if save else None
+    return h_new, (y, res)
+
+  h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts), reverse=st.reverse, unroll=st.unroll)
+  if save and st.hoist:
+    res = (res[0], seq, res[2])
+  return ys, h_last, res
+
+
+def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_dx: bool):
+  """The backward loop of one chunk; returns (dparams, dx or None, dh at the chunk's start)."""
+  cell = st.cell
+  hs, gs, outs = res
+  ts = t0 + jnp.arange(x_CBI.shape[0], dtype=jnp.int32)
+
+  def body(dh, inp):
+    dy, h, g, out, t = inp
+
+    def step(h, g, out):
+      ins = []
+
+      def product(k, a):
+        if k:  # the input of product 0 is the state itself, already saved
+          ins.append(a)
+        return _replay(cell, k, params, a, out[k])
+
+      return _step(cell, h, g, t, lengths, product), tuple(ins)
+
+    _, vjp, ins = jax.vjp(step, h, g, out, has_aux=True)
+    dh_prev, dg, dout = vjp((dh, dy))
+    # Stored joined, (B, 3H): only the products after the loop read them.
+    return dh_prev, (_join(dg), tuple(_join(d) for d in dout), ins)
+
+  dh0, (dgs, douts, ins) = jax.lax.scan(body, dh_last, (dys, hs, gs, outs, ts),
+                                        reverse=not st.reverse, unroll=st.unroll)
+
+  # The weight gradients: one product over the chunk's C*B rows each.
+  ins = (hs,) + tuple(ins)
+  _, vjp_rec = jax.vjp(
+      lambda p: [cell.recurrent_product(p, k, _rows(a)) for k, a in enumerate(ins)], params)
+  (dp_rec,) = vjp_rec([_rows(d) for d in douts])
+  if need_dx:
+    _, vjp_in = jax.vjp(lambda p, x: cell.project_inputs(p, x), params, x_CBI)
+    dp_in, dx = vjp_in(dgs)
+  else:
+    _, vjp_in = jax.vjp(lambda p: cell.project_inputs(p, _rows(x_CBI)), params)
+    (dp_in,), dx = vjp_in(_rows(dgs)), None
+  return jax.tree.map(jnp.add, dp_rec, dp_in), dx, dh0
+
+
+# -- over the chunks ------------------------------------------------------------------------------
+
+
+def _over_chunks(st: _Static, fn, carry, xs, reverse: bool):
+  """``lax.scan(fn, carry, xs)`` over the leading (chunk) axis; a plain call for one chunk."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    carry, out = fn(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], out)
+  return jax.lax.scan(fn, carry, xs, reverse=reverse)
+
+
+def _starts(xs_NCBI):
+  return jnp.arange(xs_NCBI.shape[0], dtype=jnp.int32) * xs_NCBI.shape[1]
+
+
+def _layer(st: _Static, params, xs_NCBI, h0, lengths):
+  """The loop differentiated by JAX (with jax.checkpoint per chunk when rematerializing)."""
+
+  def chunk(h, inp):
+    x, t0 = inp
+    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=False)
+    return h_last, ys
+
+  if st.remat:
+    chunk = jax.checkpoint(chunk)
+  h_last, ys = _over_chunks(st, chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+  return ys, h_last
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_vjp(st: _Static, params, xs_NCBI, h0, lengths):
+  return _layer(dataclasses.replace(st, remat=False), params, xs_NCBI, h0, lengths)
+
+
+def _value(tree):
+  return jax.tree.map(lambda leaf: leaf.value, tree)
+
+
+def _layer_vjp_fwd(st: _Static, params, xs_NCBI, h0, lengths):
+  # With symbolic zeros, every leaf comes as CustomVJPPrimal(value, perturbed): a gradient
+  # nobody needs (a first layer's inputs, a zero initial state) is not computed.
+  need_dx, need_dh0 = xs_NCBI.perturbed, h0.perturbed
+  params, xs_NCBI, h0, lengths = _value((params, xs_NCBI, h0, lengths))
+
+  def chunk(h, inp):
+    x, t0 = inp
+    ys, h_last, res = _forward(st, params, x, h, lengths, t0, save=not st.remat)
+    return h_last, (ys, h if st.remat else res)
+
+  h_last, (ys, res) = _over_chunks(st, chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+  # Python flags travel as the residuals' tree structure: () for True, None for False.
+  flags = (() if need_dx else None, () if need_dh0 else None)
+  return (ys, h_last), (params, xs_NCBI, lengths, res, flags)
+
+
+def _layer_vjp_bwd(st: _Static, resid, cts):
+  params, xs_NCBI, lengths, res, (need_dx, need_dh0) = resid
+  need_dx, need_dh0 = need_dx is not None, need_dh0 is not None
+  dys, dh_last = cts
+  if isinstance(dys, SymbolicZero):
+    dys = jnp.zeros(dys.shape, dys.dtype)
+  if isinstance(dh_last, SymbolicZero):
+    dh_last = jnp.zeros(dh_last.shape, dh_last.dtype)
+
+  def chunk(carry, inp):
+    dh, dparams = carry
+    x, t0, r, dy = inp
+    if st.remat:
+      _, _, r = _forward(st, params, x, r, lengths, t0, save=True)
+    dp, dx, dh = _backward(st, params, x, lengths, t0, r, dy, dh, need_dx)
+    return (dh, jax.tree.map(jnp.add, dparams, dp)), dx
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (dh0, dparams), dxs = _over_chunks(st, chunk, (dh_last, zeros),
+                                     (xs_NCBI, _starts(xs_NCBI), res, dys), not st.reverse)
+  return dparams, dxs, dh0 if need_dh0 else None, None
+
+
+_layer_vjp.defvjp(_layer_vjp_fwd, _layer_vjp_bwd, symbolic_zeros=True)

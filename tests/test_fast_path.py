@@ -1,0 +1,263 @@
+"""Tests for jaxgru.scan: the time-major loop and its custom VJP against the plain path.
+
+The reference is what RNNConfig.apply used to be: ``jax.vmap`` of ``GRUConfig.sequence`` (one
+``lax.scan`` per example) differentiated by ``jax.grad``. Every option of ScanOptions (chunks,
+padding to whole chunks, rematerialization, the projection before or inside the loop, unrolling,
+autodiff instead of the custom VJP) must give the same values and the same gradients.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgru
+from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
+
+I, H, T, B = 3, 5, 7, 4
+LENGTHS = np.array([7, 0, 4, 1], np.int32)
+
+OPTIONS = {
+    "default": ScanOptions(),
+    "whole": ScanOptions(chunk=1000, remat=False),
+    "chunks": ScanOptions(chunk=3, remat=False, hoist_projection=True, unroll=2),
+    "remat": ScanOptions(chunk=3, remat=True),
+    "remat_exact": ScanOptions(chunk=7, remat=True, hoist_projection=True),
+    "one_step": ScanOptions(chunk=1, remat=True, unroll=1),
+    "autodiff": ScanOptions(custom_vjp=False, chunk=1000),
+    "autodiff_remat": ScanOptions(custom_vjp=False, chunk=2, remat=True),
+}
+
+
+def randn(*shape, seed=1, dtype=np.float32):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(dtype))
+
+
+def random_params(cell, seed=0):
+  rng = np.random.default_rng(seed)
+  return {n: jnp.asarray(rng.normal(scale=0.5, size=s).astype(cell.state_dtype))
+          for n, s in cell.param_shapes().items()}
+
+
+def reference(cell, params, xs_TBI, h0, lengths, reverse):
+  """The plain path: vmap of GRUConfig.sequence over the batch, time-major in and out."""
+  def one(x, h, n):
+    return cell.sequence(params, x, h, n, reverse)
+  if lengths is None:
+    return jax.vmap(lambda x, h: one(x, h, None), in_axes=(1, 0), out_axes=(1, 0))(xs_TBI, h0)
+  return jax.vmap(one, in_axes=(1, 0, 0), out_axes=(1, 0))(xs_TBI, h0, lengths)
+
+
+def loss(run, params, xs, h0, w_ys, w_h):
+  """A loss that reads every output and the final state, weighted so no gradient cancels."""
+  ys, h_last = run(params, xs, h0)
+  return jnp.sum(ys * w_ys) + jnp.sum(h_last * h_last * w_h)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def values_and_grads(cell, options, reverse, masked, params, xs, h0, lengths, w_ys, w_h):
+  """(outputs, gradients) of scan_layer (options) or of the reference (options None)."""
+  lengths = lengths if masked else None
+  if options is None:
+    run = lambda p, x, h: reference(cell, p, x, h, lengths, reverse)
+  else:
+    run = lambda p, x, h: scan_layer(cell, p, x, h, lengths, reverse=reverse, options=options)
+  outs = run(params, xs, h0)
+  grads = jax.grad(functools.partial(loss, run), argnums=(0, 1, 2))(params, xs, h0, w_ys, w_h)
+  return outs, grads
+
+
+def check_against_reference(cell, options, reverse, masked, rtol, atol, seed=0):
+  dtype = cell.state_dtype
+  args = (random_params(cell, seed), randn(T, B, I, seed=seed + 1, dtype=dtype),
+          randn(B, H, seed=seed + 2, dtype=dtype),
+          jnp.asarray(LENGTHS.tolist()),  # the default integer type: int64 under x64
+          randn(T, B, H, seed=seed + 3, dtype=dtype), randn(B, H, seed=seed + 4, dtype=dtype))
+  got = values_and_grads(cell, options, reverse, masked, *args)
+  want = values_and_grads(cell, None, reverse, masked, *args)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("reverse,masked", [(False, False), (True, True)])
+def test_values_and_gradients_equal_the_plain_path(options, reverse, masked):
+  check_against_reference(GRUConfig(I, H), OPTIONS[options], reverse, masked, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("variant,use_bias", [("reset_before", True), ("reset_after", False),
+                                              ("reset_before", False)])
+@pytest.mark.parametrize("options", ["default", "chunks", "remat"])
+def test_variants(variant, use_bias, options):
+  cell = GRUConfig(I, H, variant=variant, use_bias=use_bias, activation="softsign",
+                   recurrent_activation="hard_sigmoid")
+  check_against_reference(cell, OPTIONS[options], True, True, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("options", ["default", "chunks", "remat", "autodiff"])
+def test_float64_to_rounding(options):
+  """In float64 the only difference left is the order of additions."""
+  with jax.enable_x64(True):
+    cell = GRUConfig(I, H, param_dtype=jnp.float64)
+    check_against_reference(cell, OPTIONS[options], False, True, 1e-12, 1e-12)
+    check_against_reference(cell, OPTIONS[options], True, False, 1e-12, 1e-12)
+
+
+def test_bfloat16_products():
+  """Products in bfloat16 (accumulated in float32) round alike on both paths."""
+  cell = GRUConfig(I, H, dtype=jnp.bfloat16)
+  check_against_reference(cell, OPTIONS["default"], False, True, 2e-2, 2e-2)
+
+
+def test_padding_to_whole_chunks_is_masked_out():
+  """T=7 in chunks of 3 runs 9 steps; lengths above T (under jit) still act as T."""
+  cell = GRUConfig(I, H)
+  params, xs, h0 = random_params(cell), randn(T, B, I), randn(B, H, seed=2)
+  lengths = jnp.array([100, 7, 3, 0], jnp.int32)
+  run = jax.jit(lambda n: scan_layer(cell, params, xs, h0, n, options=OPTIONS["remat"]))
+  ys, h_last = run(lengths)
+  want_ys, want_h = reference(cell, params, xs, h0, jnp.minimum(lengths, T), False)
+  np.testing.assert_allclose(ys, want_ys, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(h_last, want_h, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("argnums", [0, 1, 2, (1, 2)])
+def test_gradients_of_some_arguments_only(argnums):
+  """The custom VJP skips the gradients nobody asked for; the others must not change."""
+  cell = GRUConfig(I, H)
+  args = (random_params(cell), randn(T, B, I), randn(B, H, seed=2))
+  w = randn(T, B, H, seed=3)
+
+  def f(run, p, x, h):
+    ys, h_last = run(p, x, h)
+    return jnp.sum(ys * w) + jnp.sum(h_last)
+
+  new = functools.partial(f, lambda p, x, h: scan_layer(cell, p, x, h, options=OPTIONS["remat"]))
+  old = functools.partial(f, lambda p, x, h: reference(cell, p, x, h, None, False))
+  got = jax.jit(jax.grad(new, argnums))(*args)
+  want = jax.grad(old, argnums)(*args)
+  for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["ys", "h_last"])
+def test_loss_of_one_output_only(which):
+  """An output the loss ignores reaches the custom VJP as a symbolic zero."""
+  cell = GRUConfig(I, H)
+  params, xs = random_params(cell), randn(T, B, I)
+  pick = (lambda o: jnp.sum(o[0] ** 2)) if which == "ys" else (lambda o: jnp.sum(o[1] ** 2))
+  got = jax.grad(lambda p: pick(scan_layer(cell, p, xs, options=OPTIONS["chunks"])))(params)
+  want = jax.grad(lambda p: pick(reference(cell, p, xs, jnp.zeros((B, H)), None, False)))(params)
+  for n in want:
+    np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_empty_sequence():
+  cell = GRUConfig(I, H)
+  h0 = randn(B, H)
+  ys, h_last = scan_layer(cell, random_params(cell), jnp.zeros((0, B, I)), h0)
+  assert ys.shape == (0, B, H)
+  np.testing.assert_array_equal(h_last, h0)
+
+
+# -- RNNConfig.apply over the fast path ------------------------------------------------------------
+
+
+def apply_reference(cfg, params, xs, lengths, h0, dropout_key):
+  """RNNConfig.apply as it was: vmap of GRUConfig.sequence per layer and direction."""
+  finals = []
+  for l, layer in enumerate(params):
+    cell, outs = cfg.cell(l), []
+    for i, d in enumerate(cfg.directions):
+      h = h0[l * cfg.num_directions + i]
+      run = lambda x, hh, n, p=layer[d], rev=(d == "bwd"): cell.sequence(p, x, hh, n, rev)
+      ys, hs = jax.vmap(run)(xs, h, lengths)
+      outs.append(ys)
+      finals.append(hs)
+    xs = jnp.concatenate(outs, -1) if cfg.merge == "concat" else sum(outs[1:], outs[0])
+    if dropout_key is not None and cfg.dropout > 0 and l < cfg.num_layers - 1:
+      keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, l), 1.0 - cfg.dropout,
+                                  xs.shape)
+      xs = jnp.where(keep, xs / (1.0 - cfg.dropout), jnp.zeros_like(xs))
+  return xs, jnp.stack(finals)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_apply_stack_with_dropout_equals_the_plain_path(time_major):
+  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True, dropout=0.3)
+  params = [{d: random_params(cfg.cell(l), seed=2 * l + i) for i, d in enumerate(cfg.directions)}
+            for l in range(cfg.num_layers)]
+  xs, h0 = randn(B, T, I), randn(4, B, H, seed=2)
+  lengths, key = jnp.asarray(LENGTHS), jax.random.key(3)
+
+  def loss_of(ys, hs):
+    return jnp.sum(ys * jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape) / ys.size) + \
+        jnp.sum(hs ** 2)
+
+  def new(p, x, h):
+    x_in = jnp.swapaxes(x, 0, 1) if time_major else x
+    ys, hs = cfg.apply(p, x_in, lengths, h, dropout_key=key, time_major=time_major)
+    return (jnp.swapaxes(ys, 0, 1) if time_major else ys), hs
+
+  def old(p, x, h):
+    return apply_reference(cfg, p, x, lengths, h, key)
+
+  got = jax.jit(new)(params, xs, h0)
+  want = old(params, xs, h0)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  got = jax.jit(jax.grad(lambda *a: loss_of(*new(*a)), argnums=(0, 1, 2)))(params, xs, h0)
+  want = jax.grad(lambda *a: loss_of(*old(*a)), argnums=(0, 1, 2))(params, xs, h0)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_unroll_and_options_do_not_change_results():
+  cfg = RNNConfig(I, H)
+  params, xs = cfg.init(jax.random.key(0)), randn(B, T, I)
+  want = cfg.apply(params, xs)
+  for kwargs in ({"unroll": 3}, {"options": OPTIONS["one_step"]}, {"options": OPTIONS["autodiff"]},
+                 {"options": OPTIONS["chunks"], "unroll": 1}):
+    got = cfg.apply(params, xs, **kwargs)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_train_step_does_not_recompile():
+  cfg = RNNConfig(I, H)
+  params, xs = cfg.init(jax.random.key(0)), randn(B, T, I)
+
+  @jax.jit
+  def step(p, x):
+    g = jax.grad(lambda q: jnp.mean(cfg.apply(q, x)[0] ** 2))(p)
+    return jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+
+  params = step(params, xs)
+  params = step(params, xs + 1.0)
+  assert step._cache_size() == 1
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+
+def test_options_resolve_per_backend_and_shape():
+  cpu = ScanOptions().resolved(steps=1000, batch=16, backend="cpu")
+  gpu = ScanOptions().resolved(steps=1000, batch=16, backend="gpu")
+  for opts in (cpu, gpu):
+    assert None not in (opts.unroll, opts.chunk, opts.remat, opts.hoist_projection)
+    assert 1 <= opts.chunk <= 1000
+  assert ScanOptions(chunk=50).resolved(steps=10, batch=4).chunk == 10
+  assert ScanOptions(unroll=3, remat=True).resolved(10, 4, "gpu").unroll == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},
+                                    {"unroll": 1.5}])
+def test_options_reject_bad_values(kwargs):
+  with pytest.raises(ValueError):
+    ScanOptions(**kwargs)
+
+
+def test_public_names():
+  assert "ScanOptions" in jaxgru.__all__ and "scan_layer" in jaxgru.__all__
