@@ -50,8 +50,11 @@ def _versions():
 
 def _git_revision():
   try:
-    return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "jaxgru", "run.py"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return rev + ("+uncommitted" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 

@@ -63,7 +63,8 @@ def test_random_problems_have_python_sums():
 
 def _small_cfg(**kw):
   base = dict(hidden_size=8, bits=3, batch_size=32, steps=20, eval_bits=(8,), eval_size=64,
-              long_eval_size=64, log_every=5, checkpoint_every=10)
+              long_eval_size=64, log_every=5, checkpoint_every=10, consolidate_steps=10,
+              consolidate_bits=6)
   base.update(kw)
   return addition.AdditionConfig(**base)
 

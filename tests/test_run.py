@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run.py")
 TINY = ["--hidden_size=8", "--bits=4", "--batch_size=32", "--eval_bits=16", "--log_every=10",
-        "--checkpoint_every=10"]
+        "--checkpoint_every=10", "--consolidate_steps=20", "--consolidate_bits=8"]
 
 
 def _run(args, timeout=300, **kw):

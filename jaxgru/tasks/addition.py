@@ -157,8 +157,8 @@ class AdditionConfig:
   bits: int = 8
   mixed_carries: bool = False
   consolidate_bits: int = 64
-  consolidate_steps: int = 200
-  consolidate_lr_scale: float = 1 / 3
+  consolidate_steps: int = 400
+  consolidate_lr_scale: float = 0.5
   batch_size: int = 64
   steps: int = 2000
   optimizer: str = "adam"
@@ -213,13 +213,21 @@ def init_states(cfg: AdditionConfig) -> _train.TrainState:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
+def consolidate_optimizer_config(cfg: AdditionConfig) -> _train.OptimizerConfig:
+  """Phase 2's optimizer: cfg's, with a cosine decay to 0 over the consolidation steps."""
+  return dataclasses.replace(cfg.optimizer_config(), schedule="cosine", warmup_steps=0,
+                             total_steps=max(cfg.consolidate_steps, 1))
+
+
 def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = None,
-                    bits: Optional[int] = None):
+                    bits: Optional[int] = None,
+                    optimizer: Optional[_train.OptimizerConfig] = None):
   """The jitted step over N models: ``state (N, ...) -> (state, metrics (N,))``.
 
-  Problems have ``bits`` bits (``cfg.bits`` by default).
+  Problems have ``bits`` bits (``cfg.bits`` by default); ``optimizer`` defaults to cfg's.
   """
-  model, opt = cfg.model(), _train.make_optimizer(cfg.optimizer_config())
+  model = cfg.model()
+  opt = _train.make_optimizer(optimizer or cfg.optimizer_config())
   bits = cfg.bits if bits is None else bits
 
   def loss_fn(params, key, step):
@@ -335,13 +343,14 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str,
       # A fresh optimizer state: Adam's moments from the solve phase are tiny by now and would
       # keep the steps too small to move (measured: 28 of 32 seeds exact at 10,000 bits with the
       # old moments, 31 of 32 with fresh ones, same steps and rate).
-      opt = _train.make_optimizer(cfg.optimizer_config())
+      opt = _train.make_optimizer(consolidate_optimizer_config(cfg))
       state = parallel.shard_models(state._replace(
           opt_state=jax.vmap(opt.init)(state.params),
           learning_rate=state.learning_rate * cfg.consolidate_lr_scale), mesh)
       log(f"every model solved by step {solve_end}; consolidating for {cfg.consolidate_steps} "
           f"steps on {cfg.consolidate_bits}-bit problems")
-    step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits).lower(state).compile()
+    step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits,
+                            optimizer=consolidate_optimizer_config(cfg)).lower(state).compile()
     total = solve_end + cfg.consolidate_steps
     result = _train.fit(
         state, step2, total_steps=total, log_every=cfg.log_every,
