@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -183,6 +184,12 @@ def peak_memory(runner: speed_impls.Runner, mode: str) -> tuple[int | None, str]
 # -- timing ----------------------------------------------------------------------------------------
 
 
+def _cpu_s() -> float:
+  """CPU seconds of this process, all threads (user + system)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
   """Times every runner at one shape and mode, interleaved; returns one record per runner."""
   for r in runners:
@@ -196,12 +203,14 @@ def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
   repeats = int(np.clip(_BUDGET.value / max(per_round, 1e-9), _MIN_REPEATS.value,
                         _REPEATS.value))
   times = {r.name: [] for r in runners}
+  cpu = {r.name: [] for r in runners}
   for i in range(repeats):
     order = runners[i % len(runners):] + runners[:i % len(runners)]  # rotate the order
     for r in order:
-      t0 = time.perf_counter()
+      c0, t0 = _cpu_s(), time.perf_counter()
       r.sync(r.run[mode]())
       times[r.name].append((time.perf_counter() - t0) * 1e3)
+      cpu[r.name].append((_cpu_s() - c0) * 1e3)
   records = []
   for r in runners:
     t = np.asarray(times[r.name])
@@ -214,6 +223,7 @@ def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
         "median_ms": median, "min_ms": float(t.min()),
         "q25_ms": float(np.percentile(t, 25)), "q75_ms": float(np.percentile(t, 75)),
         "times_ms": [round(v, 4) for v in t.tolist()],
+        "cpu_ms": float(np.median(cpu[r.name])),
         "compile_s": r.compile_s.get(mode), "flops": shape.flops(mode),
         "gflops_per_s": gflops, "percent_of_peak": 100.0 * gflops / peak_gflops,
         "planned_bytes": r.planned_bytes.get(mode), "device": r.device, "note": r.note,
@@ -228,7 +238,7 @@ def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
     ratio = "" if ratio is None else f"x{ratio:.2f} of fastest peer  "
     compiled = "-" if rec["compile_s"] is None else f"{rec['compile_s']:.2f} s"
     log(f"  {mode:7s} {rec['impl']:28s} {rec['median_ms']:10.3f} ms  (n={rec['repeats']}, "
-        f"IQR {rec['q25_ms']:.3f}-{rec['q75_ms']:.3f})  {ratio}"
+        f"IQR {rec['q25_ms']:.3f}-{rec['q75_ms']:.3f}, cpu {rec['cpu_ms']:.1f})  {ratio}"
         f"{rec['percent_of_peak']:5.1f}% of peak  compile {compiled}")
   return records
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -36,37 +36,62 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxgru.cell import GRUConfig, Params, split_gates
 
-# Per-backend defaults, measured with benchmarks/speed.py.
+# Per-backend defaults, measured with benchmarks/speed.py (see benchmarks/results/). On the CPU
+# the working set decides: XLA:CPU takes a temporary buffer above 32 MB fresh from the kernel
+# at every call and pays a page fault per 4 kB page it touches, which can cost more than
+# recomputing the products; so a training step there keeps its residuals small.
 _TUNED = {
-    "cpu": {"unroll": 1, "hoist_projection": False, "chunk_rows": 1024, "remat": True},
-    "gpu": {"unroll": 8, "hoist_projection": True, "chunk_rows": None, "remat": False},
-    "tpu": {"unroll": 8, "hoist_projection": True, "chunk_rows": None, "remat": False},
+    "cpu": {"unroll": 1, "hoist_projection": False,
+            # Residuals of the whole sequence at most this: keep them all, one chunk.
+            "whole_bytes": 2**24,
+            # Else chunks of about this many bytes of (B, H) states...
+            "chunk_bytes": 2**19,
+            # ...or, when one (T, B, H) array alone exceeds this (the step cannot avoid fresh
+            # memory anyway), of about this many rows (C*B), for efficient weight products.
+            "big_bytes": 2**24, "chunk_rows": 2048,
+            # The custom VJP's products over all steps pay off from this many steps on.
+            "custom_vjp_steps": 64},
+    "gpu": {"unroll": 8, "hoist_projection": True, "whole_bytes": None, "chunk_bytes": None,
+            "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1},
 }
+REMAT = ("none", "products", "full")
+# Arrays of (B, H) floats a step keeps for the backward pass without rematerialization (the
+# state, gate inputs and products, their cotangents, the outputs and theirs), about.
+_RESIDUALS_PER_STEP = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class ScanOptions:
   """How :func:`scan_layer` runs the time loop; none of it changes the results.
 
-  Every None picks the default measured for the backend (``jax.default_backend()``).
+  Every None picks the default measured for the backend (``jax.default_backend()``; TPUs take
+  the GPU's) and the shape.
 
   Attributes:
-    unroll: steps per iteration of the inner loop (``lax.scan``'s ``unroll``).
-    chunk: steps per chunk C (the whole sequence when larger than T). None picks C from the
-      batch size on the CPU (about 1024 rows, C*B, per chunk), and T elsewhere.
-    remat: keep only each chunk's initial state in the forward pass and recompute the chunk in
-      the backward pass (True), or keep every step's residuals (False).
+    unroll: steps per iteration of the inner loops (``lax.scan``'s ``unroll``).
+    chunk: steps per chunk C of the training loops (the whole sequence when larger than T).
+      None: T off the CPU; on the CPU, T when the whole sequence's residuals are small, else
+      about 512 kB of (B, H) states per chunk, or 2048 rows (C*B) for very large layers.
+    remat: what the forward pass of a training step keeps for the backward pass.
+      ``"none"`` (or False): every step's residuals.
+      ``"products"``: every step's state only; the backward pass recomputes a chunk's input
+      projections and recurrent products from the states, each as ONE (C*B, .) matrix product.
+      ``"full"`` (or True): each chunk's initial state only; the backward pass reruns the
+      chunk's loop (as ``jax.checkpoint`` of each chunk would), the least memory.
+      None: ``"none"`` where the whole sequence's residuals are small (and off the CPU), else
+      ``"products"``.
     hoist_projection: project a chunk's inputs in one product before its loop (True) or each
       step's inside it (False).
-    custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk);
-      False uses JAX's autodiff of the loop (with ``jax.checkpoint`` per chunk when ``remat``).
+    custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk) or,
+      False, with JAX's autodiff of the loop (``jax.checkpoint`` per chunk unless remat is
+      ``"none"``). None: the custom VJP, except on the CPU for sequences shorter than 64 steps.
   """
 
   unroll: Optional[int] = None
   chunk: Optional[int] = None
-  remat: Optional[bool] = None
+  remat: Union[None, bool, str] = None
   hoist_projection: Optional[bool] = None
-  custom_vjp: bool = True
+  custom_vjp: Optional[bool] = None
 
   def __post_init__(self):
     for name in ("unroll", "chunk"):
@@ -74,19 +99,37 @@ class ScanOptions:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat is not None and self.remat not in REMAT:
+      raise ValueError(f"remat must be one of {REMAT}, a bool or None, got {self.remat!r}")
 
-  def resolved(self, steps: int, batch: int, backend: Optional[str] = None) -> "ScanOptions":
-    """These options with every None replaced by the default for ``backend`` and the shape."""
+  def resolved(self, steps: int, batch: int, hidden: int = 1,
+               backend: Optional[str] = None) -> "ScanOptions":
+    """These options with every None replaced by the default for the backend and shape."""
     tuned = _TUNED.get(backend or jax.default_backend(), _TUNED["gpu"])
+    step_bytes = 4 * max(batch, 1) * max(hidden, 1)
+    small = (tuned["whole_bytes"] is None
+             or steps * step_bytes * _RESIDUALS_PER_STEP <= tuned["whole_bytes"])
     chunk = self.chunk
     if chunk is None:
-      rows = tuned["chunk_rows"]
-      chunk = steps if rows is None else max(1, rows // max(batch, 1))
+      if small:
+        chunk = steps
+      elif steps * step_bytes > tuned["big_bytes"]:
+        chunk = tuned["chunk_rows"] // max(batch, 1)
+      else:
+        chunk = tuned["chunk_bytes"] // step_bytes
+    remat = self.remat
+    if remat is None:
+      remat = "none" if small else "products"
+    custom_vjp = self.custom_vjp
+    if custom_vjp is None:
+      custom_vjp = steps >= tuned["custom_vjp_steps"]
     pick = lambda value, name: tuned[name] if value is None else value
     return dataclasses.replace(
         self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
-        remat=pick(self.remat, "remat"),
-        hoist_projection=pick(self.hoist_projection, "hoist_projection"))
+        remat=remat, hoist_projection=pick(self.hoist_projection, "hoist_projection"),
+        custom_vjp=custom_vjp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +139,7 @@ class _Static:
   reverse: bool
   unroll: int
   hoist: bool
-  remat: bool
+  remat: str
 
 
 def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
@@ -127,7 +170,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   h0_BH = h0_BH.astype(dtype)
   if steps == 0:
     return jnp.zeros((0, batch, cell.hidden_size), dtype), h0_BH
-  opts = options.resolved(steps, batch)
+  opts = options.resolved(steps, batch, cell.hidden_size)
   chunk = opts.chunk
   num_chunks = -(-steps // chunk)
   pad = num_chunks * chunk - steps
@@ -201,11 +244,12 @@ _replay.defvjp(_replay_fwd, _replay_bwd)
 # -- one chunk ------------------------------------------------------------------------------------
 
 
-def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: bool):
-  """The loop over one chunk's steps, starting at time index t0.
+def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str]):
+  """The loop over one chunk's steps, starting at time index t0: (ys, h_last, residuals).
 
-  Returns (ys, h_last, residuals); with ``save``, the residuals are, per step, the state before
-  the step, the gate inputs and the outputs of the recurrent products, all split by gate.
+  ``save`` is None (no residuals), ``"all"`` (per step: the state before the step, the gate
+  inputs and the outputs of the recurrent products, split by gate) or ``"states"`` (the state
+  before each step, only when masking makes it differ from the previous output; else None).
   """
   cell = st.cell
   size = cell.hidden_size
@@ -224,47 +268,97 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: bool):
       return y
 
     h_new, y = _step(cell, h, g, t, lengths, product)
-    res = (h, None if st.hoist else g, tuple(outs)) if save else None
+    if save == "all":
+      res = (h, None if st.hoist else g, tuple(outs))
+    elif save == "states" and lengths is not None:
+      res = h
+    else:
+      res = None
     return h_new, (y, res)
 
   h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts), reverse=st.reverse, unroll=st.unroll)
-  if save and st.hoist:
+  if save == "all" and st.hoist:
     res = (res[0], seq, res[2])
   return ys, h_last, res
 
 
+def _recompute_products(st: _Static, params, x_CBI, h_start, ys, hs):
+  """The residuals of a chunk from its states alone, each product one matrix product.
+
+  The states before each step are ``hs`` when saved, else the chunk's outputs shifted by one
+  step with ``h_start`` in front (behind, reading in reverse). Product 0 reads the state, so all
+  of its steps are one (C*B, H) x (H, .) product; the later products read values of the step
+  itself and are left to the backward loop.
+  """
+  cell = st.cell
+  if hs is None:
+    first = h_start[None]
+    hs = (jnp.concatenate([ys[1:], first]) if st.reverse else
+          jnp.concatenate([first, ys[:-1]]))
+  y0 = cell.recurrent_product(params, 0, _rows(hs))
+  y0 = y0.reshape(hs.shape[:2] + y0.shape[-1:])
+  return hs, _project(cell, params, x_CBI), (split_gates(y0, y0.shape[-1] // cell.hidden_size),)
+
+
 def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_dx: bool):
-  """The backward loop of one chunk; returns (dparams, dx or None, dh at the chunk's start)."""
+  """The backward loop of one chunk; returns (dparams, dx or None, dh at the chunk's start).
+
+  ``res`` holds, per step, the state before the step, the gate inputs and the outputs of the
+  first ``len(outs)`` recurrent products; the loop recomputes the others (they read values of
+  the step itself) and reads their output cotangents through an added zero.
+  """
   cell = st.cell
   hs, gs, outs = res
   ts = t0 + jnp.arange(x_CBI.shape[0], dtype=jnp.int32)
+  batch = hs.shape[1]
+  zeros = tuple(
+      jnp.zeros(jax.eval_shape(lambda k=k: cell.recurrent_product(
+          params, k, jnp.zeros((batch, cell.hidden_size), cell.state_dtype))).shape,
+                cell.state_dtype)
+      for k in range(len(outs), cell.num_recurrent_products))
 
   def body(dh, inp):
     dy, h, g, out, t = inp
 
-    def step(h, g, out):
+    def step(h, g, out, eps):
       ins = []
 
       def product(k, a):
         if k:  # the input of product 0 is the state itself, already saved
           ins.append(a)
-        return _replay(cell, k, params, a, out[k])
+        if k < len(out):
+          return _replay(cell, k, params, a, out[k])
+        y = cell.recurrent_product(params, k, a) + eps[k - len(out)]
+        return split_gates(y, y.shape[-1] // cell.hidden_size)
 
       return _step(cell, h, g, t, lengths, product), tuple(ins)
 
-    _, vjp, ins = jax.vjp(step, h, g, out, has_aux=True)
-    dh_prev, dg, dout = vjp((dh, dy))
-    # Stored joined, (B, 3H): only the products after the loop read them.
-    return dh_prev, (_join(dg), tuple(_join(d) for d in dout), ins)
+    _, vjp, ins = jax.vjp(step, h, g, out, zeros, has_aux=True)
+    dh_prev, dg, dout, deps = vjp((dh, dy))
+    # Stored gate by gate: joining them here would fuse a concatenation into the loop's
+    # element loops, which XLA:CPU makes slow. A cotangent that reaches two places (dz
+    # reaches gx_z and gh_z) is stored once.
+    cts = jax.tree.leaves((dg, dout, deps))
+    unique = []
+    for a in cts:
+      if not any(a is u for u in unique):
+        unique.append(a)
+    where[:] = [next(i for i, u in enumerate(unique) if a is u) for a in cts]
+    return dh_prev, (tuple(unique), ins)
 
-  dh0, (dgs, douts, ins) = jax.lax.scan(body, dh_last, (dys, hs, gs, outs, ts),
-                                        reverse=not st.reverse, unroll=st.unroll)
+  where = []
+  dh0, (unique, ins) = jax.lax.scan(body, dh_last, (dys, hs, gs, outs, ts),
+                                    reverse=not st.reverse, unroll=st.unroll)
+  dgs, douts, deps = jax.tree.unflatten(
+      jax.tree.structure((gs, outs, zeros)), [unique[i] for i in where])
 
   # The weight gradients: one product over the chunk's C*B rows each.
   ins = (hs,) + tuple(ins)
+  douts = tuple(_rows(_join(d)) for d in douts) + tuple(_rows(d) for d in deps)
   _, vjp_rec = jax.vjp(
       lambda p: [cell.recurrent_product(p, k, _rows(a)) for k, a in enumerate(ins)], params)
-  (dp_rec,) = vjp_rec([_rows(d) for d in douts])
+  (dp_rec,) = vjp_rec(list(douts))
+  dgs = _join(dgs)
   if need_dx:
     _, vjp_in = jax.vjp(lambda p, x: cell.project_inputs(p, x), params, x_CBI)
     dp_in, dx = vjp_in(dgs)
@@ -277,7 +371,7 @@ def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_d
 # -- over the chunks ------------------------------------------------------------------------------
 
 
-def _over_chunks(st: _Static, fn, carry, xs, reverse: bool):
+def _over_chunks(fn, carry, xs, reverse: bool):
   """``lax.scan(fn, carry, xs)`` over the leading (chunk) axis; a plain call for one chunk."""
   if jax.tree.leaves(xs)[0].shape[0] == 1:
     carry, out = fn(carry, jax.tree.map(lambda a: a[0], xs))
@@ -290,22 +384,28 @@ def _starts(xs_NCBI):
 
 
 def _layer(st: _Static, params, xs_NCBI, h0, lengths):
-  """The loop differentiated by JAX (with jax.checkpoint per chunk when rematerializing)."""
+  """The loop differentiated by JAX (with jax.checkpoint per chunk unless remat is "none")."""
+  if st.remat == "none" and not st.hoist:
+    # Chunks only bound the memory of a backward pass or of a hoisted projection: one loop.
+    n, c = xs_NCBI.shape[:2]
+    ys, h_last, _ = _forward(st, params, xs_NCBI.reshape((n * c,) + xs_NCBI.shape[2:]), h0,
+                             lengths, 0, save=None)
+    return ys.reshape((n, c) + ys.shape[1:]), h_last
 
   def chunk(h, inp):
     x, t0 = inp
-    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=False)
+    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None)
     return h_last, ys
 
-  if st.remat:
+  if st.remat != "none":
     chunk = jax.checkpoint(chunk)
-  h_last, ys = _over_chunks(st, chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+  h_last, ys = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
   return ys, h_last
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _layer_vjp(st: _Static, params, xs_NCBI, h0, lengths):
-  return _layer(dataclasses.replace(st, remat=False), params, xs_NCBI, h0, lengths)
+  return _layer(dataclasses.replace(st, remat="none"), params, xs_NCBI, h0, lengths)
 
 
 def _value(tree):
@@ -317,20 +417,49 @@ def _layer_vjp_fwd(st: _Static, params, xs_NCBI, h0, lengths):
   # nobody needs (a first layer's inputs, a zero initial state) is not computed.
   need_dx, need_dh0 = xs_NCBI.perturbed, h0.perturbed
   params, xs_NCBI, h0, lengths = _value((params, xs_NCBI, h0, lengths))
+  n, c = xs_NCBI.shape[:2]
+  ys_res = None
+  if st.remat == "full":
+    # Chunk by chunk, keeping each chunk's initial state (the carry, which masking can make
+    # differ from the previous output).
+    def chunk(h, inp):
+      x, t0 = inp
+      ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None)
+      return h_last, (ys, h)
 
-  def chunk(h, inp):
-    x, t0 = inp
-    ys, h_last, res = _forward(st, params, x, h, lengths, t0, save=not st.remat)
-    return h_last, (ys, h if st.remat else res)
+    h_last, (ys, h_starts) = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+    res = (h_starts, None)
+  else:
+    # One loop over all steps; its residuals are cut into chunks for the backward pass.
+    save = "all" if st.remat == "none" else "states"
+    flat = xs_NCBI.reshape((n * c,) + xs_NCBI.shape[2:])
+    if st.hoist:  # the projection is made (and kept) chunk by chunk
+      def chunk(h, inp):
+        x, t0 = inp
+        ys, h_last, r = _forward(st, params, x, h, lengths, t0, save=save)
+        return h_last, (ys, r)
 
-  h_last, (ys, res) = _over_chunks(st, chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+      h_last, (ys, r) = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+    else:
+      ys, h_last, r = _forward(st, params, flat, h0, lengths, 0, save=save)
+      ys, r = jax.tree.map(lambda a: a.reshape((n, c) + a.shape[1:]), (ys, r))
+    if st.remat == "products" and lengths is None:
+      # The states are the outputs, shifted by one step: keep only each chunk's first.
+      ys_res = ys
+      if st.reverse:
+        h_starts = jnp.concatenate([ys[1:, 0], h0[None]])
+      else:
+        h_starts = jnp.concatenate([h0[None], ys[:-1, -1]])
+    else:
+      h_starts = jnp.zeros((n, 0), h0.dtype)  # unused: the residuals hold every state
+    res = (h_starts, r)
   # Python flags travel as the residuals' tree structure: () for True, None for False.
   flags = (() if need_dx else None, () if need_dh0 else None)
-  return (ys, h_last), (params, xs_NCBI, lengths, res, flags)
+  return (ys, h_last), (params, xs_NCBI, lengths, res, ys_res, flags)
 
 
 def _layer_vjp_bwd(st: _Static, resid, cts):
-  params, xs_NCBI, lengths, res, (need_dx, need_dh0) = resid
+  params, xs_NCBI, lengths, res, ys, (need_dx, need_dh0) = resid
   need_dx, need_dh0 = need_dx is not None, need_dh0 is not None
   dys, dh_last = cts
   if isinstance(dys, SymbolicZero):
@@ -340,15 +469,17 @@ def _layer_vjp_bwd(st: _Static, resid, cts):
 
   def chunk(carry, inp):
     dh, dparams = carry
-    x, t0, r, dy = inp
-    if st.remat:
-      _, _, r = _forward(st, params, x, r, lengths, t0, save=True)
+    x, t0, (h_start, r), y, dy = inp
+    if st.remat == "full":
+      _, _, r = _forward(st, params, x, h_start, lengths, t0, save="all")
+    elif st.remat == "products":
+      r = _recompute_products(st, params, x, h_start, y, r)
     dp, dx, dh = _backward(st, params, x, lengths, t0, r, dy, dh, need_dx)
     return (dh, jax.tree.map(jnp.add, dparams, dp)), dx
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  (dh0, dparams), dxs = _over_chunks(st, chunk, (dh_last, zeros),
-                                     (xs_NCBI, _starts(xs_NCBI), res, dys), not st.reverse)
+  (dh0, dparams), dxs = _over_chunks(chunk, (dh_last, zeros),
+                                     (xs_NCBI, _starts(xs_NCBI), res, ys, dys), not st.reverse)
   return dparams, dxs, dh0 if need_dh0 else None, None
 
 

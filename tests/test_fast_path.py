@@ -21,11 +21,14 @@ LENGTHS = np.array([7, 0, 4, 1], np.int32)
 
 OPTIONS = {
     "default": ScanOptions(),
-    "whole": ScanOptions(chunk=1000, remat=False),
-    "chunks": ScanOptions(chunk=3, remat=False, hoist_projection=True, unroll=2),
-    "remat": ScanOptions(chunk=3, remat=True),
-    "remat_exact": ScanOptions(chunk=7, remat=True, hoist_projection=True),
-    "one_step": ScanOptions(chunk=1, remat=True, unroll=1),
+    "whole": ScanOptions(chunk=1000, remat=False, custom_vjp=True),
+    "chunks": ScanOptions(chunk=3, remat=False, hoist_projection=True, unroll=2,
+                          custom_vjp=True),
+    "remat": ScanOptions(chunk=3, remat=True, custom_vjp=True),
+    "products": ScanOptions(chunk=3, remat="products", hoist_projection=True, custom_vjp=True),
+    "products_whole": ScanOptions(chunk=1000, remat="products", custom_vjp=True),
+    "remat_exact": ScanOptions(chunk=7, remat=True, hoist_projection=True, custom_vjp=True),
+    "one_step": ScanOptions(chunk=1, remat=True, unroll=1, custom_vjp=True),
     "autodiff": ScanOptions(custom_vjp=False, chunk=1000),
     "autodiff_remat": ScanOptions(custom_vjp=False, chunk=2, remat=True),
 }
@@ -89,14 +92,14 @@ def test_values_and_gradients_equal_the_plain_path(options, reverse, masked):
 
 @pytest.mark.parametrize("variant,use_bias", [("reset_before", True), ("reset_after", False),
                                               ("reset_before", False)])
-@pytest.mark.parametrize("options", ["default", "chunks", "remat"])
+@pytest.mark.parametrize("options", ["default", "chunks", "remat", "products"])
 def test_variants(variant, use_bias, options):
   cell = GRUConfig(I, H, variant=variant, use_bias=use_bias, activation="softsign",
                    recurrent_activation="hard_sigmoid")
   check_against_reference(cell, OPTIONS[options], True, True, 1e-5, 1e-6)
 
 
-@pytest.mark.parametrize("options", ["default", "chunks", "remat", "autodiff"])
+@pytest.mark.parametrize("options", ["default", "chunks", "remat", "products", "autodiff"])
 def test_float64_to_rounding(options):
   """In float64 the only difference left is the order of additions."""
   with jax.enable_x64(True):
@@ -184,8 +187,8 @@ def apply_reference(cfg, params, xs, lengths, h0, dropout_key):
   return xs, jnp.stack(finals)
 
 
-@pytest.mark.parametrize("time_major", [False, True])
-def test_apply_stack_with_dropout_equals_the_plain_path(time_major):
+@pytest.mark.parametrize("time_major,options", [(False, None), (True, "products")])
+def test_apply_stack_with_dropout_equals_the_plain_path(time_major, options):
   cfg = RNNConfig(I, H, num_layers=2, bidirectional=True, dropout=0.3)
   params = [{d: random_params(cfg.cell(l), seed=2 * l + i) for i, d in enumerate(cfg.directions)}
             for l in range(cfg.num_layers)]
@@ -198,7 +201,8 @@ def test_apply_stack_with_dropout_equals_the_plain_path(time_major):
 
   def new(p, x, h):
     x_in = jnp.swapaxes(x, 0, 1) if time_major else x
-    ys, hs = cfg.apply(p, x_in, lengths, h, dropout_key=key, time_major=time_major)
+    ys, hs = cfg.apply(p, x_in, lengths, h, dropout_key=key, time_major=time_major,
+                       options=OPTIONS.get(options))
     return (jnp.swapaxes(ys, 0, 1) if time_major else ys), hs
 
   def old(p, x, h):
@@ -243,17 +247,24 @@ def test_train_step_does_not_recompile():
 
 
 def test_options_resolve_per_backend_and_shape():
-  cpu = ScanOptions().resolved(steps=1000, batch=16, backend="cpu")
-  gpu = ScanOptions().resolved(steps=1000, batch=16, backend="gpu")
+  cpu = ScanOptions().resolved(steps=1000, batch=16, hidden=64, backend="cpu")
+  gpu = ScanOptions().resolved(steps=1000, batch=16, hidden=64, backend="gpu")
   for opts in (cpu, gpu):
     assert None not in (opts.unroll, opts.chunk, opts.remat, opts.hoist_projection)
-    assert 1 <= opts.chunk <= 1000
+    assert 1 <= opts.chunk <= 1000 and opts.remat in ("none", "products", "full")
+  assert ScanOptions().resolved(steps=10, batch=2, hidden=3, backend="cpu").chunk == 10
   assert ScanOptions(chunk=50).resolved(steps=10, batch=4).chunk == 10
-  assert ScanOptions(unroll=3, remat=True).resolved(10, 4, "gpu").unroll == 3
+  assert ScanOptions(unroll=3, remat=True).resolved(10, 4, 5, "gpu").unroll == 3
+  assert ScanOptions(remat=True).remat == "full" and ScanOptions(remat=False).remat == "none"
+  assert cpu.custom_vjp and not ScanOptions().resolved(16, 256, 32, "cpu").custom_vjp
+  for steps, batch, hidden in [(16, 256, 32), (128, 64, 256), (1024, 16, 64), (256, 128, 512),
+                               (100_000, 8, 64)]:
+    opts = ScanOptions().resolved(steps, batch, hidden, "cpu")
+    assert 1 <= opts.chunk <= steps and opts.remat in ("none", "products")
 
 
 @pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},
-                                    {"unroll": 1.5}])
+                                    {"unroll": 1.5}, {"remat": "some"}])
 def test_options_reject_bad_values(kwargs):
   with pytest.raises(ValueError):
     ScanOptions(**kwargs)
