@@ -119,7 +119,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: (u * state.learning_rate).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return step
 
@@ -160,9 +160,10 @@ class Checkpointer:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
                                                            sharding=getattr(x, "sharding", None)),
                             target)
-    names = self.manager.item_metadata(step)
     args = {"state": self._ocp.args.StandardRestore(abstract)}
-    if names is not None and "extra" in names and names["extra"] is not None:
+    # item_metadata() cannot tell a JSON item's presence in a fresh process (it reports None
+    # for every item whose handler is not registered yet), so look for its folder instead.
+    if os.path.isdir(os.path.join(self.directory, str(step), "extra")):
       args["extra"] = self._ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=self._ocp.args.Composite(**args))
     return restored["state"], restored.get("extra") if "extra" in args else None

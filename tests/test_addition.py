@@ -99,21 +99,6 @@ def test_evaluate_against_python_reference():
     assert got[m] == pytest.approx(want)
 
 
-def test_tiny_run_solves_3_bit_addition(tmp_path):
-  cfg = _small_cfg(steps=400, learning_rates=(0.03,), eval_bits=(8, 32), log_every=10,
-                   checkpoint_every=200)
-  summary = addition.train_and_evaluate(cfg, str(tmp_path), log=lambda m: None)
-  assert summary["steps_to_solve"] is not None, summary
-  assert summary["solved_fraction"] == 1.0
-  cfg2, state, steps = addition.load_trained(str(tmp_path))
-  assert cfg2 == cfg
-  params = addition.best_model(state, steps)
-  # A solved 3-bit model must at least add 3-bit numbers exactly.
-  for a in range(8):
-    for b in range(8):
-      assert addition.predict_sum(cfg.model(), params, a, b) == a + b
-
-
 def test_many_models_equal_separate_runs():
   steps = 5
   many = _small_cfg(num_models=3, seed=10, learning_rates=(0.01, 0.03))
@@ -121,10 +106,11 @@ def test_many_models_equal_separate_runs():
   step = addition.make_train_step(many)
   for _ in range(steps):
     state, _ = step(state)
+  # Seed and learning rate live in the state, so one compiled single-model step serves all.
+  step1 = addition.make_train_step(_small_cfg(num_models=1))
   for i in range(3):
     one = _small_cfg(num_models=1, seed=10 + i, learning_rates=(many.learning_rates[i % 2],))
     s1 = addition.init_states(one)
-    step1 = addition.make_train_step(one)
     for _ in range(steps):
       s1, _ = step1(s1)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(state.params)):
@@ -136,33 +122,37 @@ import sys, jax, numpy as np
 sys.path.insert(0, {root!r})
 from jaxgru import parallel
 from jaxgru.tasks import addition
-cfg = addition.AdditionConfig(hidden_size=8, bits=4, batch_size=32, num_models={n},
-                              learning_rates=(0.03,))
 mesh = parallel.make_mesh()
-state = parallel.shard_models(addition.init_states(cfg), mesh)
-step = addition.make_train_step(cfg, mesh)
-for _ in range(3):
-  state, metrics = step(state)
-leaves = [np.asarray(l) for l in jax.tree.leaves(state.params)]
-np.savez({out!r}, *leaves, loss=np.asarray(metrics["loss"]))
-print(len(jax.devices()), state.params["readout"]["w"].sharding)
+out = {{}}
+for n in (1, 4):  # 1 model: the batch is split; 4 models: the model axis is split
+  cfg = addition.AdditionConfig(hidden_size=8, bits=4, batch_size=32, num_models=n,
+                                learning_rates=(0.03,))
+  state = parallel.shard_models(addition.init_states(cfg), mesh)
+  step = addition.make_train_step(cfg, mesh)
+  for _ in range(3):
+    state, metrics = step(state)
+  for i, leaf in enumerate(jax.tree.leaves(state.params)):
+    out[f"n{{n}}_{{i}}"] = np.asarray(leaf)
+  out[f"n{{n}}_loss"] = np.asarray(metrics["loss"])
+np.savez({out!r}, **out)
+print(len(jax.devices()))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_models", [1, 4])
-def test_four_device_sharded_step_equals_one_device(tmp_path, num_models):
+def test_four_device_sharded_step_equals_one_device(tmp_path):
   results = {}
   for devices in (1, 4):
     out = str(tmp_path / f"d{devices}.npz")
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT.format(root=ROOT, n=num_models, out=out)],
+        [sys.executable, "-c", _SHARDED_SCRIPT.format(root=ROOT, out=out)],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == str(devices)
     results[devices] = np.load(out)
+  assert len(results[1].files) > 4
   for k in results[1].files:
     np.testing.assert_allclose(results[4][k], results[1][k], rtol=1e-4, atol=1e-5)
 

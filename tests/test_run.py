@@ -54,18 +54,51 @@ def _final_params(workdir):
   return [np.asarray(x) for x in jax.tree.leaves(state.params)], steps, int(state.step[0])
 
 
-@pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
-  args = TINY + ["--steps=60", "--num_models=2", "--learning_rate=0.01"]
-  ref = str(tmp_path / "ref")
-  proc = _run(args + [f"--workdir={ref}"])
-  assert proc.returncode == 0, proc.stderr
-  summary = json.load(open(os.path.join(ref, "summary.json")))
-  assert summary["steps"] > 20, summary  # long enough to be interrupted part-way
+RUN_ARGS = TINY + ["--bits=3", "--steps=300", "--num_models=2", "--learning_rate=0.03,0.02",
+                   "--log_every=20", "--checkpoint_every=20"]
 
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One uninterrupted tiny run of run.py: 2 models learning 3-bit addition."""
+  work = str(tmp_path_factory.mktemp("run") / "ref")
+  proc = _run(RUN_ARGS + [f"--workdir={work}"])
+  assert proc.returncode == 0, proc.stderr
+  return work
+
+
+@pytest.mark.slow
+def test_tiny_run_solves_3_bit_addition_and_adds(trained):
+  summary = json.load(open(os.path.join(trained, "summary.json")))
+  for key in ("task", "steps", "steps_to_solve", "wall_seconds", "compile_seconds",
+              "num_models", "solved_fraction", "length_generalization", "config"):
+    assert key in summary
+  assert summary["solved_fraction"] == 1.0, summary
+  assert summary["steps"] > 40  # long enough for the kill test below to stop it part-way
+  lines = [json.loads(l) for l in open(os.path.join(trained, "metrics.jsonl"))]
+  assert [l["step"] for l in lines][:2] == [20, 40]
+  # Every 3-bit sum, by each solved model, against Python's.
+  sys.path.insert(0, ROOT)
+  from jaxgru.tasks import addition
+  cfg, state, steps = addition.load_trained(trained)
+  import jax
+  pairs = [(a, b) for a in range(8) for b in range(8)]
+  x = np.stack([addition.encode(a, b, bits=3)[0] for a, b in pairs])
+  for m in range(2):
+    params = jax.tree.map(lambda p: p[m], state.params)
+    logits, _ = jax.jit(cfg.model().logits)(params, x)
+    sums = [addition.from_bits(np.asarray(l) > 0) for l in logits]
+    assert sums == [a + b for a, b in pairs]
+  proc = _run(["--mode=add", f"--workdir={trained}", "--a=6", "--b=7"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "model   = 13" in proc.stdout and "correct" in proc.stdout
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, trained):
   work = str(tmp_path / "killed")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  p = subprocess.Popen([sys.executable, RUN, *args, f"--workdir={work}"], env=env,
+  p = subprocess.Popen([sys.executable, RUN, *RUN_ARGS, f"--workdir={work}"], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = os.path.join(work, "checkpoints")
   deadline = time.time() + 240
@@ -78,11 +111,11 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
   p.wait()
   assert not os.path.exists(os.path.join(work, "summary.json"))
 
-  proc = _run(args + [f"--workdir={work}"])
+  proc = _run(RUN_ARGS + [f"--workdir={work}"])
   assert proc.returncode == 0, proc.stderr
   assert "resumed from the checkpoint at step" in proc.stderr
   got, got_steps, got_step = _final_params(work)
-  want, want_steps, want_step = _final_params(ref)
+  want, want_steps, want_step = _final_params(trained)
   assert got_step == want_step and got_steps == want_steps
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)  # bitwise on the CPU
@@ -107,18 +140,3 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   from jaxgru.tasks import addition
   _, state, _ = addition.load_trained(work)
   assert int(state.step[0]) >= 10
-
-
-@pytest.mark.slow
-def test_mode_add_with_trained_model(tmp_path):
-  work = str(tmp_path / "add")
-  proc = _run(TINY + ["--bits=8", "--hidden_size=16", "--steps=400", f"--workdir={work}"])
-  assert proc.returncode == 0, proc.stderr
-  summary = json.load(open(os.path.join(work, "summary.json")))
-  for key in ("task", "steps", "steps_to_solve", "wall_seconds", "compile_seconds",
-              "num_models", "solved_fraction", "length_generalization", "config"):
-    assert key in summary
-  assert summary["solved_fraction"] == 1.0
-  proc = _run(["--mode=add", f"--workdir={work}", "--a=200", "--b=55"])
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert "model   = 255" in proc.stdout and "correct" in proc.stdout
