@@ -65,6 +65,11 @@ _COMPILE_T = flags.DEFINE_list(
     "Sequence lengths at which to time jaxgru's train-step compilation at the second shape's "
     "B, I, H, to show it does not grow with T; empty to skip.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and data.")
+_TORCH_THREADS = flags.DEFINE_integer(
+    "torch_threads", 0,
+    "torch.set_num_threads on the CPU; 0 means the number of cores. (On a machine loaded by "
+    "other processes, PyTorch's spinning OpenMP threads can slow it a hundredfold: run with "
+    "OMP_WAIT_POLICY=PASSIVE there.)")
 
 
 # -- the machine -----------------------------------------------------------------------------------
@@ -128,7 +133,8 @@ def environment() -> dict:
       "load_average_at_start": list(os.getloadavg()),
       "versions": versions,
       "git": git_revision(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "env": {k: os.environ[k] for k in ("XLA_FLAGS", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+                                          "KERAS_BACKEND") if k in os.environ},
       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
       "command": " ".join(sys.argv),
   }
@@ -277,7 +283,8 @@ def main(argv):
     runners = []
     for spec in specs:
       try:
-        runners.append(speed_impls.build(spec, shape, modes, _SEED.value))
+        runners.append(speed_impls.build(spec, shape, modes, _SEED.value,
+                                         torch_threads=_TORCH_THREADS.value))
       except speed_impls.Unavailable as e:
         result["skipped"].append({"impl": spec, "shape": str(shape), "reason": str(e)})
         log(f"  skipped {spec}: {e}")

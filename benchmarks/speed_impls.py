@@ -122,14 +122,15 @@ def parse_impl(spec: str) -> tuple[str, dict[str, Any]]:
   return name, options
 
 
-def build(spec: str, shape: Shape, modes: tuple[str, ...], seed: int = 0) -> Runner:
+def build(spec: str, shape: Shape, modes: tuple[str, ...], seed: int = 0,
+          torch_threads: int = 0) -> Runner:
   name, options = parse_impl(spec)
   if name not in IMPLS:
     raise ValueError(f"unknown implementation {name!r}; known: {sorted(IMPLS)}")
   if options and name != "jaxgru":
     raise ValueError(f"only jaxgru takes options, got {spec!r}")
   if name == "torch":
-    return _torch(spec, shape, modes, seed)
+    return _torch(spec, shape, modes, seed, torch_threads)
   builder = {"jaxgru": _jaxgru, "flax_linen": _flax_linen, "flax_nnx": _flax_nnx,
              "keras": _keras, "equinox": _equinox, "jax_scan": _jax_scan}[name]
   params, apply, library = builder(shape, seed, **options)
@@ -313,7 +314,7 @@ def _jax_scan(shape: Shape, seed: int):
 # -- PyTorch ---------------------------------------------------------------------------------------
 
 
-def _torch(name: str, shape: Shape, modes, seed: int) -> Runner:
+def _torch(name: str, shape: Shape, modes, seed: int, threads: int = 0) -> Runner:
   try:
     import torch
   except ImportError as e:
@@ -321,7 +322,7 @@ def _torch(name: str, shape: Shape, modes, seed: int) -> Runner:
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
   if not cuda:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
   torch.manual_seed(seed)
   model = torch.nn.GRU(shape.input, shape.hidden, batch_first=True).to(device)
   opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)

@@ -92,21 +92,29 @@ def markdown(result: dict) -> str:
   if result.get("compile_vs_time"):
     out.append("jaxgru's training-step compile time against T: " + ", ".join(
         f"T={c['time']}: {c['compile_s']:.2f} s" for c in result["compile_vs_time"]) + ".\n")
-  if any(r.get("peak_memory_bytes") is not None for r in result["records"]):
-    out.append("## Peak memory of one call, MB (train / forward)\n")
+  if any(r.get("peak_memory_bytes") is not None or r.get("planned_bytes") is not None
+         for r in result["records"]):
     sources = sorted({r.get("memory_source") for r in result["records"]
                       if r.get("memory_source")})
-    out.append("Measured as: " + "; ".join(sources) + ".\n")
-    mem = {(r["shape"], r["impl"], r["mode"]): r.get("peak_memory_bytes")
-           for r in result["records"]}
-    rows = []
-    for s in shapes:
-      row = [s]
-      for i in impls:
-        t, f = mem.get((s, i, "train")), mem.get((s, i, "forward"))
-        row.append(f"{_mb(t)} / {_mb(f)}")
-      rows.append(row)
-    out.append(_table(["shape"] + impls, rows))
+    out.append("## Memory of one call, MB: measured / XLA's plan\n")
+    out.append(
+        "Measured: " + ("; ".join(sources) or "-") + " (0 when the call fit in memory the "
+        "process already held). XLA's plan: arguments + outputs + temporaries of the compiled "
+        "call, JAX implementations only.\n")
+    for mode, title in MODES.items():
+      shapes_m, impls_m, cell = _by(result["records"], mode)
+      if not shapes_m:
+        continue
+      rows = []
+      for s_ in shapes_m:
+        row = [s_]
+        for i in impls_m:
+          r = cell.get((s_, i))
+          row.append("-" if r is None else
+                     f"{_mb(r.get('peak_memory_bytes'))} / {_mb(r.get('planned_bytes'))}")
+        rows.append(row)
+      out.append(f"{title}:\n")
+      out.append(_table(["shape"] + impls_m, rows))
   out.append(targets(result))
   if result.get("skipped"):
     out.append("Skipped: " + "; ".join(
@@ -119,7 +127,7 @@ def _load(values) -> str:
 
 
 def _mb(v) -> str:
-  return "-" if v is None else f"{v / 2**20:.0f}"
+  return "-" if v is None else f"{max(v, 0) / 2**20:.0f}"
 
 
 def targets(result: dict) -> str:

@@ -16,9 +16,11 @@ over a time-major batch. What it adds is only how the loop is run and differenti
   ``dw_h = h_prev^T @ dgh`` as (H, C*B) x (C*B, 3H), instead of C small ones added into an
   accumulator. The input projection's gradient is likewise one product per chunk; gradients
   nobody asked for (the inputs' of a first layer, the initial state's) are skipped;
-* rematerialization: with ``remat=True`` the forward pass keeps only each chunk's initial state
-  and the backward pass recomputes a chunk's residuals just before it needs them, so training
-  memory no longer grows with T beyond the inputs and outputs themselves.
+* rematerialization, at two levels: ``remat="products"`` keeps every step's state only (the
+  outputs themselves, when no lengths are given) and recomputes a chunk's projections and
+  recurrent products from them, each as one large product; ``remat="full"`` keeps each chunk's
+  initial state only and reruns the chunk's loop, so that training memory grows with T no more
+  than the inputs and outputs themselves do.
 
 The custom VJP computes the same gradients as ``jax.grad`` of the plain loop, up to the order of
 floating-point additions (tests/test_fast_path.py checks this).
@@ -116,9 +118,9 @@ class ScanOptions:
       if small:
         chunk = steps
       elif steps * step_bytes > tuned["big_bytes"]:
-        chunk = tuned["chunk_rows"] // max(batch, 1)
+        chunk = _divisor_near(steps, tuned["chunk_rows"] // max(batch, 1))
       else:
-        chunk = tuned["chunk_bytes"] // step_bytes
+        chunk = _divisor_near(steps, tuned["chunk_bytes"] // step_bytes)
     remat = self.remat
     if remat is None:
       remat = "none" if small else "products"
@@ -130,6 +132,17 @@ class ScanOptions:
         self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
         remat=remat, hoist_projection=pick(self.hoist_projection, "hoist_projection"),
         custom_vjp=custom_vjp)
+
+
+def _divisor_near(steps: int, target: int) -> int:
+  """A chunk length near ``target``: a divisor of ``steps`` within a factor of 2 if there is
+  one (no padding), else the length that splits ``steps`` into the fewest, most even chunks."""
+  target = max(1, min(target, steps))
+  near = [d for d in range(max(1, (target + 1) // 2), min(steps, 2 * target) + 1)
+          if steps % d == 0]
+  if near:
+    return min(near, key=lambda d: (abs(d - target), -d))
+  return -(-steps // -(-steps // target))
 
 
 @dataclasses.dataclass(frozen=True)
