@@ -118,7 +118,7 @@ def run_child(spec: str) -> dict:
 
 def markdown(result: dict) -> str:
   limit = result["limit_gb"]
-  rows = ["| T | configuration | chunk | peak RSS, MB | of which before the step, MB | "
+  rows = ["| T | configuration | chunk | peak RSS, MB | RSS before the steps, MB | "
           "XLA temporaries, MB | step, s | compile, s | within the budget |",
           "|---|---|---|---|---|---|---|---|---|"]
   for r in result["records"]:
