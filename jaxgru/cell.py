@@ -312,13 +312,17 @@ class GRUConfig:
       h_last, ys = jax.lax.scan(body, h0, gx, reverse=reverse, unroll=unroll)
       return ys, h_last
 
+    length = jnp.asarray(length)
+    if not jnp.issubdtype(length.dtype, jnp.integer):
+      raise ValueError(f"length must be an integer, got dtype {length.dtype}")
+
     def masked_body(h, inputs):
       g, t = inputs
       valid = t < length
       h_new = jnp.where(valid, self.recur(params, h, g), h)
       return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
 
-    steps = jnp.arange(gx.shape[0])
+    steps = jnp.arange(gx.shape[0], dtype=length.dtype)  # int32 lengths also under x64
     h_last, ys = jax.lax.scan(masked_body, h0, (gx, steps), reverse=reverse, unroll=unroll)
     return ys, h_last
 
