@@ -1,0 +1,122 @@
+"""run.py for --task=classify|imdb and --mode=predict, as a user runs it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from test_imdb import make_archive, make_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "run.py")
+TINY = ["--vocab_size=30", "--max_length=12", "--embed_size=8", "--hidden_size=8",
+        "--batch_size=4", "--epochs=10", "--learning_rate=0.05", "--warmup_steps=0",
+        "--log_every=2", "--checkpoint_every=100"]
+
+
+def _run(args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True,
+                        timeout=timeout, env=env, cwd=ROOT)
+
+
+def _bad_data(tmp_path, kind):
+  """A path to data that is wrong in one way."""
+  root = str(tmp_path / "data")
+  if kind == "missing":
+    return str(tmp_path / "nowhere.tar.gz")
+  if kind == "no_layout":
+    os.makedirs(os.path.join(root, "reviews"))
+    return root
+  layout = make_layout(root)
+  if kind == "empty_review":
+    open(os.path.join(layout, "train", "neg", "77_1.txt"), "w").close()
+    return layout
+  if kind == "not_utf8":
+    open(os.path.join(layout, "train", "pos", "77_8.txt"), "wb").write(b"na\xefve")
+    return layout
+  archive = make_archive(root, str(tmp_path / "aclImdb_v1.tar.gz"))
+  data = open(archive, "rb").read()
+  if kind == "truncated":
+    open(archive, "wb").write(data[: len(data) * 2 // 3])
+  elif kind == "corrupt":
+    middle = len(data) // 2
+    open(archive, "wb").write(data[:middle] + bytes(16) + data[middle + 16:])
+  return archive
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such file or directory"),
+    ("no_layout", "not the IMDB layout"),
+    ("empty_review", "77_1.txt: empty review file"),
+    ("not_utf8", "77_8.txt: not valid UTF-8"),
+    ("truncated", "corrupt or truncated archive"),
+    ("corrupt", "corrupt or truncated archive"),
+])
+def test_bad_data_exits_2_with_one_line(tmp_path, kind, message):
+  proc = _run(["--task=imdb", f"--data_path={_bad_data(tmp_path, kind)}",
+               f"--workdir={tmp_path}/run"])
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert len([l for l in proc.stderr.splitlines() if "error" in l.lower()]) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task=imdb"], "--task=imdb needs --data_path=PATH"),
+    (["--mode=predict", "--text=", "--workdir={tmp}"], "needs a non-empty --text"),
+    (["--mode=predict", "--text=   ", "--workdir={tmp}"], "needs a non-empty --text"),
+    (["--mode=predict", "--text=Great.", "--workdir={tmp}/none"], "needs a trained IMDB model"),
+    (["--task=imdb", "--vocab_size=2", "--data_path=x"], "--vocab_size must be at least 3"),
+    (["--task=imdb", "--dropout=1", "--data_path=x"], "--dropout must lie in [0, 1)"),
+    (["--task=imdb", "--subset=-1", "--data_path=x"], "--subset must be >= 0"),
+    (["--task=classify", "--steps=5"], "trains for --epochs, not --steps"),
+    (["--task=classify", "--mode=add"], "--mode=add is for --task=addition"),
+    (["--task=classify", "--data_path=x"], "--data_path is for --task=imdb"),
+    (["--task=classify", "--text=hi"], "--text is for --mode=predict"),
+])
+def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
+  proc = _run([a.format(tmp=tmp_path) for a in args])
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert len([l for l in proc.stderr.splitlines() if "error" in l.lower()]) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_imdb_train_then_predict(tmp_path):
+  root = str(tmp_path / "data")
+  make_layout(root)
+  archive = make_archive(root, str(tmp_path / "aclImdb_v1.tar.gz"))
+  workdir = str(tmp_path / "run")
+  proc = _run(["--task=imdb", f"--data_path={archive}", f"--workdir={workdir}", *TINY])
+  assert proc.returncode == 0, proc.stderr
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["test_size"] == 9 and summary["flags"]["data_path"] == archive
+  assert summary["flags"]["vocab_size"] == 30 and "train_seconds" in summary
+  assert f"test accuracy {summary['test_accuracy']:.4f}" in proc.stdout
+
+  probs = []
+  for text in ("Wonderful and great, I loved it!", "Boring, awful; I hated it."):
+    proc = _run(["--mode=predict", f"--workdir={workdir}", f"--text={text}"])
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"[01]\.\d{4}", proc.stdout.strip()), proc.stdout
+    probs.append(float(proc.stdout))
+  assert probs[0] > 0.5 > probs[1]
+
+  # Asking a trained IMDB run for --text with no words at all is a usage error too.
+  proc = _run(["--mode=predict", f"--workdir={workdir}", "--text=..."])
+  assert proc.returncode == 2 and "no words to classify" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_classify_and_random_labels(tmp_path):
+  proc = _run(["--task=classify", f"--workdir={tmp_path}/a"])
+  assert proc.returncode == 0, proc.stderr
+  summary = json.load(open(os.path.join(tmp_path, "a", "summary.json")))
+  assert summary["test_accuracy"] >= 0.99 and summary["flags"]["task"] == "classify"
+  proc = _run(["--task=classify", "--random_labels", f"--workdir={tmp_path}/b"])
+  assert proc.returncode == 0, proc.stderr
+  summary = json.load(open(os.path.join(tmp_path, "b", "summary.json")))
+  assert abs(summary["test_accuracy"] - 0.5) < 0.05
