@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,19 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, learning_ra
                     opt_state=optimizer.init(params),
                     learning_rate=jnp.asarray(learning_rate, jnp.float32),
                     rng=jax.random.key_data(jax.random.PRNGKey(seed)).astype(jnp.uint32))
+
+
+def init_states(init_params: Callable[[jax.Array], Any], optimizer: optax.GradientTransformation,
+                num_models: int, seed: int, learning_rates: Sequence[float]) -> TrainState:
+  """N fresh states stacked on a leading axis: model i has seed ``seed + i`` and learning rate
+  ``learning_rates[i % len(learning_rates)]``; its params are ``init_params(PRNGKey(seed + i))``.
+  """
+  states = []
+  for i in range(num_models):
+    params = init_params(jax.random.PRNGKey(seed + i))
+    lr = learning_rates[i % len(learning_rates)]
+    states.append(init_state(params, optimizer, lr, seed + i))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 LossFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]

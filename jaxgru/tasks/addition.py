@@ -203,14 +203,10 @@ EVAL_SALT = 0x5EED  # held-out problems come from a key stream training never us
 
 def init_states(cfg: AdditionConfig) -> _train.TrainState:
   """N fresh model states stacked on a leading axis: model i has seed ``seed + i``."""
-  model, opt = cfg.model(), _train.make_optimizer(cfg.optimizer_config())
-  states = []
-  for i in range(cfg.num_models):
-    seed = cfg.seed + i
-    params = model.init(jax.random.PRNGKey(seed), cfg.initializer)
-    lr = cfg.learning_rates[i % len(cfg.learning_rates)]
-    states.append(_train.init_state(params, opt, lr, seed))
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  model = cfg.model()
+  return _train.init_states(lambda key: model.init(key, cfg.initializer),
+                            _train.make_optimizer(cfg.optimizer_config()), cfg.num_models,
+                            cfg.seed, cfg.learning_rates)
 
 
 def consolidate_optimizer_config(cfg: AdditionConfig) -> _train.OptimizerConfig:

@@ -478,14 +478,9 @@ def load_data(cfg: ClassifyConfig, log: Callable[[str], None] = logging.info) ->
 def init_states(cfg: ClassifyConfig, total_steps: int) -> _train.TrainState:
   """N fresh model states stacked on a leading axis: model i has seed ``seed + i``."""
   model = cfg.model()
-  opt = _train.make_optimizer(cfg.optimizer_config(total_steps))
-  states = []
-  for i in range(cfg.num_models):
-    seed = cfg.seed + i
-    params = model.init(jax.random.PRNGKey(seed), cfg.initializer)
-    lr = cfg.learning_rates[i % len(cfg.learning_rates)]
-    states.append(_train.init_state(params, opt, lr, seed))
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  return _train.init_states(lambda key: model.init(key, cfg.initializer),
+                            _train.make_optimizer(cfg.optimizer_config(total_steps)),
+                            cfg.num_models, cfg.seed, cfg.learning_rates)
 
 
 def make_train_step(cfg: ClassifyConfig, total_steps: int):
