@@ -282,7 +282,7 @@ def _run_classification(workdir: str) -> int:
     except (imdb.DataError, ValueError) as e:
       raise UsageError(str(e)) from None
     logging.info("probability that the review is positive: %.4f", probability)
-    print(f"{probability:.4f}")
+    print(f"{probability:.6f}")
     return 0
   if FLAGS.text is not None:
     raise UsageError("--text is for --mode=predict")

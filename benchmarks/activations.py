@@ -292,9 +292,9 @@ def main(argv):
           ("imdb_max_length", FLAGS.imdb_max_length), ("imdb_batch_size", FLAGS.imdb_batch_size),
           ("imdb_probe_size", FLAGS.imdb_probe_size),
           ("log_every", FLAGS.log_every)))
-  def no_nan(x):  # strict JSON: NaN (unsolved, diverged) becomes null
-    if isinstance(x, float) and not np.isfinite(x):
-      return None
+  def no_nan(x):  # strict JSON: NaN (unsolved, diverged) becomes null; 6 significant digits
+    if isinstance(x, float):
+      return float(f"{x:.6g}") if np.isfinite(x) else None
     if isinstance(x, dict):
       return {k: no_nan(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -304,7 +304,7 @@ def main(argv):
   with open(out + ".json", "w") as f:
     json.dump(no_nan({"command": command, "machine": machine, "settings": settings,
                       "results": {t: {f"{a}/{r}": v for (a, r), v in res.items()}
-                                  for t, res in results.items()}}), f, indent=1)
+                                  for t, res in results.items()}}), f)
   lines = ["# Activation study", "",
            f"`{command} --data_path=...`", "",
            f"{FLAGS.seeds} seeds per pair, trained at once with `jax.vmap`; same architecture, "

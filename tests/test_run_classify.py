@@ -101,7 +101,7 @@ def test_imdb_train_then_predict(tmp_path):
   for text in ("Wonderful and great, I loved it!", "Boring, awful; I hated it."):
     proc = _run(["--mode=predict", f"--workdir={workdir}", f"--text={text}"])
     assert proc.returncode == 0, proc.stderr
-    assert re.fullmatch(r"[01]\.\d{4}", proc.stdout.strip()), proc.stdout
+    assert re.fullmatch(r"[01]\.\d{6}", proc.stdout.strip()), proc.stdout
     probs.append(float(proc.stdout))
   assert probs[0] > 0.5 > probs[1]
 
