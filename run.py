@@ -35,8 +35,11 @@ flags.DEFINE_string("activation", "tanh", "Candidate activation (tanh, relu, gel
 flags.DEFINE_string("recurrent_activation", "sigmoid", "Gate activation (sigmoid, hard_sigmoid).")
 flags.DEFINE_integer("bits", 8, "Addition: bits per operand during training.")
 flags.DEFINE_integer("consolidate_steps", None,
-                     "Addition: steps on longer problems after solving (0 skips; default 200).")
+                     "Addition: steps on longer problems after solving (0 skips; default 2400).")
 flags.DEFINE_integer("consolidate_bits", None, "Addition: bits of those problems (default 64).")
+flags.DEFINE_float("consolidate_mixed", None,
+                   "Addition: fraction of those problems made with long carry chains "
+                   "(default 0.5).")
 flags.DEFINE_list("eval_bits", ["16", "64", "256", "1024", "10000"],
                   "Addition: operand lengths for the length-generalization evaluation.")
 flags.DEFINE_integer("batch_size", None, "Examples per step (task default if unset).")
@@ -73,6 +76,8 @@ flags.register_validator("consolidate_steps", lambda v: v is None or v >= 0,
                          message="--consolidate_steps must be >= 0")
 flags.register_validator("consolidate_bits", lambda v: v is None or v >= 1,
                          message="--consolidate_bits must be a positive integer")
+flags.register_validator("consolidate_mixed", lambda v: v is None or 0.0 <= v <= 1.0,
+                         message="--consolidate_mixed must be a fraction in [0, 1]")
 flags.register_validator("eval_bits", lambda v: all(re.fullmatch(r"[1-9]\d*", s) for s in v),
                          message="--eval_bits must be a comma list of positive integers")
 flags.register_validator(
@@ -158,7 +163,7 @@ def _addition_config():
       num_models=FLAGS.num_models,
       dtype=None if FLAGS.dtype in ("float32", "float64") else FLAGS.dtype)
   for k in ("hidden_size", "num_layers", "batch_size", "steps", "checkpoint_every", "log_every",
-            "clip_norm", "consolidate_steps", "consolidate_bits"):
+            "clip_norm", "consolidate_steps", "consolidate_bits", "consolidate_mixed"):
     if getattr(FLAGS, k) is not None:
       fields[k] = getattr(FLAGS, k)
   if FLAGS.learning_rate:

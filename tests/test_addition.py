@@ -61,6 +61,37 @@ def test_random_problems_have_python_sums():
   assert not np.array_equal(x, x3)
 
 
+def _longest_carry_chain(a_bits, b_bits):
+  """Longest run of positions an incoming carry propagates through (a XOR b = 1), by a loop."""
+  best = run = 0
+  for a, b in zip(a_bits, b_bits):
+    run = run + 1 if a != b else 0
+    best = max(best, run)
+  return best
+
+
+def test_mixed_batches_have_python_sums_and_long_carry_chains():
+  batch, bits = 200, 64
+  x, y = addition.random_batch(jax.random.PRNGKey(5), batch, bits, mixed=0.5)
+  x, y = np.asarray(x), np.asarray(y)
+  for i in range(batch):
+    a, b = addition.from_bits(x[i, :, 0]), addition.from_bits(x[i, :, 1])
+    assert addition.from_bits(y[i]) == a + b
+  chains = [_longest_carry_chain(x[i, :, 0], x[i, :, 1]) for i in range(batch)]
+  uniform, mixed = np.array(chains[:batch // 2]), np.array(chains[batch // 2:])
+  # Uniform bits: the longest chain grows like log2(bits) (mean about 5.4 at 64 bits, >= 20 with
+  # probability about 3e-5); the mixed half draws the propagate probability q ~ U(0, 1), and
+  # about 11% of its problems have a chain of 20 or more.
+  assert uniform.max() < 20 and 3 < uniform.mean() < 8
+  assert (mixed >= 20).sum() >= 5 and mixed.mean() > uniform.mean() + 2
+  # mixed=0 is the uniform batch itself; the fraction must be in [0, 1].
+  x0, _ = addition.random_batch(jax.random.PRNGKey(5), batch, bits, mixed=0.0)
+  xu, _ = addition.random_batch(jax.random.PRNGKey(5), batch, bits)
+  np.testing.assert_array_equal(x0, xu)
+  with pytest.raises(ValueError, match="fraction"):
+    addition.random_batch(jax.random.PRNGKey(5), batch, bits, mixed=1.5)
+
+
 def _small_cfg(**kw):
   base = dict(hidden_size=8, bits=3, batch_size=32, steps=20, eval_bits=(8,), eval_size=64,
               long_eval_size=64, log_every=5, checkpoint_every=10, consolidate_steps=10,

@@ -87,11 +87,24 @@ def random_problem(key: jax.Array, bits: int, mixed: bool = False
   return ab.astype(jnp.float32), y
 
 
-def random_batch(key: jax.Array, batch: int, bits: int, mixed: bool = False
+def random_batch(key: jax.Array, batch: int, bits: int, mixed: float = 0.0
                  ) -> tuple[jax.Array, jax.Array]:
-  """B independent problems: x (B, bits+1, 2), y (B, bits+1)."""
-  return jax.vmap(random_problem, in_axes=(0, None, None))(
-      jax.random.split(key, batch), bits, mixed)
+  """B independent problems: x (B, bits+1, 2), y (B, bits+1).
+
+  ``mixed`` is the fraction of the batch drawn with ``random_problem(..., mixed=True)`` (the
+  last ``round(mixed * B)`` problems); the others have uniform bits. A bool means 1.0 or 0.0.
+  """
+  mixed = float(mixed)
+  if not 0.0 <= mixed <= 1.0:
+    raise ValueError(f"mixed must be a fraction in [0, 1], got {mixed}")
+  keys = jax.random.split(key, batch)
+  num_mixed = int(round(mixed * batch))
+  parts = [jax.vmap(random_problem, in_axes=(0, None, None))(k, bits, m)
+           for k, m in ((keys[:batch - num_mixed], False), (keys[batch - num_mixed:], True))
+           if k.shape[0]]
+  if len(parts) == 1:
+    return parts[0]
+  return tuple(jnp.concatenate(a) for a in zip(*parts))
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -155,9 +168,10 @@ class AdditionConfig:
   initializer: str = "keras"
   dtype: Optional[str] = None
   bits: int = 8
-  mixed_carries: bool = False
+  mixed_carries: float = 0.0
   consolidate_bits: int = 64
-  consolidate_steps: int = 400
+  consolidate_steps: int = 2400
+  consolidate_mixed: float = 0.5
   consolidate_lr_scale: float = 0.5
   batch_size: int = 64
   steps: int = 2000
@@ -217,18 +231,21 @@ def consolidate_optimizer_config(cfg: AdditionConfig) -> _train.OptimizerConfig:
 
 def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = None,
                     bits: Optional[int] = None,
-                    optimizer: Optional[_train.OptimizerConfig] = None):
+                    optimizer: Optional[_train.OptimizerConfig] = None,
+                    mixed: Optional[float] = None):
   """The jitted step over N models: ``state (N, ...) -> (state, metrics (N,))``.
 
-  Problems have ``bits`` bits (``cfg.bits`` by default); ``optimizer`` defaults to cfg's.
+  Problems have ``bits`` bits (``cfg.bits`` by default), a fraction ``mixed`` of them with long
+  carry chains (``cfg.mixed_carries`` by default); ``optimizer`` defaults to cfg's.
   """
   model = cfg.model()
   opt = _train.make_optimizer(optimizer or cfg.optimizer_config())
   bits = cfg.bits if bits is None else bits
+  mixed = cfg.mixed_carries if mixed is None else mixed
 
   def loss_fn(params, key, step):
     del step
-    x, y = random_batch(key, cfg.batch_size, bits, cfg.mixed_carries)
+    x, y = random_batch(key, cfg.batch_size, bits, mixed)
     x, y = parallel.shard_batch((x, y), mesh)
     return loss_and_metrics(model, params, x, y)
 
@@ -344,9 +361,11 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str,
           opt_state=jax.vmap(opt.init)(state.params),
           learning_rate=state.learning_rate * cfg.consolidate_lr_scale), mesh)
       log(f"every model solved by step {solve_end}; consolidating for {cfg.consolidate_steps} "
-          f"steps on {cfg.consolidate_bits}-bit problems")
+          f"steps on {cfg.consolidate_bits}-bit problems ({cfg.consolidate_mixed:.0%} with long "
+          "carry chains)")
     step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits,
-                            optimizer=consolidate_optimizer_config(cfg)).lower(state).compile()
+                            optimizer=consolidate_optimizer_config(cfg),
+                            mixed=cfg.consolidate_mixed).lower(state).compile()
     total = solve_end + cfg.consolidate_steps
     result = _train.fit(
         state, step2, total_steps=total, log_every=cfg.log_every,
