@@ -37,6 +37,8 @@ flags.DEFINE_integer("bits", 8, "Addition: bits per operand during training.")
 flags.DEFINE_integer("consolidate_steps", None,
                      "Addition: steps on longer problems after solving (0 skips; default 2400).")
 flags.DEFINE_integer("consolidate_bits", None, "Addition: bits of those problems (default 64).")
+flags.DEFINE_integer("consolidate_batch_size", None,
+                     "Addition: problems per consolidation step (default 128).")
 flags.DEFINE_float("consolidate_mixed", None,
                    "Addition: fraction of those problems made with long carry chains "
                    "(default 0.5).")
@@ -67,7 +69,8 @@ flags.DEFINE_boolean("distributed", False, "Multi-host: call jax.distributed.ini
 flags.DEFINE_string("a", None, "--mode=add: first non-negative integer (any number of digits).")
 flags.DEFINE_string("b", None, "--mode=add: second non-negative integer.")
 
-_POSITIVE = ("hidden_size", "num_layers", "bits", "batch_size", "steps", "num_models",
+_POSITIVE = ("hidden_size", "num_layers", "bits", "batch_size", "consolidate_batch_size",
+             "steps", "num_models",
              "checkpoint_every", "log_every")
 for _name in _POSITIVE:
   flags.register_validator(_name, lambda v: v is None or v >= 1,
@@ -163,7 +166,8 @@ def _addition_config():
       num_models=FLAGS.num_models,
       dtype=None if FLAGS.dtype in ("float32", "float64") else FLAGS.dtype)
   for k in ("hidden_size", "num_layers", "batch_size", "steps", "checkpoint_every", "log_every",
-            "clip_norm", "consolidate_steps", "consolidate_bits", "consolidate_mixed"):
+            "clip_norm", "consolidate_steps", "consolidate_bits", "consolidate_mixed",
+            "consolidate_batch_size"):
     if getattr(FLAGS, k) is not None:
       fields[k] = getattr(FLAGS, k)
   if FLAGS.learning_rate:

@@ -7,11 +7,11 @@ many models are exact on ALL of ``--eval_size`` random problems at each of ``--e
 The held-out problems come from ``--eval_seed``, which neither phase trains on.
 
   python benchmarks/addition_consolidation.py --seed=100 \\
-      --variants=uniform_400,mixed_400,mixed_1200,mixed_2400
+      --variants=uniform_400,mixed_400,mixed_1200,mixed_2400,mixed_2400_b128
 
 A variant is ``<data>_<steps>`` with data ``uniform`` (every bit uniform, the old default),
 ``mixed`` (half of each batch with long carry chains, ``consolidate_mixed=0.5``) or ``chains``
-(all of it), and an optional ``_b<batch>`` or ``_lr<scale>`` suffix. The results go to
+(all of it), and an optional ``_b<batch>`` (default 64) or ``_lr<scale>`` suffix. The results go to
 ``<out_dir>/addition_consolidation_seed<seed>.{json,md}``.
 """
 
@@ -25,14 +25,15 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 flags.DEFINE_integer("seed", 100, "First seed of phase 1 (seeds seed .. seed+num_models-1).")
 flags.DEFINE_integer("num_models", 64, "Models trained at once.")
-flags.DEFINE_list("variants", ["uniform_400", "mixed_400", "mixed_1200", "mixed_2400"],
+flags.DEFINE_list("variants", ["uniform_400", "mixed_400", "mixed_1200", "mixed_2400",
+                                "mixed_2400_b128"],
                   "Consolidation variants, <uniform|mixed|chains>_<steps>[_b<batch>][_lr<x>].")
 flags.DEFINE_list("eval_bits", ["1024", "10000"], "Lengths to score.")
 flags.DEFINE_integer("eval_size", 1000, "Problems per length.")
@@ -49,10 +50,11 @@ def parse_variant(text: str) -> dict:
   if not m:
     raise app.UsageError(f"bad variant {text!r}: expected <uniform|mixed|chains>_<steps>"
                          "[_b<batch>][_lr<scale>]")
-  out = {"consolidate_mixed": _MIXED[m.group(1)], "consolidate_steps": int(m.group(2))}
+  out = {"consolidate_mixed": _MIXED[m.group(1)], "consolidate_steps": int(m.group(2)),
+         "consolidate_batch_size": 64}
   for part in filter(None, m.group(3).split("_")):
     if part.startswith("b"):
-      out["batch_size"] = int(part[1:])
+      out["consolidate_batch_size"] = int(part[1:])
     else:
       out["consolidate_lr_scale"] = float(part[2:])
   return out
@@ -68,7 +70,8 @@ def consolidate(cfg, state):
   state = state._replace(opt_state=jax.vmap(opt.init)(state.params),
                          learning_rate=state.learning_rate * cfg.consolidate_lr_scale)
   step = addition.make_train_step(cfg, bits=cfg.consolidate_bits, optimizer=opt_cfg,
-                                  mixed=cfg.consolidate_mixed)
+                                  mixed=cfg.consolidate_mixed,
+                                  batch_size=cfg.consolidate_batch_size)
   for _ in range(cfg.consolidate_steps):
     state, _ = step(state)
   return jax.block_until_ready(state)
@@ -77,6 +80,7 @@ def consolidate(cfg, state):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
   import numpy as np
   from jaxgru.tasks import addition

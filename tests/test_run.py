@@ -31,6 +31,7 @@ def _run(args, timeout=300, **kw):
     (["--recurrent_activation=nope"], "--recurrent_activation='nope' is not one of"),
     (["--learning_rate=-0.1"], "--learning_rate must be a positive number"),
     (["--eval_bits=16,x"], "--eval_bits must be a comma list"),
+    (["--consolidate_mixed=1.5"], "--consolidate_mixed must be a fraction in [0, 1]"),
     (["--no_such_flag=1"], "Unknown command line flag"),
     (["--mode=add", "--a=1", "--b=2", "--workdir={tmp}/empty"], "needs a trained model"),
     (["--mode=add", "--a=-5", "--b=2", "--workdir={tmp}/empty"], "--a must be a non-negative"),

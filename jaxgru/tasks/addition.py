@@ -172,6 +172,7 @@ class AdditionConfig:
   consolidate_bits: int = 64
   consolidate_steps: int = 2400
   consolidate_mixed: float = 0.5
+  consolidate_batch_size: int = 128
   consolidate_lr_scale: float = 0.5
   batch_size: int = 64
   steps: int = 2000
@@ -232,20 +233,22 @@ def consolidate_optimizer_config(cfg: AdditionConfig) -> _train.OptimizerConfig:
 def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = None,
                     bits: Optional[int] = None,
                     optimizer: Optional[_train.OptimizerConfig] = None,
-                    mixed: Optional[float] = None):
+                    mixed: Optional[float] = None, batch_size: Optional[int] = None):
   """The jitted step over N models: ``state (N, ...) -> (state, metrics (N,))``.
 
-  Problems have ``bits`` bits (``cfg.bits`` by default), a fraction ``mixed`` of them with long
-  carry chains (``cfg.mixed_carries`` by default); ``optimizer`` defaults to cfg's.
+  ``batch_size`` problems (``cfg.batch_size`` by default) of ``bits`` bits (``cfg.bits``), a
+  fraction ``mixed`` of them with long carry chains (``cfg.mixed_carries``); ``optimizer``
+  defaults to cfg's.
   """
   model = cfg.model()
   opt = _train.make_optimizer(optimizer or cfg.optimizer_config())
   bits = cfg.bits if bits is None else bits
   mixed = cfg.mixed_carries if mixed is None else mixed
+  batch_size = cfg.batch_size if batch_size is None else batch_size
 
   def loss_fn(params, key, step):
     del step
-    x, y = random_batch(key, cfg.batch_size, bits, mixed)
+    x, y = random_batch(key, batch_size, bits, mixed)
     x, y = parallel.shard_batch((x, y), mesh)
     return loss_and_metrics(model, params, x, y)
 
@@ -361,11 +364,12 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str,
           opt_state=jax.vmap(opt.init)(state.params),
           learning_rate=state.learning_rate * cfg.consolidate_lr_scale), mesh)
       log(f"every model solved by step {solve_end}; consolidating for {cfg.consolidate_steps} "
-          f"steps on {cfg.consolidate_bits}-bit problems ({cfg.consolidate_mixed:.0%} with long "
-          "carry chains)")
+          f"steps, batches of {cfg.consolidate_batch_size} {cfg.consolidate_bits}-bit problems "
+          f"({cfg.consolidate_mixed:.0%} with long carry chains)")
     step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits,
                             optimizer=consolidate_optimizer_config(cfg),
-                            mixed=cfg.consolidate_mixed).lower(state).compile()
+                            mixed=cfg.consolidate_mixed,
+                            batch_size=cfg.consolidate_batch_size).lower(state).compile()
     total = solve_end + cfg.consolidate_steps
     result = _train.fit(
         state, step2, total_steps=total, log_every=cfg.log_every,
