@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -102,6 +102,7 @@ def _median(xs):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   out = os.path.join(FLAGS.out_dir, f"addition_{FLAGS.part}")
