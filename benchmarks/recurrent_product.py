@@ -1,0 +1,77 @@
+"""The ceiling of a GRU's time loop: the per-step recurrent product alone, in a lax.scan.
+
+Times T steps of ``tanh(h_t @ W)`` with h_t (B, H) and W (H, 3H), which is the serial work of a
+forward pass, and the backward loop's product ``tanh(dy_t @ W^T)`` in two forms: contracting
+against the stored (H, 3H) matrix, and against a copy transposed once outside the loop. It also
+measures the float32 matrix-product peak (a 2048 x 2048 product), so the per-step rate can be
+read as a fraction of it. Medians of interleaved runs.
+
+  python benchmarks/recurrent_product.py --batch=64 --hidden=256 --steps=128
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("batch", 64, "B.")
+flags.DEFINE_integer("hidden", 256, "H.")
+flags.DEFINE_integer("steps", 128, "T.")
+flags.DEFINE_integer("repeats", 30, "Timed runs of each loop.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  b, h, t = FLAGS.batch, FLAGS.hidden, FLAGS.steps
+  w = jax.random.normal(jax.random.key(0), (h, 3 * h))
+  w_t = jnp.array(w.T)
+  dys = jax.random.normal(jax.random.key(1), (t, b, 3 * h))
+  hs = jax.random.normal(jax.random.key(2), (t, b, h))
+
+  def loop(product):
+    def run(weights, xs):
+      return jax.lax.scan(lambda c, x: (c, jnp.tanh(product(x, weights))), 0.0, xs)[1]
+    return jax.jit(run)
+
+  contract_1_1 = lambda x, m: jax.lax.dot_general(x, m, (((1,), (1,)), ((), ())))
+  loops = {
+      "forward: h_t @ W": (loop(jnp.matmul), (w, hs)),
+      "backward: dy_t @ W^T, W as stored": (loop(contract_1_1), (w, dys)),
+      "backward: dy_t @ W^T, W^T made once": (loop(jnp.matmul), (w_t, dys)),
+  }
+  for fn, args in loops.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in loops}
+  for _ in range(FLAGS.repeats):
+    for name, (fn, args) in loops.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+
+  a = jax.random.normal(jax.random.key(3), (2048, 2048))
+  square = jax.jit(lambda a: a @ a)
+  square(a).block_until_ready()
+  peak_times = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    square(a).block_until_ready()
+    peak_times.append(time.perf_counter() - t0)
+  peak = 2 * 2048**3 / np.median(peak_times) / 1e9
+
+  flops = 2.0 * t * b * h * 3 * h
+  print(f"{jax.devices()[0].device_kind}: B={b} H={h} T={t}; float32 peak {peak:.0f} GFLOP/s")
+  for name, ts in times.items():
+    rate = flops / np.median(ts) / 1e9
+    print(f"{name:40s} {np.median(ts) * 1e3:8.2f} ms  {rate:6.0f} GFLOP/s  {rate / peak:5.0%} "
+          "of peak")
+
+
+if __name__ == "__main__":
+  app.run(main)
