@@ -58,3 +58,12 @@ def resolve(activation: Activation) -> Callable[[jax.Array], jax.Array]:
   raise ValueError(
       f"unknown activation {activation!r}; expected one of "
       f"{sorted(ACTIVATIONS)} or a callable")
+
+
+def is_elementwise(activation: Activation) -> bool:
+  """Whether ``activation`` is known to act on each element alone: a name in ``ACTIVATIONS`` or
+  one of their functions. Any other callable might mix elements (a softmax), so it is not."""
+  try:
+    return activation in ACTIVATIONS or any(activation is f for f in ACTIVATIONS.values())
+  except TypeError:  # an unhashable callable
+    return False

@@ -11,7 +11,12 @@ over a time-major batch. What it adds is only how the loop is run and differenti
 * the projected inputs and the saved products kept as separate gate arrays (C, B, H): XLA:CPU
   turns column slices of a wide (C, B, 3H) array inside a loop into slow element loops;
 * a custom VJP. The backward loop differentiates the gates step by step but leaves the weights
-  alone: it stacks, for every step, the input ``a`` and the output cotangent ``dy`` of each
+  alone. Where the cell acts on each hidden unit alone once its products are known (reset_after
+  with elementwise activations), the gates' derivatives are computed for a whole chunk before the
+  loop, as ONE vector-Jacobian product of the cell against a cotangent of ones (which yields the
+  diagonal of each step's Jacobian), and a step of the loop is then only ``s = dh + dy``,
+  ``dgh = s * dF/dgh`` and ``dh_prev = s * dF/dh + dgh @ w_h^T``. Otherwise the loop takes the
+  VJP of each step. Either way the loop it stacks, for every step, the input ``a`` and the output cotangent ``dy`` of each
   recurrent product, and the weight gradient is then ONE product per chunk, e.g.
   ``dw_h = h_prev^T @ dgh`` as (H, C*B) x (C*B, 3H), instead of C small ones added into an
   accumulator. The input projection's gradient is likewise one product per chunk; gradients
@@ -36,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from jaxgru import activations as _act
 from jaxgru.cell import GRUConfig, Params, split_gates
 
 # Per-backend defaults, measured with benchmarks/speed.py (see benchmarks/results/). On the CPU
@@ -87,6 +93,10 @@ class ScanOptions:
     custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk) or,
       False, with JAX's autodiff of the loop (``jax.checkpoint`` per chunk unless remat is
       ``"none"``). None: the custom VJP, except on the CPU for sequences shorter than 64 steps.
+    diagonal_backward: in the custom VJP, compute the gates' derivatives of a chunk before its
+      backward loop, in bulk (True), or take the VJP of each step inside the loop (False).
+      Only a cell that acts on each unit alone allows it (:func:`diagonal_backward_applies`);
+      for any other, or for None, the choice falls back: None means True where it applies.
   """
 
   unroll: Optional[int] = None
@@ -94,6 +104,7 @@ class ScanOptions:
   remat: Union[None, bool, str] = None
   hoist_projection: Optional[bool] = None
   custom_vjp: Optional[bool] = None
+  diagonal_backward: Optional[bool] = None
 
   def __post_init__(self):
     for name in ("unroll", "chunk"):
@@ -134,6 +145,15 @@ class ScanOptions:
         custom_vjp=custom_vjp)
 
 
+def diagonal_backward_applies(cell: GRUConfig) -> bool:
+  """Whether ``cell``'s step, given its input projection and its recurrent product, acts on each
+  hidden unit alone: reset_after (reset_before makes a second product inside the step) with
+  activations known to be elementwise. Its Jacobian is then diagonal per unit, and one VJP
+  against ones yields it for every step at once."""
+  return (cell.num_recurrent_products == 1 and _act.is_elementwise(cell.activation)
+          and _act.is_elementwise(cell.recurrent_activation))
+
+
 def _divisor_near(steps: int, target: int) -> int:
   """A chunk length near ``target``: a divisor of ``steps`` within a factor of 2 if there is
   one (no padding), else the length that splits ``steps`` into the fewest, most even chunks."""
@@ -153,6 +173,7 @@ class _Static:
   unroll: int
   hoist: bool
   remat: str
+  diagonal: bool = False
 
 
 def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
@@ -196,7 +217,8 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     if lengths_B is None:
       lengths_B = jnp.full((batch,), steps, jnp.int32)
   xs_NCBI = xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
-  st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat)
+  st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
+               opts.diagonal_backward is not False and diagonal_backward_applies(cell))
   run = _layer_vjp if opts.custom_vjp else _layer
   ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B)
   return ys_NCBH.reshape((num_chunks * chunk,) + ys_NCBH.shape[2:])[:steps], h_last
@@ -330,6 +352,8 @@ def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_d
                 cell.state_dtype)
       for k in range(len(outs), cell.num_recurrent_products))
 
+  where = []
+
   def body(dh, inp):
     dy, h, g, out, t = inp
 
@@ -359,11 +383,14 @@ def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_d
     where[:] = [next(i for i, u in enumerate(unique) if a is u) for a in cts]
     return dh_prev, (tuple(unique), ins)
 
-  where = []
-  dh0, (unique, ins) = jax.lax.scan(body, dh_last, (dys, hs, gs, outs, ts),
-                                    reverse=not st.reverse, unroll=st.unroll)
-  dgs, douts, deps = jax.tree.unflatten(
-      jax.tree.structure((gs, outs, zeros)), [unique[i] for i in where])
+  if st.diagonal:
+    dh0, dgs, douts = _diagonal_loop(st, params, hs, gs, outs, dys, dh_last, lengths, ts)
+    deps, ins = (), ()
+  else:
+    dh0, (unique, ins) = jax.lax.scan(body, dh_last, (dys, hs, gs, outs, ts),
+                                      reverse=not st.reverse, unroll=st.unroll)
+    dgs, douts, deps = jax.tree.unflatten(
+        jax.tree.structure((gs, outs, zeros)), [unique[i] for i in where])
 
   # The weight gradients: one product over the chunk's C*B rows each.
   ins = (hs,) + tuple(ins)
@@ -379,6 +406,50 @@ def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_d
     _, vjp_in = jax.vjp(lambda p: cell.project_inputs(p, _rows(x_CBI)), params)
     (dp_in,), dx = vjp_in(_rows(dgs)), None
   return jax.tree.map(jnp.add, dp_rec, dp_in), dx, dh0
+
+
+def _diagonal_loop(st: _Static, params, hs, gs, outs, dys, dh_last, lengths, ts):
+  """The backward loop of a chunk whose cell acts on each unit alone (``st.diagonal``).
+
+  With the products known, the cell is ``h' = F(h, gx, gh)`` and each unit of ``h'`` reads the
+  same unit of ``h``, ``gx`` and ``gh`` only, so its Jacobian is diagonal and the VJP of F against
+  ones is that diagonal: ``dF/dh``, ``dF/dgx``, ``dF/dgh``, for all C steps in one elementwise
+  pass over the chunk. A step of the loop is then, with ``s`` the cotangent of F's output,
+
+    s = dh + dy                 (zero where masked)
+    dh_prev = s * dF/dh + (s * dF/dgh) @ w_h^T      (dh itself where masked)
+
+  and ``dgx = s * dF/dgx``, ``dgh = s * dF/dgh`` are formed after the loop, for all steps at once.
+  Returns ``(dh at the chunk's start, dgs, douts)`` shaped as ``_backward``'s.
+  """
+  cell = st.cell
+  (out,) = outs
+  batch, size = hs.shape[1], cell.hidden_size
+  cell_fn = lambda h, g, o: cell.recur_with(h, g, lambda k, a: o)
+  _, vjp_cell = jax.vjp(cell_fn, hs, gs, out)
+  c_h, c_g, c_o = vjp_cell(jnp.ones_like(hs))
+  c_o_C_B3H = jnp.stack(c_o, axis=2)  # (C, B, 3, H): a step's gate coefficients, one array
+  # The transpose of the recurrent product (affine in its input, so any point will do).
+  _, vjp_product = jax.vjp(lambda a: cell.recurrent_product(params, 0, a), hs[0])
+
+  def body(dh, inp):
+    dy, c_h_t, c_o_t, t = inp
+    s = dh + dy
+    if lengths is not None:
+      valid = (t < lengths)[:, None]
+      s = jnp.where(valid, s, jnp.zeros_like(s))
+    dgh = (s[:, None, :] * c_o_t).reshape((batch, 3 * size))
+    (back,) = vjp_product(dgh)
+    dh_prev = s * c_h_t + back
+    if lengths is not None:
+      dh_prev = jnp.where(valid, dh_prev, dh)
+    return dh_prev, s
+
+  dh0, s_CBH = jax.lax.scan(body, dh_last, (dys, c_h, c_o_C_B3H, ts),
+                            reverse=not st.reverse, unroll=st.unroll)
+  dgs = tuple(s_CBH * c for c in split_gates(c_g, 3))
+  douts = (tuple(s_CBH * c for c in c_o),)
+  return dh0, dgs, douts
 
 
 # -- over the chunks ------------------------------------------------------------------------------

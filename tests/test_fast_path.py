@@ -29,6 +29,10 @@ OPTIONS = {
     "products_whole": ScanOptions(chunk=1000, remat="products", custom_vjp=True),
     "remat_exact": ScanOptions(chunk=7, remat=True, hoist_projection=True, custom_vjp=True),
     "one_step": ScanOptions(chunk=1, remat=True, unroll=1, custom_vjp=True),
+    "per_step_vjp": ScanOptions(chunk=3, remat="products", custom_vjp=True,
+                                diagonal_backward=False),
+    "per_step_vjp_whole": ScanOptions(chunk=1000, remat=False, custom_vjp=True,
+                                      diagonal_backward=False),
     "autodiff": ScanOptions(custom_vjp=False, chunk=1000),
     "autodiff_remat": ScanOptions(custom_vjp=False, chunk=2, remat=True),
 }
@@ -273,3 +277,26 @@ def test_options_reject_bad_values(kwargs):
 
 def test_public_names():
   assert "ScanOptions" in jaxgru.__all__ and "scan_layer" in jaxgru.__all__
+
+
+def test_diagonal_backward_applies_only_to_cells_acting_on_each_unit_alone():
+  assert jaxgru.scan.diagonal_backward_applies(GRUConfig(I, H))
+  assert jaxgru.scan.diagonal_backward_applies(GRUConfig(I, H, activation=jax.nn.relu))
+  assert jaxgru.scan.diagonal_backward_applies(
+      GRUConfig(I, H, activation="relu", recurrent_activation="hard_sigmoid"))
+  assert not jaxgru.scan.diagonal_backward_applies(GRUConfig(I, H, variant="reset_before"))
+  assert not jaxgru.scan.diagonal_backward_applies(GRUConfig(I, H, activation=lambda x: x))
+  assert not jaxgru.scan.diagonal_backward_applies(GRUConfig(I, H, activation=jax.nn.softmax))
+
+
+def test_activation_that_mixes_units_takes_the_per_step_vjp(monkeypatch):
+  """A softmax candidate activation mixes units: the bulk diagonal would be wrong for it, so the
+  fallback must be taken; forcing the diagonal path shows the check against the reference can
+  fail."""
+  cell = GRUConfig(I, H, activation=jax.nn.softmax)
+  options = ScanOptions(chunk=3, remat="products", custom_vjp=True, diagonal_backward=True)
+  check_against_reference(cell, options, True, True, 1e-5, 1e-6)
+  monkeypatch.setattr(jaxgru.scan, "diagonal_backward_applies", lambda cell: True)
+  jax.clear_caches()
+  with pytest.raises(AssertionError):
+    check_against_reference(cell, options, True, True, 1e-5, 1e-6)
