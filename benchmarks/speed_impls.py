@@ -10,7 +10,7 @@ implementation whose library is not installed raises :class:`Unavailable`.
 
 jaxgru itself comes in variants named ``jaxgru[key=value,...]``: the keys are those of
 :class:`jaxgru.ScanOptions` (``unroll``, ``chunk``, ``remat``, ``hoist_projection``,
-``custom_vjp``) plus ``dtype`` (``bfloat16``: products in bfloat16, accumulated in float32) and
+``custom_vjp``, ``diagonal_backward``) plus ``dtype`` (``bfloat16``: products in bfloat16, accumulated in float32) and
 ``vmap`` (``vmap=True``: the old path, ``jax.vmap`` of ``GRUConfig.sequence``).
 """
 

@@ -58,9 +58,13 @@ _TUNED = {
             # memory anyway), of about this many rows (C*B), for efficient weight products.
             "big_bytes": 2**24, "chunk_rows": 2048,
             # The custom VJP's products over all steps pay off from this many steps on.
-            "custom_vjp_steps": 64},
+            "custom_vjp_steps": 64,
+            # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
+            # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
+            "diagonal_bytes": 2**24},
     "gpu": {"unroll": 8, "hoist_projection": True, "whole_bytes": None, "chunk_bytes": None,
-            "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1},
+            "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
+            "diagonal_bytes": None},
 }
 REMAT = ("none", "products", "full")
 # Arrays of (B, H) floats a step keeps for the backward pass without rematerialization (the
@@ -96,7 +100,9 @@ class ScanOptions:
     diagonal_backward: in the custom VJP, compute the gates' derivatives of a chunk before its
       backward loop, in bulk (True), or take the VJP of each step inside the loop (False).
       Only a cell that acts on each unit alone allows it (:func:`diagonal_backward_applies`);
-      for any other, or for None, the choice falls back: None means True where it applies.
+      any other takes the per-step VJP whatever this says. None: True off the CPU; on the CPU,
+      True while one (T, B, H) array is at most 16 MB (beyond, its larger per-chunk arrays cost
+      more than it saves).
   """
 
   unroll: Optional[int] = None
@@ -112,6 +118,9 @@ class ScanOptions:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if self.diagonal_backward is not None and not isinstance(self.diagonal_backward, bool):
+      raise ValueError(
+          f"diagonal_backward must be True, False or None, got {self.diagonal_backward!r}")
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat is not None and self.remat not in REMAT:
@@ -138,11 +147,14 @@ class ScanOptions:
     custom_vjp = self.custom_vjp
     if custom_vjp is None:
       custom_vjp = steps >= tuned["custom_vjp_steps"]
+    diagonal = self.diagonal_backward
+    if diagonal is None:
+      diagonal = tuned["diagonal_bytes"] is None or steps * step_bytes <= tuned["diagonal_bytes"]
     pick = lambda value, name: tuned[name] if value is None else value
     return dataclasses.replace(
         self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
         remat=remat, hoist_projection=pick(self.hoist_projection, "hoist_projection"),
-        custom_vjp=custom_vjp)
+        custom_vjp=custom_vjp, diagonal_backward=diagonal)
 
 
 def diagonal_backward_applies(cell: GRUConfig) -> bool:
@@ -218,7 +230,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
       lengths_B = jnp.full((batch,), steps, jnp.int32)
   xs_NCBI = xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
   st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
-               opts.diagonal_backward is not False and diagonal_backward_applies(cell))
+               opts.diagonal_backward and diagonal_backward_applies(cell))
   run = _layer_vjp if opts.custom_vjp else _layer
   ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B)
   return ys_NCBH.reshape((num_chunks * chunk,) + ys_NCBH.shape[2:])[:steps], h_last
@@ -332,7 +344,10 @@ def _recompute_products(st: _Static, params, x_CBI, h_start, ys, hs):
           jnp.concatenate([first, ys[:-1]]))
   y0 = cell.recurrent_product(params, 0, _rows(hs))
   y0 = y0.reshape(hs.shape[:2] + y0.shape[-1:])
-  return hs, _project(cell, params, x_CBI), (split_gates(y0, y0.shape[-1] // cell.hidden_size),)
+  gx = cell.project_inputs(params, x_CBI)
+  if st.diagonal:  # kept whole: the diagonal backward reads them gate-major, (C, B, 3, H)
+    return hs, gx, (y0,)
+  return hs, split_gates(gx, 3), (split_gates(y0, y0.shape[-1] // cell.hidden_size),)
 
 
 def _backward(st: _Static, params, x_CBI, lengths, t0, res, dys, dh_last, need_dx: bool):
@@ -425,10 +440,20 @@ def _diagonal_loop(st: _Static, params, hs, gs, outs, dys, dh_last, lengths, ts)
   cell = st.cell
   (out,) = outs
   batch, size = hs.shape[1], cell.hidden_size
-  cell_fn = lambda h, g, o: cell.recur_with(h, g, lambda k, a: o)
-  _, vjp_cell = jax.vjp(cell_fn, hs, gs, out)
+
+  def gate_major(a):  # (C, B, 3H) or 3 x (C, B, H) -> (C, B, 3, H)
+    if isinstance(a, (tuple, list)):
+      return jnp.stack(a, axis=2)
+    return a.reshape(a.shape[:2] + (3, size))
+
+  def cell_fn(h, g, o):
+    gates = lambda a: tuple(a[:, :, i] for i in range(3))
+    return cell.recur_with(h, gates(g), lambda k, a: gates(o))
+
+  # Gate-major coefficients: a step's are one (B, 3, H) array, and the gradients after the loop
+  # are (C, B, 3, H), which is (C*B, 3H) as it stands: nothing to join.
+  _, vjp_cell = jax.vjp(cell_fn, hs, gate_major(gs), gate_major(out))
   c_h, c_g, c_o = vjp_cell(jnp.ones_like(hs))
-  c_o_C_B3H = jnp.stack(c_o, axis=2)  # (C, B, 3, H): a step's gate coefficients, one array
   # The transpose of the recurrent product (affine in its input, so any point will do).
   _, vjp_product = jax.vjp(lambda a: cell.recurrent_product(params, 0, a), hs[0])
 
@@ -438,18 +463,16 @@ def _diagonal_loop(st: _Static, params, hs, gs, outs, dys, dh_last, lengths, ts)
     if lengths is not None:
       valid = (t < lengths)[:, None]
       s = jnp.where(valid, s, jnp.zeros_like(s))
-    dgh = (s[:, None, :] * c_o_t).reshape((batch, 3 * size))
-    (back,) = vjp_product(dgh)
+    (back,) = vjp_product((s[:, None, :] * c_o_t).reshape((batch, 3 * size)))
     dh_prev = s * c_h_t + back
     if lengths is not None:
       dh_prev = jnp.where(valid, dh_prev, dh)
     return dh_prev, s
 
-  dh0, s_CBH = jax.lax.scan(body, dh_last, (dys, c_h, c_o_C_B3H, ts),
+  dh0, s_CBH = jax.lax.scan(body, dh_last, (dys, c_h, c_o, ts),
                             reverse=not st.reverse, unroll=st.unroll)
-  dgs = tuple(s_CBH * c for c in split_gates(c_g, 3))
-  douts = (tuple(s_CBH * c for c in c_o),)
-  return dh0, dgs, douts
+  joined = lambda c: (s_CBH[:, :, None, :] * c).reshape(c.shape[:2] + (3 * size,))
+  return dh0, (joined(c_g),), ((joined(c_o),),)
 
 
 # -- over the chunks ------------------------------------------------------------------------------

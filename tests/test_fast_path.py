@@ -266,10 +266,16 @@ def test_options_resolve_per_backend_and_shape():
     opts = ScanOptions().resolved(steps, batch, hidden, "cpu")
     assert 1 <= opts.chunk <= steps and opts.remat in ("none", "products")
     assert steps % opts.chunk == 0  # a divisor near the target: no padded steps
+  # The diagonal backward: off the CPU always; on it while a (T, B, H) array is <= 16 MB.
+  assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
+  assert not ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
+  assert ScanOptions().resolved(256, 128, 512, "gpu").diagonal_backward
+  assert not ScanOptions(diagonal_backward=False).resolved(128, 64, 256, "gpu").diagonal_backward
 
 
 @pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},
-                                    {"unroll": 1.5}, {"remat": "some"}])
+                                    {"unroll": 1.5}, {"remat": "some"},
+                                    {"diagonal_backward": "yes"}])
 def test_options_reject_bad_values(kwargs):
   with pytest.raises(ValueError):
     ScanOptions(**kwargs)
