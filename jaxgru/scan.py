@@ -49,7 +49,11 @@ from jaxgru.cell import GRUConfig, Params, split_gates
 # at every call and pays a page fault per 4 kB page it touches, which can cost more than
 # recomputing the products; so a training step there keeps its residuals small.
 _TUNED = {
-    "cpu": {"unroll": 1, "hoist_projection": False,
+    "cpu": {"unroll": 1,
+            # Project the inputs before the loop when a step's input product has at least this
+            # many multiply-adds (B*I*3H) and a (T, B, H) array is at most big_bytes; else
+            # inside the loop.
+            "hoist_projection": False, "hoist_macs": 2**20,
             # Residuals of the whole sequence at most this: keep them all, one chunk.
             "whole_bytes": 2**24,
             # Else chunks of about this many bytes of (B, H) states...
@@ -62,7 +66,7 @@ _TUNED = {
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
             "diagonal_bytes": 2**24},
-    "gpu": {"unroll": 8, "hoist_projection": True, "whole_bytes": None, "chunk_bytes": None,
+    "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
             "diagonal_bytes": None},
 }
@@ -93,7 +97,8 @@ class ScanOptions:
       None: ``"none"`` where the whole sequence's residuals are small (and off the CPU), else
       ``"products"``.
     hoist_projection: project a chunk's inputs in one product before its loop (True) or each
-      step's inside it (False).
+      step's inside it (False). None: True off the CPU; on the CPU, True when a step's input
+      product has at least 2**20 multiply-adds (B*I*3H) and a (T, B, H) array is at most 16 MB.
     custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk) or,
       False, with JAX's autodiff of the loop (``jax.checkpoint`` per chunk unless remat is
       ``"none"``). None: the custom VJP, except on the CPU for sequences shorter than 64 steps.
@@ -127,8 +132,9 @@ class ScanOptions:
       raise ValueError(f"remat must be one of {REMAT}, a bool or None, got {self.remat!r}")
 
   def resolved(self, steps: int, batch: int, hidden: int = 1,
-               backend: Optional[str] = None) -> "ScanOptions":
-    """These options with every None replaced by the default for the backend and shape."""
+               backend: Optional[str] = None, inputs: int = 1) -> "ScanOptions":
+    """These options with every None replaced by the default for the backend and shape
+    (``inputs`` is I, the input features)."""
     tuned = _TUNED.get(backend or jax.default_backend(), _TUNED["gpu"])
     step_bytes = 4 * max(batch, 1) * max(hidden, 1)
     small = (tuned["whole_bytes"] is None
@@ -150,10 +156,16 @@ class ScanOptions:
     diagonal = self.diagonal_backward
     if diagonal is None:
       diagonal = tuned["diagonal_bytes"] is None or steps * step_bytes <= tuned["diagonal_bytes"]
+    hoist = self.hoist_projection
+    if hoist is None:
+      hoist = tuned["hoist_projection"]
+      if tuned["hoist_macs"] is not None:
+        hoist = (batch * inputs * 3 * hidden >= tuned["hoist_macs"]
+                 and steps * step_bytes <= tuned["big_bytes"])
     pick = lambda value, name: tuned[name] if value is None else value
     return dataclasses.replace(
         self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
-        remat=remat, hoist_projection=pick(self.hoist_projection, "hoist_projection"),
+        remat=remat, hoist_projection=hoist,
         custom_vjp=custom_vjp, diagonal_backward=diagonal)
 
 
@@ -216,7 +228,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   h0_BH = h0_BH.astype(dtype)
   if steps == 0:
     return jnp.zeros((0, batch, cell.hidden_size), dtype), h0_BH
-  opts = options.resolved(steps, batch, cell.hidden_size)
+  opts = options.resolved(steps, batch, cell.hidden_size, inputs=xs_TBI.shape[-1])
   chunk = opts.chunk
   num_chunks = -(-steps // chunk)
   pad = num_chunks * chunk - steps

@@ -266,6 +266,11 @@ def test_options_resolve_per_backend_and_shape():
     opts = ScanOptions().resolved(steps, batch, hidden, "cpu")
     assert 1 <= opts.chunk <= steps and opts.remat in ("none", "products")
     assert steps % opts.chunk == 0  # a divisor near the target: no padded steps
+  # The projection before the loop: on the CPU only for a large input product, not too long.
+  assert ScanOptions().resolved(128, 64, 256, "cpu", inputs=32).hoist_projection
+  assert not ScanOptions().resolved(1024, 16, 64, "cpu", inputs=8).hoist_projection
+  assert not ScanOptions().resolved(256, 128, 512, "cpu", inputs=128).hoist_projection
+  assert ScanOptions().resolved(1024, 16, 64, "gpu", inputs=8).hoist_projection
   # The diagonal backward: off the CPU always; on it while a (T, B, H) array is <= 16 MB.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
   assert not ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
