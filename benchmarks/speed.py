@@ -266,16 +266,39 @@ def compile_vs_t(shape, steps_list, log) -> list[dict]:
   return out
 
 
+def _arguments():
+  """(shapes, implementation specs, modes) from the flags; ValueError for a bad one."""
+  shapes = [speed_impls.Shape.parse(s) for s in _SHAPES.value]
+  specs = [s.replace(";", ",") for s in _IMPLS.value]
+  for spec in specs:
+    try:
+      name, options = speed_impls.parse_impl(spec)
+    except ValueError as e:
+      raise ValueError(f"{e} (separate a variant's options with ';')") from None
+    if name not in speed_impls.IMPLS:
+      raise ValueError(f"unknown implementation {name!r}; known: {sorted(speed_impls.IMPLS)}")
+    if name == "jaxgru":
+      import jaxgru  # pylint: disable=import-outside-toplevel
+      try:
+        jaxgru.ScanOptions(**{k: v for k, v in options.items() if k not in ("dtype", "vmap")})
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{spec}: {e}") from None
+  modes = tuple(_MODES.value)
+  for m in modes:
+    if m not in ("train", "forward"):
+      raise ValueError(f"unknown mode {m!r}; expected train and/or forward")
+  return shapes, specs, modes
+
+
 def main(argv):
   del argv
   import jax
   log = lambda msg: print(msg, flush=True)
-  shapes = [speed_impls.Shape.parse(s) for s in _SHAPES.value]
-  specs = [s.replace(";", ",") for s in _IMPLS.value]
-  modes = tuple(_MODES.value)
-  for m in modes:
-    if m not in ("train", "forward"):
-      raise app.UsageError(f"unknown mode {m!r}; expected train and/or forward")
+  try:
+    shapes, specs, modes = _arguments()
+  except ValueError as e:  # a usage error: one line, exit status 2
+    print(f"speed.py: {e}", file=sys.stderr)
+    sys.exit(2)
 
   result = {"environment": environment(), "records": [], "skipped": [], "memory": []}
   log(f"device: {result['environment']['device_kind']} ({result['environment']['platform']}), "
