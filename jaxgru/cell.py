@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -182,8 +183,8 @@ class GRUConfig:
   def check_params(self, params: Params) -> None:
     """Raises ValueError unless ``params`` has exactly the expected names and shapes."""
     shapes = self.param_shapes()
-    if not isinstance(params, dict) or set(params) != set(shapes):
-      got = sorted(params) if isinstance(params, dict) else type(params).__name__
+    if not isinstance(params, Mapping) or set(params) != set(shapes):
+      got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
       raise ValueError(f"GRU params: expected keys {sorted(shapes)}, got {got}")
     for n, s in shapes.items():
       check_shape(f"GRU params[{n!r}]", params[n], s, str(s))
@@ -261,6 +262,7 @@ class GRUConfig:
     Batch with ``jax.vmap(cfg.step, in_axes=(None, 0, 0))``; scan over time with
     ``jax.lax.scan(lambda h, x: (cfg.step(params, h, x),) * 2, h0, xs)``.
     """
+    self.check_params(params)
     check_shape("GRU step h", h, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
     check_shape("GRU step x", x, (self.input_size,), f"(input_size={self.input_size},)")
     return self.recur(params, h, self.project_inputs(params, x))
@@ -290,6 +292,7 @@ class GRUConfig:
     Returns:
       ``(ys, h_last)``: every step's state (T, H) and the final state (H,).
     """
+    self.check_params(params)
     check_shape("GRU sequence xs", xs, (None, self.input_size),
                 f"(T, input_size={self.input_size})")
     if h0 is None:

@@ -1,7 +1,9 @@
 """Bad input raises ValueError naming both what was expected and what was given."""
 
 import re
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,6 +90,26 @@ def test_sequence_wrong_shapes():
     cfg.sequence(params, jnp.zeros((T, I)), jnp.zeros((B, H)))
   with raises("GRU sequence length", "expected shape () (a scalar)", "got (1,)"):
     cfg.sequence(params, jnp.zeros((T, I)), None, jnp.array([3]))
+
+
+def test_step_and_sequence_check_params():
+  # A bare cell checks its weights too (before, a wrong one gave JAX's matmul error).
+  cfg = GRUConfig(I, H)
+  params = zeros_params(cfg)
+  wrong = {**params, "w_h": np.zeros((H + 1, 3 * H))}
+  with raises("GRU params['w_h']", "expected shape (4, 12)", "got (5, 12)"):
+    cfg.step(wrong, jnp.zeros(H), jnp.zeros(I))
+  with raises("GRU params['w_h']", "expected shape (4, 12)", "got (5, 12)"):
+    cfg.sequence(wrong, jnp.zeros((T, I)))
+  with raises("GRU params", "expected keys"):
+    cfg.sequence({k: v for k, v in params.items() if k != "b_x"}, jnp.zeros((T, I)))
+  # Inside vmap over models each model's weights have the per-model shape, so this still runs,
+  # and a read-only mapping (such as Flax's FrozenDict) is accepted like a dict.
+  stacked = jax.tree.map(lambda p: jnp.stack([p, p + 1.0]), params)
+  ys = jax.vmap(lambda p: cfg.sequence(types.MappingProxyType(p), jnp.ones((T, I)))[0])(stacked)
+  for i in range(2):
+    one = jax.tree.map(lambda p: p[i], stacked)
+    np.testing.assert_allclose(ys[i], cfg.sequence(one, jnp.ones((T, I)))[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("length, parts", [
