@@ -191,21 +191,17 @@ def _show_addition(workdir: str, a: int, b: int) -> bool:
   return ok
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  ckpts = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
-
-
 def _run_addition(workdir: str) -> int:
+  from jaxgru import train
   from jaxgru.tasks import addition
   if FLAGS.mode == "add":
     a, b = _non_negative_int("a", FLAGS.a), _non_negative_int("b", FLAGS.b)
-    if not _has_checkpoint(workdir):
+    if not train.has_checkpoint(workdir):
       raise UsageError(f"--mode=add needs a trained model in --workdir={workdir}; train one with "
                        f"`python run.py --workdir={workdir}` first")
     return 0 if _show_addition(workdir, a, b) else 1
   if FLAGS.mode == "eval":
-    if not _has_checkpoint(workdir):
+    if not train.has_checkpoint(workdir):
       raise UsageError(f"--mode=eval needs a trained model in --workdir={workdir}")
     import numpy as np
     cfg, state, _ = addition.load_trained(workdir)
@@ -218,9 +214,12 @@ def _run_addition(workdir: str) -> int:
   if FLAGS.mode == "predict":
     raise UsageError("--mode=predict is for --task=imdb; use --mode=add for addition")
   cfg = _addition_config()
+  # Before showing a finished run too: one made with other settings is not what was asked for.
+  train.check_resume(workdir, {"task": "addition", "config": cfg.to_json()},
+                     addition.RESUMABLE_CHANGES)
   summary_path = os.path.join(workdir, "summary.json")
   default_run = all(FLAGS[k].using_default_value for k in ("task", "mode"))
-  if default_run and os.path.exists(summary_path) and _has_checkpoint(workdir):
+  if default_run and os.path.exists(summary_path) and train.has_checkpoint(workdir):
     logging.info("a finished run is in %s; showing it (delete the folder to train again)", workdir)
   else:
     summary = addition.train_and_evaluate(cfg, workdir, log=logging.info)
@@ -276,13 +275,14 @@ def _classify_config(workdir: str):
 
 
 def _run_classification(workdir: str) -> int:
+  from jaxgru import train
   from jaxgru.tasks import classify, imdb
   if FLAGS.mode == "add":
     raise UsageError(f"--mode=add is for --task=addition, not --task={FLAGS.task}")
   if FLAGS.mode == "predict":
     if FLAGS.text is None or not FLAGS.text.strip():
       raise UsageError("--mode=predict needs a non-empty --text=\"...\" to classify")
-    if not os.path.exists(os.path.join(workdir, "config.json")) or not _has_checkpoint(workdir):
+    if not os.path.exists(os.path.join(workdir, "config.json")) or not train.has_checkpoint(workdir):
       raise UsageError(f"--mode=predict needs a trained IMDB model in --workdir={workdir}; train "
                        f"one with `python run.py --task=imdb --data_path=PATH "
                        f"--workdir={workdir}` first")
@@ -297,7 +297,7 @@ def _run_classification(workdir: str) -> int:
     raise UsageError("--text is for --mode=predict")
   cfg = _classify_config(workdir)
   if FLAGS.mode == "eval":
-    if not _has_checkpoint(workdir):
+    if not train.has_checkpoint(workdir):
       raise UsageError(f"--mode=eval needs a trained model in --workdir={workdir}")
     try:
       result = classify.evaluate_trained(workdir, cfg.data_path)
@@ -369,7 +369,7 @@ def _main(argv):
   from jaxgru import train
   try:
     sys.exit(main(argv))
-  except UsageError as e:
+  except (UsageError, train.ConfigMismatch) as e:
     print(f"run.py: error: {e}", file=sys.stderr)
     sys.exit(2)
   except train.Diverged as e:

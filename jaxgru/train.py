@@ -185,8 +185,59 @@ class Checkpointer:
     self.manager.close()
 
 
+class ConfigMismatch(ValueError):
+  """A work directory holds checkpoints of a run with another configuration."""
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``workdir/checkpoints`` holds at least one finished checkpoint."""
+  ckpts = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+
+
+def check_resume(workdir: str, record: dict[str, Any], may_differ: Sequence[str] = ()) -> None:
+  """Raises :class:`ConfigMismatch` unless ``workdir``'s run can resume under ``record``.
+
+  ``record`` is what the run writes to ``workdir/config.json``: ``{"task": ..., "config":
+  {...}}``. A work directory without checkpoints, or without that file, can always be used.
+  Otherwise every config entry must match the stored one, except those in ``may_differ``
+  (ones that change neither the shapes of the state nor what a step computes, such as how
+  often to log). Checked before anything is written, so the stored run stays as it was.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not (has_checkpoint(workdir) and os.path.exists(path)):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  # Through JSON, so tuples and lists (and ints and floats) compare as they were stored.
+  record = json.loads(json.dumps(record, default=_json_default))
+  if stored.get("task") != record.get("task"):
+    raise ConfigMismatch(f"{workdir} holds checkpoints of a {stored.get('task')!r} run, not "
+                         f"{record.get('task')!r}; use another work directory")
+  old, new = stored.get("config", {}), record.get("config", {})
+  differ = [k for k in sorted(set(old) | set(new))
+            if k not in may_differ and old.get(k) != new.get(k)]
+  if differ:
+    shown = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in differ[:3])
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise ConfigMismatch(f"{workdir} holds checkpoints of a run with other settings: {shown}"
+                         f"{more}; resume with the same settings or use another work directory")
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files: in a multi-host job every process runs the
+  same program, and only process 0 writes config, metrics and summary (orbax coordinates its
+  checkpoints itself)."""
+  return jax.process_index() == 0
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to ``path`` through a temporary file and a rename, so readers never see half."""
+  """Writes JSON to ``path`` through a temporary file and a rename, so readers never see half.
+
+  Only on the writing process (:func:`is_writer`); a no-op on the others.
+  """
+  if not is_writer():
+    return
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
@@ -205,12 +256,14 @@ def _json_default(x: Any) -> Any:
 
 
 class MetricsWriter:
-  """Appends one JSON line per log interval to ``metrics.jsonl``."""
+  """Appends one JSON line per log interval to ``metrics.jsonl`` (on the writing process)."""
 
   def __init__(self, path: str):
     self.path = path
 
   def write(self, record: dict[str, Any]) -> None:
+    if not is_writer():
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record, default=_json_default, sort_keys=True) + "\n")
 

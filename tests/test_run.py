@@ -141,3 +141,54 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   from jaxgru.tasks import addition
   _, state, _ = addition.load_trained(work)
   assert int(state.step[0]) >= 10
+
+
+@pytest.mark.slow
+def test_resume_with_other_settings_exits_2_and_keeps_the_run(trained):
+  config_path = os.path.join(trained, "config.json")
+  before = open(config_path).read()
+  # Same run, another hidden size: the checkpoint cannot hold it. Before, orbax's shape error
+  # came as a traceback after config.json had been overwritten with the new settings.
+  proc = _run(RUN_ARGS + ["--hidden_size=16", f"--workdir={trained}"], timeout=120)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1, proc.stderr
+  assert "hidden_size=8 there, 16 now" in errors[0]
+  assert open(config_path).read() == before
+
+
+def test_check_resume(tmp_path):
+  sys.path.insert(0, ROOT)
+  from jaxgru import train
+  work = str(tmp_path)
+  record = {"task": "addition", "config": {"hidden_size": 8, "steps": 10, "rates": (0.1, 0.2)}}
+  # Without checkpoints any work directory will do; config.json alone does not count.
+  train.write_json_atomic(os.path.join(work, "config.json"), record)
+  train.check_resume(work, {"task": "imdb", "config": {}})
+  os.makedirs(os.path.join(work, "checkpoints", "20"))
+  train.check_resume(work, record)  # the same settings (a tuple stored as a JSON list)
+  longer = {"task": "addition", "config": {**record["config"], "steps": 99}}
+  train.check_resume(work, longer, may_differ=("steps",))
+  with pytest.raises(train.ConfigMismatch, match=r"steps=10 there, 99 now"):
+    train.check_resume(work, longer)
+  wider = {"task": "addition", "config": {**record["config"], "hidden_size": 9, "extra": 1}}
+  with pytest.raises(train.ConfigMismatch,
+                     match=r"extra=None there, 1 now, hidden_size=8 there, 9 now;"):
+    train.check_resume(work, wider, may_differ=("steps",))
+  with pytest.raises(train.ConfigMismatch, match=r"a 'addition' run, not 'imdb'"):
+    train.check_resume(work, {"task": "imdb", "config": record["config"]})
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+  # In a multi-host job every process runs run.py; the others must not write the run's files.
+  sys.path.insert(0, ROOT)
+  import jax
+  from jaxgru import train
+  for index, written in ((1, False), (0, True)):
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    path, lines = str(tmp_path / f"s{index}.json"), str(tmp_path / f"m{index}.jsonl")
+    train.write_json_atomic(path, {"a": 1})
+    train.MetricsWriter(lines).write({"step": 1})
+    assert os.path.exists(path) == written and os.path.exists(lines) == written
+  assert json.load(open(path)) == {"a": 1}

@@ -109,6 +109,16 @@ def test_imdb_train_then_predict(tmp_path):
   proc = _run(["--mode=predict", f"--workdir={workdir}", "--text=..."])
   assert proc.returncode == 2 and "no words to classify" in proc.stderr, proc.stderr
 
+  # Training on into that run with another vocabulary size is a usage error, found before the
+  # data are read; the stored run is left as it was (before: orbax's traceback, config.json
+  # overwritten).
+  config = open(os.path.join(workdir, "config.json")).read()
+  proc = _run(["--task=imdb", f"--data_path={archive}", f"--workdir={workdir}", *TINY,
+               "--vocab_size=40"])
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert "vocab_size=30 there, 40 now" in proc.stderr, proc.stderr
+  assert open(os.path.join(workdir, "config.json")).read() == config
+
 
 @pytest.mark.slow
 def test_classify_and_random_labels(tmp_path):

@@ -216,6 +216,11 @@ class AdditionConfig:
 EVAL_SALT = 0x5EED  # held-out problems come from a key stream training never uses
 
 
+# Settings a resumed run may change: how long to train, and how often to log, save, evaluate.
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "eval_bits", "eval_size",
+                     "long_eval_size")
+
+
 def init_states(cfg: AdditionConfig) -> _train.TrainState:
   """N fresh model states stacked on a leading axis: model i has seed ``seed + i``."""
   model = cfg.model()
@@ -297,11 +302,16 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str,
 
   Writes ``workdir/config.json``, ``metrics.jsonl``, ``summary.json`` and orbax checkpoints.
   Returns the summary dict.
+
+  Raises:
+    train.ConfigMismatch: ``workdir`` holds checkpoints of a run with other settings (beyond
+      :data:`RESUMABLE_CHANGES`).
   """
+  record = {"task": "addition", "config": cfg.to_json()}
+  _train.check_resume(workdir, record, RESUMABLE_CHANGES)
   os.makedirs(workdir, exist_ok=True)
   wall_start = time.time()
-  _train.write_json_atomic(os.path.join(workdir, "config.json"),
-                           {"task": "addition", "config": cfg.to_json()})
+  _train.write_json_atomic(os.path.join(workdir, "config.json"), record)
   mesh = parallel.make_mesh()
   ckpt = _train.Checkpointer(workdir)
   state = parallel.shard_models(init_states(cfg), mesh)

@@ -415,6 +415,12 @@ class ClassifyConfig:
     return cls(**d)
 
 
+# Settings a resumed run may change: where the same data lies (its vocabulary is checked), how
+# often to log, save and evaluate, and whether to predict with the ensemble.
+RESUMABLE_CHANGES = ("data_path", "log_every", "checkpoint_every", "eval_every", "eval_subset",
+                     "eval_batch_size", "ensemble")
+
+
 def synthetic_defaults(**overrides) -> ClassifyConfig:
   """The ``"classify"`` task's defaults, chosen by measurement (>= 99% in a few seconds)."""
   settings = dict(task="classify", hidden_size=32, bidirectional=False, pooling="last",
@@ -572,8 +578,12 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
 
   Raises:
     imdb.DataError: unusable input data.
+    train.ConfigMismatch: ``workdir`` holds checkpoints of a run with other settings (beyond
+      :data:`RESUMABLE_CHANGES`).
     train.Diverged: the loss became NaN or infinite.
   """
+  record = {"task": cfg.task, "config": cfg.to_json()}
+  _train.check_resume(workdir, record, RESUMABLE_CHANGES)  # before the data: fail fast
   wall_start = time.time()
   load_start = os.getloadavg()[0]
   t0 = time.time()
@@ -586,8 +596,7 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
   os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves no half-made run behind
   batches = TrainBatches(data.train, cfg.batch_size, cfg.bucket, cfg.seed)
   total_steps = cfg.epochs * batches.steps_per_epoch
-  _train.write_json_atomic(os.path.join(workdir, "config.json"),
-                           {"task": cfg.task, "config": cfg.to_json()})
+  _train.write_json_atomic(os.path.join(workdir, "config.json"), record)
 
   ckpt = _train.Checkpointer(workdir)
   state = init_states(cfg, total_steps)
