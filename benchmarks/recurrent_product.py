@@ -1,8 +1,10 @@
 """The ceiling of a GRU's time loop: the per-step recurrent product alone, in a lax.scan.
 
 Times T steps of ``tanh(h_t @ W)`` with h_t (B, H) and W (H, 3H), which is the serial work of a
-forward pass, and the backward loop's product ``tanh(dy_t @ W^T)`` in two forms: contracting
-against the stored (H, 3H) matrix, and against a copy transposed once outside the loop. It also
+forward pass; the same with the state kept feature-major, ``tanh(W^T @ h_t^T)`` with h_t^T
+(H, B) and W^T made once outside the loop; and the backward loop's product ``tanh(dy_t @ W^T)``
+in two forms: contracting against the stored (H, 3H) matrix, and against a copy transposed once
+outside the loop. Each loop's output is (T, 3H or B, B or 3H) floats. It also
 measures the float32 matrix-product peak (a 2048 x 2048 product), so the per-step rate can be
 read as a fraction of it. Medians of interleaved runs.
 
@@ -34,6 +36,7 @@ def main(argv):
   w_t = jnp.array(w.T)
   dys = jax.random.normal(jax.random.key(1), (t, b, 3 * h))
   hs = jax.random.normal(jax.random.key(2), (t, b, h))
+  hs_t = jnp.array(jnp.swapaxes(hs, 1, 2))
 
   def loop(product):
     def run(weights, xs):
@@ -43,6 +46,7 @@ def main(argv):
   contract_1_1 = lambda x, m: jax.lax.dot_general(x, m, (((1,), (1,)), ((), ())))
   loops = {
       "forward: h_t @ W": (loop(jnp.matmul), (w, hs)),
+      "forward, feature-major: W^T @ h_t^T": (loop(lambda x, m: m @ x), (w_t, hs_t)),
       "backward: dy_t @ W^T, W as stored": (loop(contract_1_1), (w, dys)),
       "backward: dy_t @ W^T, W^T made once": (loop(jnp.matmul), (w_t, dys)),
   }
