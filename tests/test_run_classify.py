@@ -118,6 +118,16 @@ def test_imdb_train_then_predict(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   assert "vocab_size=30 there, 40 now" in proc.stderr, proc.stderr
   assert open(os.path.join(workdir, "config.json")).read() == config
+  # Other data under the same settings: its vocabulary differs (a new word frequent enough to
+  # enter the 30 kept), found once the data are read; still one line, and the run is kept.
+  other = str(tmp_path / "other")
+  make_layout(other)
+  with open(os.path.join(other, "aclImdb", "train", "pos", "99_9.txt"), "w") as f:
+    f.write("zebra " * 50)
+  proc = _run(["--task=imdb", f"--data_path={other}", f"--workdir={workdir}", *TINY])
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  assert "trained with another vocabulary" in proc.stderr, proc.stderr
+  assert open(os.path.join(workdir, "config.json")).read() == config
 
 
 @pytest.mark.slow

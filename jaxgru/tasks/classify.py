@@ -596,7 +596,6 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
   os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves no half-made run behind
   batches = TrainBatches(data.train, cfg.batch_size, cfg.bucket, cfg.seed)
   total_steps = cfg.epochs * batches.steps_per_epoch
-  _train.write_json_atomic(os.path.join(workdir, "config.json"), record)
 
   ckpt = _train.Checkpointer(workdir)
   state = init_states(cfg, total_steps)
@@ -607,6 +606,9 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
       raise _imdb.DataError(f"the checkpoint in {ckpt.directory} was trained with another "
                             "vocabulary (different data or --vocab_size); use a new --workdir")
     log(f"resumed from the checkpoint at step {resumed_from} in {ckpt.directory}")
+  # After the checks above (a refused resume leaves the stored run as it was), and before the
+  # first checkpoint of a new run (a checkpoint always has its config beside it).
+  _train.write_json_atomic(os.path.join(workdir, "config.json"), record)
 
   model = cfg.model()
   train_step = make_train_step(cfg, total_steps)
