@@ -1,8 +1,8 @@
 """The GRU cell: the one place where the GRU math lives.
 
 Everything else in jaxgru (sequences, stacks, directions, the Flax module, the tasks) is a thin
-layer over :meth:`GRUConfig.step`, or over its two halves :meth:`GRUConfig.project_inputs` and
-:meth:`GRUConfig.recur`, which let a sequence do the input projection of all time steps in one
+layer over :meth:`GRUConfig.step`, or over its two halves :meth:`GRUConfig._project_inputs` and
+:meth:`GRUConfig._recur`, which let a sequence do the input projection of all time steps in one
 matrix product outside the time loop.
 
 Gates are stored fused, in the order ``z | r | n`` (update, reset, candidate), the Keras order.
@@ -45,7 +45,21 @@ from jaxgru import activations as _act
 Params = dict[str, jax.Array]
 
 VARIANTS = ("reset_after", "reset_before")
-INITIALIZERS = ("keras", "pytorch")
+INITIALIZERS = ("keras", "pytorch")  # the first is the default of every ``init``
+
+
+def field_default(cls: type, name: str) -> Any:
+  """The default of dataclass field ``name`` of ``cls``.
+
+  Modules and entry points that expose a config's fields (the Flax modules, ``run.py``) read
+  their defaults here, so each default is written once, in the config that owns it.
+  """
+  for field in dataclasses.fields(cls):
+    if field.name == name:
+      if field.default is dataclasses.MISSING:
+        raise ValueError(f"{cls.__name__}.{name} has no default")
+      return field.default
+  raise ValueError(f"{cls.__name__} has no field {name!r}")
 
 
 def default_float_dtype() -> np.dtype:
@@ -149,7 +163,7 @@ class GRUConfig:
         shapes["b_h"] = (3 * h,)
     return shapes
 
-  def init(self, key: jax.Array, initializer: str = "keras") -> Params:
+  def init(self, key: jax.Array, initializer: str = INITIALIZERS[0]) -> Params:
     """Returns fresh parameters.
 
     Args:
@@ -191,7 +205,7 @@ class GRUConfig:
 
   # -- the math -----------------------------------------------------------------------------------
 
-  def project_inputs(self, params: Params, x: jax.Array) -> jax.Array:
+  def _project_inputs(self, params: Params, x: jax.Array) -> jax.Array:
     """Input projection ``gx = x @ w_x + b_x``: (..., I) -> (..., 3H).
 
     Applied to a whole sequence (T, I) it is one matrix product for all time steps.
@@ -201,23 +215,23 @@ class GRUConfig:
       gx = add_bias(gx, params["b_x"])
     return gx
 
-  def recur(self, params: Params, h: jax.Array, gx: jax.Array) -> jax.Array:
+  def _recur(self, params: Params, h: jax.Array, gx: jax.Array) -> jax.Array:
     """One recurrent update from a projected input: ``h`` (H,), ``gx`` (3H,) -> ``h'`` (H,).
 
     Also accepts matching leading batch axes, (B, H) and (B, 3H).
     """
-    return self.recur_with(h, gx, lambda k, a: self.recurrent_product(params, k, a))
+    return self._recur_with(h, gx, lambda k, a: self._recurrent_product(params, k, a))
 
   # The recurrent matrix products, named so that a time loop can replay or record them: the
   # custom VJP in jaxgru.scan differentiates the gates step by step but takes the weight
   # gradient of these products once, over all steps, as one large matrix product.
 
   @property
-  def num_recurrent_products(self) -> int:
+  def _num_recurrent_products(self) -> int:
     """How many recurrent products one step makes: 1 (reset_after) or 2 (reset_before)."""
     return 1 if self.variant == "reset_after" else 2
 
-  def recurrent_product(self, params: Params, k: int, a: jax.Array) -> jax.Array:
+  def _recurrent_product(self, params: Params, k: int, a: jax.Array) -> jax.Array:
     """The k-th recurrent product of a step, affine in ``a`` (..., H).
 
     reset_after: k=0, ``a @ w_h + b_h`` (..., 3H), ``a`` = h.
@@ -231,10 +245,10 @@ class GRUConfig:
       return add_bias(gh, params["b_h"]) if self.use_bias else gh
     return self._dot(a, w_h[:, : 2 * size] if k == 0 else w_h[:, 2 * size:])
 
-  def recur_with(self, h: jax.Array, gx: Any, product: Any) -> jax.Array:
-    """:meth:`recur` with the recurrent products computed by ``product(k, a)``.
+  def _recur_with(self, h: jax.Array, gx: Any, product: Any) -> jax.Array:
+    """:meth:`_recur` with the recurrent products computed by ``product(k, a)``.
 
-    ``product`` stands in for :meth:`recurrent_product` (bound to ``params``) and may return its
+    ``product`` stands in for :meth:`_recurrent_product` (bound to ``params``) and may return its
     result as one array or already split into gates (a tuple); ``gx`` may likewise be the tuple
     ``(gx_z, gx_r, gx_n)``. A time loop over gate-split arrays avoids slicing each step's
     columns out of a wide (T, B, 3H) array, which XLA:CPU fuses into slow element loops.
@@ -265,7 +279,7 @@ class GRUConfig:
     self.check_params(params)
     check_shape("GRU step h", h, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
     check_shape("GRU step x", x, (self.input_size,), f"(input_size={self.input_size},)")
-    return self.recur(params, h, self.project_inputs(params, x))
+    return self._recur(params, h, self._project_inputs(params, x))
 
   # -- one sequence -------------------------------------------------------------------------------
 
@@ -301,33 +315,11 @@ class GRUConfig:
     if length is not None:
       check_shape("GRU sequence length", length, (), "() (a scalar)")
       check_lengths(length, xs.shape[0])
-    return self.scan_projected(params, self.project_inputs(params, xs), h0.astype(self.state_dtype),
-                               length, reverse, unroll)
-
-  def scan_projected(self, params: Params, gx: jax.Array, h0: jax.Array,
-                     length: Optional[jax.Array] = None, reverse: bool = False,
-                     unroll: int = 1) -> tuple[jax.Array, jax.Array]:
-    """The time loop of :meth:`sequence` over already projected inputs ``gx`` (T, 3H)."""
-    if length is None:
-      def body(h, g):
-        h = self.recur(params, h, g)
-        return h, h
-      h_last, ys = jax.lax.scan(body, h0, gx, reverse=reverse, unroll=unroll)
-      return ys, h_last
-
-    length = jnp.asarray(length)
-    if not jnp.issubdtype(length.dtype, jnp.integer):
-      raise ValueError(f"length must be an integer, got dtype {length.dtype}")
-
-    def masked_body(h, inputs):
-      g, t = inputs
-      valid = t < length
-      h_new = jnp.where(valid, self.recur(params, h, g), h)
-      return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
-
-    steps = jnp.arange(gx.shape[0], dtype=length.dtype)  # int32 lengths also under x64
-    h_last, ys = jax.lax.scan(masked_body, h0, (gx, steps), reverse=reverse, unroll=unroll)
-    return ys, h_last
+    from jaxgru.scan import ScanOptions, scan_layer  # the loop imports this module
+    lengths = None if length is None else jnp.reshape(jnp.asarray(length), (1,))
+    ys_T1H, h_last_1H = scan_layer(self, params, xs[:, None, :], h0[None], lengths,
+                                   reverse=reverse, options=ScanOptions(unroll=unroll))
+    return ys_T1H[:, 0], h_last_1H[0]
 
 
 def split_gates(y: Any, parts: int) -> tuple[jax.Array, ...]:

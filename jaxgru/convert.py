@@ -52,6 +52,29 @@ def _standard_activations(cfg: Any, target: str) -> None:
                      f"only, got {cfg.activation!r} and {cfg.recurrent_activation!r}")
 
 
+def _check_stack(cfg: Any, what: str) -> None:
+  if not isinstance(cfg, RNNConfig):
+    raise ValueError(f"{what} takes a jaxgru.RNNConfig (as every from_* returns), got "
+                     f"{type(cfg).__name__}; wrap a cell as jaxgru.RNNConfig(cell)")
+
+
+def _single_cell(cfg: Any, params: Any, target: str) -> tuple[GRUConfig, Params]:
+  """The one cell of a one-layer, one-direction stack, for frameworks whose layer is one cell."""
+  _check_stack(cfg, f"to_{target.split()[0].lower()}")
+  if cfg.num_layers != 1 or cfg.bidirectional:
+    raise ValueError(f"{target} holds one layer in one direction; got num_layers="
+                     f"{cfg.num_layers}, bidirectional={cfg.bidirectional}")
+  cfg.check_params(params)
+  return cfg.cell, params[0]["fwd"]
+
+
+def _entry(what: str, tree: Mapping[str, Any], key: str) -> Any:
+  if not isinstance(tree, Mapping) or key not in tree:
+    got = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+    raise ValueError(f"{what}: missing entry {key!r} (got {got})")
+  return tree[key]
+
+
 # -- PyTorch ---------------------------------------------------------------------------------------
 
 _TORCH_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
@@ -85,9 +108,13 @@ def from_torch(state_dict: Mapping[str, Any], dtype: Any = None) -> tuple[RNNCon
     raise ValueError("torch.nn.GRU state dict lacks weight_ih_l0 / weight_hh_l0")
   hidden = first["weight_hh"].shape[-1]
   use_bias = "bias_ih" in first
-  cfg = RNNConfig(input_size=first["weight_ih"].shape[-1], hidden_size=hidden,
-                  num_layers=num_layers, bidirectional=bidirectional, use_bias=use_bias,
-                  param_dtype=dtype if dtype is not None else first["weight_ih"].dtype)
+  if np.ndim(first["weight_ih"]) != 2 or np.ndim(first["weight_hh"]) != 2:
+    raise ValueError(f"torch.nn.GRU weight_ih_l0 / weight_hh_l0: expected 2-D (3H, I) and "
+                     f"(3H, H) matrices, got shapes {np.shape(first['weight_ih'])} and "
+                     f"{np.shape(first['weight_hh'])}")
+  cell = GRUConfig(input_size=first["weight_ih"].shape[-1], hidden_size=hidden, use_bias=use_bias,
+                   param_dtype=dtype if dtype is not None else first["weight_ih"].dtype)
+  cfg = RNNConfig(cell, num_layers=num_layers, bidirectional=bidirectional)
   params = []
   for l in range(num_layers):
     layer = {}
@@ -98,14 +125,14 @@ def from_torch(state_dict: Mapping[str, Any], dtype: Any = None) -> tuple[RNNCon
       if e is None or set(e) != expected:
         raise ValueError(f"torch.nn.GRU state dict: expected {sorted(expected)} for {name}, "
                          f"got {sorted(e or {})}")
-      i = cfg.cell(l).input_size
+      i = cfg.layer_cell(l).input_size
       p = {"w_x": _rzn_to_zrn(_expect(f"weight_ih_{name}", e["weight_ih"], (3 * hidden, i)).T, 1),
            "w_h": _rzn_to_zrn(_expect(f"weight_hh_{name}", e["weight_hh"], (3 * hidden, hidden)).T,
                               1)}
       if use_bias:
         p["b_x"] = _rzn_to_zrn(_expect(f"bias_ih_{name}", e["bias_ih"], (3 * hidden,)), 0)
         p["b_h"] = _rzn_to_zrn(_expect(f"bias_hh_{name}", e["bias_hh"], (3 * hidden,)), 0)
-      layer[d] = {k: v.astype(cfg.cell(l).state_dtype) for k, v in p.items()}
+      layer[d] = {k: v.astype(cfg.layer_cell(l).state_dtype) for k, v in p.items()}
     params.append(layer)
   return cfg, params
 
@@ -114,14 +141,15 @@ def to_torch(cfg: RNNConfig, params: StackParams) -> dict[str, np.ndarray]:
   """The ``torch.nn.GRU`` state dict for ``params``; load it with ``load_state_dict``.
 
   The matching module is ``nn.GRU(cfg.input_size, cfg.hidden_size, cfg.num_layers,
-  bias=cfg.use_bias, batch_first=True, bidirectional=cfg.bidirectional)``; PyTorch concatenates
-  directions, so ``merge`` must be ``"concat"``.
+  bias=cfg.cell.use_bias, batch_first=True, bidirectional=cfg.bidirectional)``; PyTorch
+  concatenates directions, so ``merge`` must be ``"concat"``.
   """
-  if cfg.variant != "reset_after":
+  _check_stack(cfg, "to_torch")
+  if cfg.cell.variant != "reset_after":
     raise ValueError("torch.nn.GRU computes the reset_after variant; got variant='reset_before'")
   if cfg.bidirectional and cfg.merge != "concat":
     raise ValueError("torch.nn.GRU concatenates directions; got merge='sum'")
-  _standard_activations(cfg, "torch.nn.GRU")
+  _standard_activations(cfg.cell, "torch.nn.GRU")
   cfg.check_params(params)
   out = {}
   for l, layer in enumerate(params):
@@ -130,7 +158,7 @@ def to_torch(cfg: RNNConfig, params: StackParams) -> dict[str, np.ndarray]:
       p = {k: _np(v) for k, v in layer[d].items()}
       out[f"weight_ih_{suffix}"] = _zrn_to_rzn(p["w_x"], 1).T.copy()
       out[f"weight_hh_{suffix}"] = _zrn_to_rzn(p["w_h"], 1).T.copy()
-      if cfg.use_bias:
+      if cfg.cell.use_bias:
         out[f"bias_ih_{suffix}"] = _zrn_to_rzn(p["b_x"], 0)
         out[f"bias_hh_{suffix}"] = _zrn_to_rzn(p["b_h"], 0)
   return out
@@ -139,8 +167,11 @@ def to_torch(cfg: RNNConfig, params: StackParams) -> dict[str, np.ndarray]:
 # -- Keras -----------------------------------------------------------------------------------------
 
 def from_keras(weights: Sequence[Any], activation: Any = "tanh",
-               recurrent_activation: Any = "sigmoid") -> tuple[GRUConfig, Params]:
+               recurrent_activation: Any = "sigmoid") -> tuple[RNNConfig, StackParams]:
   """Converts the weights of a Keras 3 ``GRU`` layer (``layer.get_weights()``).
+
+  Returns ``(config, params)``: a one-layer :class:`RNNConfig` and its params, as every
+  ``from_*`` does.
 
   ``[kernel (I, 3H), recurrent_kernel (H, 3H)]`` plus a bias of shape (2, 3H) for
   ``reset_after=True`` (input and recurrent rows) or (3H,) for ``reset_after=False``. Pass the
@@ -169,13 +200,15 @@ def from_keras(weights: Sequence[Any], activation: Any = "tanh",
   cfg = GRUConfig(input_size=kernel.shape[0], hidden_size=hidden, variant=variant,
                   activation=activation, recurrent_activation=recurrent_activation,
                   use_bias=len(weights) == 3, param_dtype=kernel.dtype)
-  return cfg, {k: v.astype(cfg.state_dtype) for k, v in params.items()}
+  return RNNConfig(cfg), [{"fwd": {k: v.astype(cfg.state_dtype) for k, v in params.items()}}]
 
 
-def to_keras(cfg: GRUConfig, params: Params) -> list[np.ndarray]:
-  """Weights for ``keras.layers.GRU(H, reset_after=(cfg.variant == "reset_after"),
-  use_bias=cfg.use_bias, ...)``; load them with ``layer.set_weights``."""
-  cfg.check_params(params)
+def to_keras(cfg: RNNConfig, params: StackParams) -> list[np.ndarray]:
+  """Weights for ``keras.layers.GRU(H, reset_after=(cfg.cell.variant == "reset_after"),
+  use_bias=cfg.cell.use_bias, ...)``; load them with ``layer.set_weights``. ``cfg`` must be one
+  layer in one direction (a Keras ``GRU``); wrap the layer in ``Bidirectional`` or stack layers
+  for more."""
+  cfg, params = _single_cell(cfg, params, "Keras GRU")
   p = {k: _np(v) for k, v in params.items()}
   out = [p["w_x"], p["w_h"]]
   if cfg.use_bias:
@@ -188,23 +221,28 @@ def to_keras(cfg: GRUConfig, params: Params) -> list[np.ndarray]:
 _LINEN_KEYS = {"ir", "iz", "in", "hr", "hz", "hn"}
 
 
-def from_flax(variables: Mapping[str, Any]) -> tuple[GRUConfig, Params]:
-  """Converts Flax ``GRUCell`` parameters (linen or nnx).
+def from_flax(variables: Mapping[str, Any]) -> tuple[RNNConfig, StackParams]:
+  """Converts Flax ``GRUCell`` parameters (linen or nnx) into a one-layer :class:`RNNConfig`.
 
   Accepts linen variables (``{"params": {"ir": ..., "hn": ...}}`` or the inner dict) or the
   nested-dict state of an ``nnx.GRUCell`` (``nnx.state(cell, nnx.Param).to_pure_dict()``, with
   ``dense_i`` and ``dense_h``). Both use tanh and sigmoid unless told otherwise in the cell; pass
   other activations to the returned config with ``dataclasses.replace``.
   """
+  if not isinstance(variables, Mapping):
+    raise ValueError(f"Flax GRUCell params: expected a dict, got {type(variables).__name__}")
   p = dict(variables.get("params", variables))
   if set(p) == _LINEN_KEYS:
-    ks = {k: _np(p[k]["kernel"]) for k in _LINEN_KEYS}
+    ks = {k: _np(_entry(f"Flax GRUCell {k}", p[k], "kernel")) for k in _LINEN_KEYS}
+    if ks["ir"].ndim != 2:
+      raise ValueError(f"Flax GRUCell ir.kernel: expected shape (I, H), got {ks['ir'].shape}")
     inputs, hidden = ks["ir"].shape
     for k in ("iz", "in"):
       _expect(f"Flax GRUCell {k}.kernel", ks[k], (inputs, hidden))
     for k in ("hr", "hz", "hn"):
       _expect(f"Flax GRUCell {k}.kernel", ks[k], (hidden, hidden))
-    bias = lambda k: _expect(f"Flax GRUCell {k}.bias", _np(p[k]["bias"]), (hidden,))
+    bias = lambda k: _expect(f"Flax GRUCell {k}.bias",
+                             _np(_entry(f"Flax GRUCell {k}", p[k], "bias")), (hidden,))
     zeros = np.zeros((hidden,), ks["ir"].dtype)
     params = {
         "w_x": np.concatenate([ks["iz"], ks["ir"], ks["in"]], axis=1),
@@ -213,13 +251,17 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[GRUConfig, Params]:
         "b_h": np.concatenate([zeros, zeros, bias("hn")]),
     }
   elif set(p) == {"dense_i", "dense_h"}:
-    w_i, w_h = _np(p["dense_i"]["kernel"]), _np(p["dense_h"]["kernel"])
+    w_i = _np(_entry("Flax nnx GRUCell dense_i", p["dense_i"], "kernel"))
+    w_h = _np(_entry("Flax nnx GRUCell dense_h", p["dense_h"], "kernel"))
+    if w_i.ndim != 2 or w_i.shape[1] % 3:
+      raise ValueError(f"Flax nnx GRUCell dense_i.kernel: expected shape (I, 3H), got {w_i.shape}")
     inputs, hidden = w_i.shape[0], w_i.shape[1] // 3
     _expect("Flax nnx GRUCell dense_i.kernel", w_i, (inputs, 3 * hidden))
     _expect("Flax nnx GRUCell dense_h.kernel", w_h, (hidden, 3 * hidden))
     params = {
         "w_x": _rzn_to_zrn(w_i, 1), "w_h": _rzn_to_zrn(w_h, 1),
-        "b_x": _rzn_to_zrn(_expect("Flax nnx GRUCell dense_i.bias", _np(p["dense_i"]["bias"]),
+        "b_x": _rzn_to_zrn(_expect("Flax nnx GRUCell dense_i.bias",
+                                   _np(_entry("Flax nnx GRUCell dense_i", p["dense_i"], "bias")),
                                    (3 * hidden,)), 0),
         "b_h": np.zeros((3 * hidden,), w_i.dtype),
     }
@@ -228,19 +270,21 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[GRUConfig, Params]:
                      f"['dense_h', 'dense_i'] (nnx), got {sorted(p)}")
   cfg = GRUConfig(input_size=params["w_x"].shape[0], hidden_size=params["w_h"].shape[0],
                   param_dtype=params["w_x"].dtype)
-  return cfg, {k: v.astype(cfg.state_dtype) for k, v in params.items()}
+  return RNNConfig(cfg), [{"fwd": {k: v.astype(cfg.state_dtype) for k, v in params.items()}}]
 
 
-def to_flax(cfg: GRUConfig, params: Params) -> dict[str, dict[str, np.ndarray]]:
+def to_flax(cfg: RNNConfig, params: StackParams) -> dict[str, dict[str, np.ndarray]]:
   """Parameters for ``flax.linen.GRUCell(features=H)``: ``cell.apply({"params": out}, h, x)``.
 
-  Flax's cell has no recurrent bias on the z and r gates; they are folded into the input biases,
-  which gives the same sums.
+  ``cfg`` must be one layer in one direction, reset_after with biases and Flax's activations
+  (tanh, sigmoid), which is all a Flax ``GRUCell`` can hold. Flax's cell has no recurrent bias
+  on the z and r gates; they are folded into the input biases, which gives the same sums.
   """
+  cfg, params = _single_cell(cfg, params, "Flax GRUCell")
   if cfg.variant != "reset_after" or not cfg.use_bias:
     raise ValueError("Flax GRUCell is reset_after with biases; got "
                      f"variant={cfg.variant!r}, use_bias={cfg.use_bias}")
-  cfg.check_params(params)
+  _standard_activations(cfg, "Flax GRUCell")
   p = {k: _np(v) for k, v in params.items()}
   wx, wh = np.split(p["w_x"], 3, axis=1), np.split(p["w_h"], 3, axis=1)
   bx, bh = np.split(p["b_x"], 3), np.split(p["b_h"], 3)

@@ -12,14 +12,13 @@ Parameters are a list with one dict per layer, ``{"fwd": cell_params}`` or
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgru import activations as _act
-from jaxgru.cell import GRUConfig, Params, check_lengths, check_shape
+from jaxgru.cell import INITIALIZERS, GRUConfig, Params, check_lengths, check_shape
 from jaxgru.scan import ScanOptions, scan_layer
 
 StackParams = list[dict[str, Params]]
@@ -32,40 +31,53 @@ DIRECTIONS = ("fwd", "bwd")
 class RNNConfig:
   """Static, hashable description of a (possibly stacked, bidirectional) GRU layer.
 
+  A stack holds ONE cell description, :class:`GRUConfig`, shared by every cell; its
+  ``input_size`` is the first layer's (layer l > 0 reads ``output_size`` features). So every cell
+  setting (variant, activations, bias, dtypes) is declared once, in :class:`GRUConfig`.
+
+  >>> import jaxgru
+  >>> rnn = jaxgru.RNNConfig(jaxgru.GRUConfig(8, 32), num_layers=2, bidirectional=True)
+  >>> rnn.layer_cell(1).input_size, rnn.output_size
+  (64, 64)
+
   Attributes:
-    input_size: I, features per time step of the input.
-    hidden_size: H, state size of every cell.
+    cell: the cell of the first layer: input size I, hidden size H and every cell setting.
     num_layers: L, stacked layers; layer l > 0 reads the outputs of layer l - 1.
     bidirectional: run a backward cell beside the forward one in every layer.
     merge: how the two directions' outputs are combined: ``"concat"`` (2H) or ``"sum"`` (H).
     dropout: dropout rate on the outputs of every layer but the last (as ``torch.nn.GRU``),
       applied only when :meth:`apply` is given a ``dropout_key``.
-    variant, activation, recurrent_activation, use_bias, param_dtype, dtype: as
-      :class:`GRUConfig`, shared by every cell.
   """
 
-  input_size: int
-  hidden_size: int
+  cell: GRUConfig
   num_layers: int = 1
   bidirectional: bool = False
   merge: str = "concat"
   dropout: float = 0.0
-  variant: str = "reset_after"
-  activation: _act.Activation = "tanh"
-  recurrent_activation: _act.Activation = "sigmoid"
-  use_bias: bool = True
-  param_dtype: Any = None
-  dtype: Any = None
 
   def __post_init__(self):
+    if not isinstance(self.cell, GRUConfig):
+      raise ValueError(f"cell must be a jaxgru.GRUConfig, got {type(self.cell).__name__}")
     if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, (int, np.integer)) \
         or self.num_layers < 1:
       raise ValueError(f"num_layers must be a positive integer, got {self.num_layers!r}")
+    if not isinstance(self.bidirectional, (bool, np.bool_)):
+      raise ValueError(f"bidirectional must be a bool, got {self.bidirectional!r}")
     if self.merge not in MERGES:
       raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
-    if not 0.0 <= self.dropout < 1.0:
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.floating)) \
+        or not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-    self.cell(0)  # validates the shared cell settings
+
+  @property
+  def input_size(self) -> int:
+    """I, features per time step of the input (the first layer's cell's)."""
+    return self.cell.input_size
+
+  @property
+  def hidden_size(self) -> int:
+    """H, the state size of every cell."""
+    return self.cell.hidden_size
 
   @property
   def num_directions(self) -> int:
@@ -82,19 +94,17 @@ class RNNConfig:
       return 2 * self.hidden_size
     return self.hidden_size
 
-  def cell(self, layer: int) -> GRUConfig:
-    """The cell configuration of ``layer`` (its input size depends on the layer)."""
-    return GRUConfig(
-        input_size=self.input_size if layer == 0 else self.output_size,
-        hidden_size=self.hidden_size, variant=self.variant, activation=self.activation,
-        recurrent_activation=self.recurrent_activation, use_bias=self.use_bias,
-        param_dtype=self.param_dtype, dtype=self.dtype)
+  def layer_cell(self, layer: int) -> GRUConfig:
+    """The cell configuration of ``layer``: :attr:`cell` with that layer's input size."""
+    if layer == 0:
+      return self.cell
+    return dataclasses.replace(self.cell, input_size=self.output_size)
 
-  def init(self, key: jax.Array, initializer: str = "keras") -> StackParams:
+  def init(self, key: jax.Array, initializer: str = INITIALIZERS[0]) -> StackParams:
     """Fresh parameters: a list of ``num_layers`` dicts of cell params by direction."""
     keys = jax.random.split(key, self.num_layers * self.num_directions)
     nd = self.num_directions
-    return [{d: self.cell(l).init(keys[l * nd + i], initializer) for i, d in enumerate(self.directions)}
+    return [{d: self.layer_cell(l).init(keys[l * nd + i], initializer) for i, d in enumerate(self.directions)}
             for l in range(self.num_layers)]
 
   def check_params(self, params: StackParams) -> None:
@@ -107,7 +117,7 @@ class RNNConfig:
         got = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
         raise ValueError(f"RNN params[{l}]: expected directions {list(self.directions)}, got {got}")
       for d in self.directions:
-        self.cell(l).check_params(layer[d])
+        self.layer_cell(l).check_params(layer[d])
 
   def apply(self, params: StackParams, xs: jax.Array, lengths: Optional[jax.Array] = None,
             h0: Optional[jax.Array] = None, *, dropout_key: Optional[jax.Array] = None,
@@ -150,7 +160,7 @@ class RNNConfig:
       lengths = jnp.asarray(lengths)  # a list or tuple becomes one array
     num_cells = self.num_layers * self.num_directions
     if h0 is None:
-      h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell(0).state_dtype)
+      h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell.state_dtype)
     check_shape("RNN h0", h0, (num_cells, batch, self.hidden_size),
                 f"(L*D={num_cells}, B={batch}, H={self.hidden_size})")
     options = options if options is not None else ScanOptions()
@@ -160,7 +170,7 @@ class RNNConfig:
     xs_TBF = xs if time_major else jnp.swapaxes(xs, 0, 1)
     finals = []
     for l, layer in enumerate(params):
-      cell = self.cell(l)
+      cell = self.layer_cell(l)
       outs = []
       for i, d in enumerate(self.directions):
         ys, hs = scan_layer(cell, layer[d], xs_TBF, h0[l * self.num_directions + i], lengths,

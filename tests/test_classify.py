@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgru import RNNConfig
+from jaxgru import GRUConfig, RNNConfig
 from jaxgru.tasks import classify, imdb
 from test_imdb import make_archive, make_layout
 
@@ -16,7 +16,7 @@ E, H, V, K = 6, 5, 40, 16
 
 
 def _model(pooling="mean_max", bidirectional=True, num_layers=2, vocab_size=V):
-  rnn = RNNConfig(E, H, num_layers=num_layers, bidirectional=bidirectional)
+  rnn = RNNConfig(GRUConfig(E, H), num_layers=num_layers, bidirectional=bidirectional)
   return classify.Classifier(rnn, vocab_size=vocab_size, pooling=pooling, embed_dropout=0.1,
                              dropout=0.1, bigram_buckets=K)
 
@@ -43,7 +43,7 @@ def _reference_pooled(model, params, ids, length):
        + np.asarray(params["bigram"])[_reference_bigrams(valid)])
   finals = []
   for l in range(model.rnn.num_layers):
-    cell = model.rnn.cell(l)
+    cell = model.rnn.layer_cell(l)
     outs = []
     for d in model.rnn.directions:
       p, h = params["gru"][l][d], np.zeros(H, np.float32)

@@ -70,10 +70,10 @@ def test_from_torch_reproduces_torch(name):
 
 def test_torch_fixture_settings():
   cfg, _ = jaxgru.from_torch(torch_state_dict(load("torch_gru_2layer_bidirectional")))
-  assert (cfg.num_layers, cfg.bidirectional, cfg.use_bias) == (2, True, True)
+  assert (cfg.num_layers, cfg.bidirectional, cfg.cell.use_bias) == (2, True, True)
   assert (cfg.input_size, cfg.hidden_size, cfg.merge) == (5, 7, "concat")
   cfg, _ = jaxgru.from_torch(torch_state_dict(load("torch_gru_nobias")))
-  assert (cfg.num_layers, cfg.bidirectional, cfg.use_bias) == (1, False, False)
+  assert (cfg.num_layers, cfg.bidirectional, cfg.cell.use_bias) == (1, False, False)
 
 
 @pytest.mark.parametrize("name", TORCH_FIXTURES)
@@ -92,7 +92,9 @@ def test_to_torch_round_trips(name):
 @pytest.mark.parametrize("name", KERAS_FIXTURES)
 def test_from_keras_reproduces_keras(name):
   f = load(name)
-  cfg, params = keras_config(f)
+  rnn, stack = keras_config(f)
+  assert (rnn.num_layers, rnn.bidirectional) == (1, False)  # one return kind: a one-layer stack
+  cfg, params = rnn.cell, stack[0]["fwd"]
   assert cfg.variant == ("reset_after" if f["reset_after"] else "reset_before")
   ys, h_n = batched_sequence(cfg, params, f["x"], f["h0"])
   assert ys.shape == f["y"].shape and h_n.shape == f["h_n"].shape

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jaxgru
+import jaxgru.linen
 from jaxgru import GRUConfig, RNNConfig
 
 I, H, T, B = 3, 4, 6, 2
@@ -24,7 +25,7 @@ def zeros_params(cfg):
 
 
 def zeros_stack(cfg):
-  return [{d: zeros_params(cfg.cell(l)) for d in cfg.directions} for l in range(cfg.num_layers)]
+  return [{d: zeros_params(cfg.layer_cell(l)) for d in cfg.directions} for l in range(cfg.num_layers)]
 
 
 # -- configurations -------------------------------------------------------------------------------
@@ -44,8 +45,9 @@ def test_bad_cell_config(kwargs, parts):
   args = {"input_size": I, "hidden_size": H, **kwargs}
   with raises(*parts):
     GRUConfig(**args)
-  with raises(*parts):  # the stack validates its cells' settings the same way
-    RNNConfig(**args)
+  with raises(*parts):  # the Flax module builds the same config, so it reports the same way
+    jaxgru.linen.GRU(**{k: v for k, v in args.items() if k != "input_size"}).config(
+        args["input_size"])
 
 
 @pytest.mark.parametrize("kwargs, parts", [
@@ -56,7 +58,12 @@ def test_bad_cell_config(kwargs, parts):
 ])
 def test_bad_rnn_config(kwargs, parts):
   with raises(*parts):
-    RNNConfig(I, H, **kwargs)
+    RNNConfig(GRUConfig(I, H), **kwargs)
+
+
+def test_rnn_config_needs_a_cell():
+  with raises("cell must be a jaxgru.GRUConfig", "got int"):
+    RNNConfig(I, H)
 
 
 def test_unknown_initializer():
@@ -140,7 +147,7 @@ def test_check_params():
 # -- the stack's inputs ---------------------------------------------------------------------------
 
 def test_apply_wrong_shapes():
-  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
   params = zeros_stack(cfg)
   xs = jnp.zeros((B, T, I))
   with raises("RNN xs", "expected shape (B, T, input_size=3)", "got (2, 6, 5)"):
@@ -158,7 +165,7 @@ def test_apply_wrong_shapes():
 
 
 def test_apply_wrong_params():
-  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
   params = zeros_stack(cfg)
   xs = jnp.zeros((B, T, I))
   with raises("expected a list of 2 layers", "got 1"):
@@ -175,7 +182,7 @@ def test_apply_wrong_params():
 
 @pytest.fixture(name="torch_sd")
 def _torch_sd():
-  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
   return jaxgru.to_torch(cfg, zeros_stack(cfg))
 
 
@@ -204,17 +211,17 @@ def test_from_torch_wrong_keys(torch_sd):
 
 
 def test_to_torch_unsupported():
-  params = zeros_stack(RNNConfig(I, H, bidirectional=True))
+  params = zeros_stack(RNNConfig(GRUConfig(I, H), bidirectional=True))
   with raises("reset_after", "got variant='reset_before'"):
-    cfg = RNNConfig(I, H, variant="reset_before", use_bias=False)
+    cfg = RNNConfig(GRUConfig(I, H, variant="reset_before", use_bias=False))
     jaxgru.to_torch(cfg, zeros_stack(cfg))
   with raises("concatenates directions", "got merge='sum'"):
-    jaxgru.to_torch(RNNConfig(I, H, bidirectional=True, merge="sum"), params)
+    jaxgru.to_torch(RNNConfig(GRUConfig(I, H), bidirectional=True, merge="sum"), params)
   with raises("activation='tanh' and recurrent_activation='sigmoid'", "got 'relu' and 'sigmoid'"):
-    jaxgru.to_torch(RNNConfig(I, H, bidirectional=True, activation="relu"), params)
+    jaxgru.to_torch(RNNConfig(GRUConfig(I, H, activation="relu"), bidirectional=True), params)
   with raises("GRU params['w_h']", "expected shape (4, 12)", "got (5, 12)"):
     bad = [{d: {**p, "w_h": np.zeros((H + 1, 3 * H))} for d, p in params[0].items()}]
-    jaxgru.to_torch(RNNConfig(I, H, bidirectional=True), bad)
+    jaxgru.to_torch(RNNConfig(GRUConfig(I, H), bidirectional=True), bad)
 
 
 def test_from_keras_wrong_shapes():
@@ -236,7 +243,12 @@ def test_from_keras_wrong_shapes():
 def test_to_keras_wrong_shapes():
   cfg = GRUConfig(I, H)
   with raises("GRU params['b_x']", "expected shape (12,)", "got (13,)"):
-    jaxgru.to_keras(cfg, {**zeros_params(cfg), "b_x": np.zeros(3 * H + 1)})
+    jaxgru.to_keras(RNNConfig(cfg), [{"fwd": {**zeros_params(cfg), "b_x": np.zeros(3 * H + 1)}}])
+  with raises("to_keras takes a jaxgru.RNNConfig", "got GRUConfig"):
+    jaxgru.to_keras(cfg, zeros_params(cfg))
+  with raises("Keras GRU holds one layer in one direction", "num_layers=2"):
+    two = RNNConfig(cfg, num_layers=2)
+    jaxgru.to_keras(two, zeros_stack(two))
 
 
 def _linen_params():
@@ -273,12 +285,41 @@ def test_from_flax_nnx_wrong_shapes():
 
 
 def test_to_flax_unsupported():
+  to_flax = lambda cell, params: jaxgru.to_flax(RNNConfig(cell), [{"fwd": params}])
   with raises("Flax GRUCell is reset_after with biases", "variant='reset_before'"):
     cfg = GRUConfig(I, H, variant="reset_before")
-    jaxgru.to_flax(cfg, zeros_params(cfg))
+    to_flax(cfg, zeros_params(cfg))
   with raises("Flax GRUCell is reset_after with biases", "use_bias=False"):
     cfg = GRUConfig(I, H, use_bias=False)
-    jaxgru.to_flax(cfg, zeros_params(cfg))
+    to_flax(cfg, zeros_params(cfg))
   with raises("GRU params['w_x']", "expected shape (3, 12)", "got (3, 13)"):
     cfg = GRUConfig(I, H)
-    jaxgru.to_flax(cfg, {**zeros_params(cfg), "w_x": np.zeros((I, 3 * H + 1))})
+    to_flax(cfg, {**zeros_params(cfg), "w_x": np.zeros((I, 3 * H + 1))})
+  # What a Flax GRUCell cannot hold is refused, as to_torch refuses it.
+  for kwargs, got in (({"activation": "relu"}, "got 'relu' and 'sigmoid'"),
+                      ({"recurrent_activation": "hard_sigmoid"}, "got 'tanh' and 'hard_sigmoid'")):
+    with raises("Flax GRUCell supports activation='tanh'", got):
+      cfg = GRUConfig(I, H, **kwargs)
+      to_flax(cfg, zeros_params(cfg))
+  with raises("Flax GRUCell holds one layer in one direction", "bidirectional=True"):
+    bidi = RNNConfig(GRUConfig(I, H), bidirectional=True)
+    jaxgru.to_flax(bidi, zeros_stack(bidi))
+
+
+def test_from_flax_missing_entries():
+  p = _linen_params()
+  del p["hn"]["bias"]
+  with raises("Flax GRUCell hn: missing entry 'bias'", "got ['kernel']"):
+    jaxgru.from_flax({"params": p})
+  p = _linen_params()
+  p["ir"] = {**p["ir"], "kernel": np.zeros(I * H, np.float32)}
+  with raises("Flax GRUCell ir.kernel: expected shape (I, H)", "got (12,)"):
+    jaxgru.from_flax(p)
+  with raises("Flax nnx GRUCell dense_i: missing entry 'bias'"):
+    jaxgru.from_flax({"dense_i": {"kernel": np.zeros((I, 3 * H))},
+                      "dense_h": {"kernel": np.zeros((H, 3 * H))}})
+  with raises("Flax nnx GRUCell dense_i.kernel: expected shape (I, 3H)", "got (12,)"):
+    jaxgru.from_flax({"dense_i": {"kernel": np.zeros(3 * H), "bias": np.zeros(3 * H)},
+                      "dense_h": {"kernel": np.zeros((H, 3 * H))}})
+  with raises("torch.nn.GRU weight_ih_l0 / weight_hh_l0: expected 2-D"):
+    jaxgru.from_torch({"weight_ih_l0": np.zeros(3 * H * I), "weight_hh_l0": np.zeros((3 * H, H))})

@@ -1,7 +1,7 @@
 """Tests for jaxgru.scan: the time-major loop and its custom VJP against the plain path.
 
-The reference is what RNNConfig.apply used to be: ``jax.vmap`` of ``GRUConfig.sequence`` (one
-``lax.scan`` per example) differentiated by ``jax.grad``. Every option of ScanOptions (chunks,
+The reference is the plain loop of tests/reference.py: ``jax.vmap`` of one ``lax.scan`` over
+``GRUConfig.step`` per example, differentiated by ``jax.grad``. Every option of ScanOptions (chunks,
 padding to whole chunks, rematerialization, the projection before or inside the loop, unrolling,
 autodiff instead of the custom VJP) must give the same values and the same gradients.
 """
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxgru
+import reference as plain
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 
 I, H, T, B = 3, 5, 7, 4
@@ -49,9 +50,9 @@ def random_params(cell, seed=0):
 
 
 def reference(cell, params, xs_TBI, h0, lengths, reverse):
-  """The plain path: vmap of GRUConfig.sequence over the batch, time-major in and out."""
+  """The plain path: vmap of the reference loop over the batch, time-major in and out."""
   def one(x, h, n):
-    return cell.sequence(params, x, h, n, reverse)
+    return plain.sequence(cell, params, x, h, n, reverse)
   if lengths is None:
     return jax.vmap(lambda x, h: one(x, h, None), in_axes=(1, 0), out_axes=(1, 0))(xs_TBI, h0)
   return jax.vmap(one, in_axes=(1, 0, 0), out_axes=(1, 0))(xs_TBI, h0, lengths)
@@ -173,13 +174,13 @@ def test_empty_sequence():
 
 
 def apply_reference(cfg, params, xs, lengths, h0, dropout_key):
-  """RNNConfig.apply as it was: vmap of GRUConfig.sequence per layer and direction."""
+  """RNNConfig.apply by hand: vmap of the plain reference loop per layer and direction."""
   finals = []
   for l, layer in enumerate(params):
-    cell, outs = cfg.cell(l), []
+    cell, outs = cfg.layer_cell(l), []
     for i, d in enumerate(cfg.directions):
       h = h0[l * cfg.num_directions + i]
-      run = lambda x, hh, n, p=layer[d], rev=(d == "bwd"): cell.sequence(p, x, hh, n, rev)
+      run = lambda x, hh, n, p=layer[d], rev=(d == "bwd"): plain.sequence(cell, p, x, hh, n, rev)
       ys, hs = jax.vmap(run)(xs, h, lengths)
       outs.append(ys)
       finals.append(hs)
@@ -193,8 +194,8 @@ def apply_reference(cfg, params, xs, lengths, h0, dropout_key):
 
 @pytest.mark.parametrize("time_major,options", [(False, None), (True, "products")])
 def test_apply_stack_with_dropout_equals_the_plain_path(time_major, options):
-  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True, dropout=0.3)
-  params = [{d: random_params(cfg.cell(l), seed=2 * l + i) for i, d in enumerate(cfg.directions)}
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True, dropout=0.3)
+  params = [{d: random_params(cfg.layer_cell(l), seed=2 * l + i) for i, d in enumerate(cfg.directions)}
             for l in range(cfg.num_layers)]
   xs, h0 = randn(B, T, I), randn(4, B, H, seed=2)
   lengths, key = jnp.asarray(LENGTHS), jax.random.key(3)
@@ -223,7 +224,7 @@ def test_apply_stack_with_dropout_equals_the_plain_path(time_major, options):
 
 
 def test_apply_unroll_and_options_do_not_change_results():
-  cfg = RNNConfig(I, H)
+  cfg = RNNConfig(GRUConfig(I, H))
   params, xs = cfg.init(jax.random.key(0)), randn(B, T, I)
   want = cfg.apply(params, xs)
   for kwargs in ({"unroll": 3}, {"options": OPTIONS["one_step"]}, {"options": OPTIONS["autodiff"]},
@@ -234,7 +235,7 @@ def test_apply_unroll_and_options_do_not_change_results():
 
 
 def test_train_step_does_not_recompile():
-  cfg = RNNConfig(I, H)
+  cfg = RNNConfig(GRUConfig(I, H))
   params, xs = cfg.init(jax.random.key(0)), randn(B, T, I)
 
   @jax.jit

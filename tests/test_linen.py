@@ -48,7 +48,7 @@ def test_module_equals_rnnconfig_apply():
   variables = jax.jit(layer.init)(jax.random.key(0), xs)
   params = variables["params"]["gru"]
   cfg = layer.config(I)
-  assert cfg == jaxgru.RNNConfig(I, H, num_layers=2, bidirectional=True)
+  assert cfg == jaxgru.RNNConfig(jaxgru.GRUConfig(I, H), num_layers=2, bidirectional=True)
   cfg.check_params(params)
   ys, h_last = jax.jit(layer.apply)(variables, xs, lengths, h0)
   ys_ref, h_ref = jax.jit(cfg.apply)(params, xs, lengths, h0)
@@ -82,13 +82,15 @@ def test_from_flax_linen():
   xs, h0 = randn(B, T, I), randn(B, H, seed=2)
   variables = randomize(rnn.init(jax.random.key(0), xs))
   ys_flax = jax.jit(rnn.apply)(variables, xs, initial_carry=h0)
-  cfg, params = jaxgru.from_flax(variables["params"]["cell"])
-  assert cfg == jaxgru.GRUConfig(I, H, param_dtype=jnp.float32)
+  rnn_cfg, stack = jaxgru.from_flax(variables["params"]["cell"])
+  assert rnn_cfg == jaxgru.RNNConfig(jaxgru.GRUConfig(I, H, param_dtype=jnp.float32))
+  cfg, params = rnn_cfg.cell, stack[0]["fwd"]
   ys, _ = batched_sequence(cfg, params, xs, h0)
   assert max_err(ys, ys_flax) <= PARITY_ATOL
   # The {"params": ...} wrapper of a GRUCell's own variables is accepted as well.
   cell_vars = {"params": variables["params"]["cell"]}
-  _, params2 = jaxgru.from_flax(cell_vars)
+  _, stack2 = jaxgru.from_flax(cell_vars)
+  params2 = stack2[0]["fwd"]
   for k in params:
     np.testing.assert_array_equal(params[k], params2[k])
 
@@ -99,11 +101,12 @@ def test_to_flax_linen():
   xs, h0 = randn(B, T, I), randn(B, H, seed=2)
   ys, _ = batched_sequence(cfg, params, xs, h0)
   rnn = _linen_rnn()
-  ys_flax = jax.jit(rnn.apply)({"params": {"cell": jaxgru.to_flax(cfg, params)}}, xs,
-                               initial_carry=h0)
+  flax_params = jaxgru.to_flax(jaxgru.RNNConfig(cfg), [{"fwd": params}])
+  ys_flax = jax.jit(rnn.apply)({"params": {"cell": flax_params}}, xs, initial_carry=h0)
   assert max_err(ys, ys_flax) <= PARITY_ATOL
   # And back: the recurrent z and r biases come back folded into the input biases.
-  cfg2, params2 = jaxgru.from_flax(jaxgru.to_flax(cfg, params))
+  rnn2, stack2 = jaxgru.from_flax(flax_params)
+  cfg2, params2 = rnn2.cell, stack2[0]["fwd"]
   assert cfg2 == dataclasses.replace(cfg, param_dtype=jnp.float32)
   ys2, _ = batched_sequence(cfg2, params2, xs, h0)
   assert max_err(ys2, ys) <= PARITY_ATOL
@@ -127,7 +130,8 @@ def test_from_flax_nnx():
 
   ys_nnx = run_nnx(*nnx.split(cell), xs, h0)
   state = nnx.to_pure_dict(nnx.state(cell, nnx.Param))
-  cfg, params = jaxgru.from_flax(state)
+  rnn_cfg, stack = jaxgru.from_flax(state)
+  cfg, params = rnn_cfg.cell, stack[0]["fwd"]
   assert cfg == jaxgru.GRUConfig(I, H, param_dtype=jnp.float32)
   np.testing.assert_array_equal(params["b_h"], 0.0)  # nnx has no recurrent bias
   ys, _ = batched_sequence(cfg, params, xs, h0)

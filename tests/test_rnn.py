@@ -1,4 +1,5 @@
-"""Tests for jaxgru.rnn: RNNConfig.apply against per-layer GRUConfig.sequence calls by hand."""
+"""Tests for jaxgru.rnn: RNNConfig.apply against per-layer, per-sequence plain loops by hand
+(tests/reference.py: ``lax.scan`` over ``GRUConfig.step``)."""
 
 import functools
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxgru import GRUConfig, RNNConfig
+import reference as plain
 
 I, H, T, B = 3, 4, 7, 4
 
@@ -17,16 +19,16 @@ def randn(*shape, seed=1):
 
 
 # The configurations most tests share, so that each jitted function compiles once per module.
-BIDI = RNNConfig(I, H, num_layers=2, bidirectional=True)
-SUM = RNNConfig(I, H, num_layers=2, bidirectional=True, merge="sum", variant="reset_before")
-ONE = RNNConfig(I, H, dropout=0.5)  # a single layer: dropout (between layers) never applies
+BIDI = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
+SUM = RNNConfig(GRUConfig(I, H, variant="reset_before"), num_layers=2, bidirectional=True, merge="sum")
+ONE = RNNConfig(GRUConfig(I, H), dropout=0.5)  # a single layer: dropout (between layers) never applies
 
 
 def random_stack(cfg, seed=0):
   """Random parameters for every cell, biases included (the Keras initializer zeroes them)."""
   rng = np.random.default_rng(seed)
   return [{d: {n: jnp.asarray(rng.normal(scale=0.5, size=s).astype(np.float32))
-               for n, s in cfg.cell(l).param_shapes().items()}
+               for n, s in cfg.layer_cell(l).param_shapes().items()}
            for d in cfg.directions}
           for l in range(cfg.num_layers)]
 
@@ -38,8 +40,8 @@ def apply(cfg, params, xs, lengths=None, h0=None, dropout_key=None):
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(cell, params, xs, h0):
-  """ONE sequence read forwards: the only jaxgru function the by-hand references use."""
-  return cell.sequence(params, xs, h0)
+  """ONE sequence read forwards by the plain loop: the only JAX computation of the references."""
+  return plain.sequence(cell, params, xs, h0)
 
 
 def backward(cell, params, xs, h0):
@@ -61,7 +63,7 @@ def by_hand(cfg, params, xs, h0, lengths=None):
     steps = xs.shape[1] if lengths is None else int(lengths[b])
     inputs, finals = xs[b, :steps], []
     for l, layer in enumerate(params):
-      cell = cfg.cell(l)
+      cell = cfg.layer_cell(l)
       outs = []
       for i, run in enumerate(directions):
         ys, h_last = run(cell, layer[cfg.directions[i]], inputs,
@@ -100,12 +102,12 @@ def test_stack_equals_composed_sequences(cfg):
 
 
 def test_output_size():
-  assert RNNConfig(I, H).output_size == H
-  assert RNNConfig(I, H, bidirectional=True).output_size == 2 * H
-  assert RNNConfig(I, H, bidirectional=True, merge="sum").output_size == H
+  assert RNNConfig(GRUConfig(I, H)).output_size == H
+  assert RNNConfig(GRUConfig(I, H), bidirectional=True).output_size == 2 * H
+  assert RNNConfig(GRUConfig(I, H), bidirectional=True, merge="sum").output_size == H
   # Layers after the first read the previous layer's output.
-  cfg = RNNConfig(I, H, num_layers=2, bidirectional=True)
-  assert cfg.cell(0) == GRUConfig(I, H) and cfg.cell(1) == GRUConfig(2 * H, H)
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
+  assert cfg.layer_cell(0) == GRUConfig(I, H) and cfg.layer_cell(1) == GRUConfig(2 * H, H)
 
 
 def test_h0_defaults_to_zeros():
@@ -135,8 +137,7 @@ def test_h0_layout_is_layer_major_forward_first():
 
 # -- variable lengths -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [BIDI, RNNConfig(I, H, bidirectional=True, merge="sum",
-                                                  variant="reset_before")],
+@pytest.mark.parametrize("cfg", [BIDI, RNNConfig(GRUConfig(I, H, variant="reset_before"), bidirectional=True, merge="sum")],
                          ids=["concat", "sum"])
 def test_lengths_equal_each_sequence_alone(cfg):
   params = random_stack(cfg)
@@ -215,12 +216,11 @@ def _pass_through_top_layer(cfg, params):
 
 def test_dropout():
   p = 0.5
-  cfg = RNNConfig(I, H, num_layers=2, dropout=p, activation="linear",
-                  recurrent_activation="hard_sigmoid")
+  cfg = RNNConfig(GRUConfig(I, H, activation="linear", recurrent_activation="hard_sigmoid"), num_layers=2, dropout=p)
   params = _pass_through_top_layer(cfg, random_stack(cfg))
   xs = randn(8, T, I)
   # The first layer's outputs, without dropout.
-  below, _ = apply(RNNConfig(I, H, activation="linear", recurrent_activation="hard_sigmoid"),
+  below, _ = apply(RNNConfig(GRUConfig(I, H, activation="linear", recurrent_activation="hard_sigmoid")),
                    params[:1], xs)
 
   # No key: no dropout, whatever the rate.
@@ -260,6 +260,6 @@ def test_second_call_does_not_recompile():
 
   cfg = BIDI
   run(cfg, random_stack(cfg, 0), randn(B, T, I, seed=1), jnp.array([T, 3, 1, 0]))
-  run(RNNConfig(I, H, num_layers=2, bidirectional=True), random_stack(cfg, 1),
+  run(RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True), random_stack(cfg, 1),
       randn(B, T, I, seed=2), jnp.array([1, 2, 3, 4]))
   assert run._cache_size() == 1

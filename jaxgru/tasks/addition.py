@@ -25,6 +25,7 @@ import optax
 
 from jaxgru import parallel
 from jaxgru import train as _train
+from jaxgru.cell import GRUConfig
 from jaxgru.rnn import RNNConfig
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class AdditionModel:
   def init(self, key: jax.Array, initializer: str = "keras") -> dict[str, Any]:
     k_rnn, k_out = jax.random.split(key)
     size = self.rnn.output_size
-    dtype = self.rnn.cell(0).state_dtype
+    dtype = self.rnn.layer_cell(0).state_dtype
     return {"gru": self.rnn.init(k_rnn, initializer),
             "readout": {"w": jax.nn.initializers.lecun_normal()(k_out, (size, 1), dtype),
                         "b": jnp.zeros((1,), dtype)}}
@@ -192,10 +193,11 @@ class AdditionConfig:
   early_stop: bool = True
 
   def model(self) -> AdditionModel:
-    return AdditionModel(RNNConfig(
-        input_size=2, hidden_size=self.hidden_size, num_layers=self.num_layers,
+    return AdditionModel(RNNConfig(GRUConfig(
+        input_size=2, hidden_size=self.hidden_size,
         variant=self.variant, activation=self.activation,
-        recurrent_activation=self.recurrent_activation, dtype=self.dtype))
+        recurrent_activation=self.recurrent_activation, dtype=self.dtype),
+        num_layers=self.num_layers))
 
   def optimizer_config(self) -> _train.OptimizerConfig:
     return _train.OptimizerConfig(
@@ -285,7 +287,7 @@ def make_evaluate(cfg: AdditionConfig, bits: int, size: int, batch_chunk: int = 
     correct = []
     for b0 in range(0, size, batch_chunk):
       xb, yb = x_all[b0:b0 + batch_chunk], y_all[b0:b0 + batch_chunk]
-      h = jnp.zeros((num, layers, xb.shape[0], hidden), model.rnn.cell(0).state_dtype)
+      h = jnp.zeros((num, layers, xb.shape[0], hidden), model.rnn.layer_cell(0).state_dtype)
       ok = jnp.ones((num, xb.shape[0]), bool)
       for t0 in range(0, steps, time_chunk):
         ok_t, h = chunk_fn(params, xb[:, t0:t0 + time_chunk], yb[:, t0:t0 + time_chunk], h)

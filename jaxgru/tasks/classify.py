@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from jaxgru import train as _train
+from jaxgru.cell import GRUConfig
 from jaxgru.rnn import RNNConfig
 from jaxgru.tasks import imdb as _imdb
 
@@ -102,7 +103,7 @@ class Classifier:
 
   @property
   def dtype(self) -> np.dtype:
-    return self.rnn.cell(0).state_dtype
+    return self.rnn.layer_cell(0).state_dtype
 
   def init(self, key: jax.Array, initializer: str = "keras") -> dict[str, Any]:
     """Fresh parameters: ``"embed"`` (V, E) and ``"bigram"`` (K, E) (token inputs only),
@@ -390,12 +391,12 @@ class ClassifyConfig:
   def model(self) -> Classifier:
     text = self.task == "imdb"
     return Classifier(
-        rnn=RNNConfig(
+        rnn=RNNConfig(GRUConfig(
             input_size=self.embed_size if text else self.num_features,
-            hidden_size=self.hidden_size, num_layers=self.num_layers,
-            bidirectional=self.bidirectional, dropout=self.rnn_dropout, variant=self.variant,
+            hidden_size=self.hidden_size, variant=self.variant,
             activation=self.activation, recurrent_activation=self.recurrent_activation,
-            dtype=self.dtype),
+            dtype=self.dtype), num_layers=self.num_layers,
+            bidirectional=self.bidirectional, dropout=self.rnn_dropout),
         vocab_size=self.vocab_size if text else None, pooling=self.pooling,
         embed_dropout=self.embed_dropout if text else 0.0, dropout=self.dropout,
         bigram_buckets=self.bigram_buckets if text else 0)

@@ -1,0 +1,130 @@
+"""The forward time loop of one layer: time-major, in chunks, masked by lengths.
+
+This module owns how a layer's steps run forward: the one masked step (:func:`_step`, the only
+place where ``lengths`` act on the state), the loop over one chunk's steps (:func:`_forward`,
+which can also record what the backward pass needs), the loop over chunks, and
+:func:`_layer`, the layer as JAX differentiates it by itself. The GRU math is the cell's
+(:meth:`GRUConfig._recur_with`); the custom VJP lives in :mod:`jaxgru._vjp`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxgru.cell import GRUConfig, Params, split_gates
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one layer's loop (a nondiff argument of the custom VJP)."""
+  cell: GRUConfig
+  reverse: bool
+  unroll: int
+  hoist: bool
+  remat: str
+  diagonal: bool = False
+
+
+
+# -- one step -------------------------------------------------------------------------------------
+
+
+def _project(cell: GRUConfig, params: Params, x: jax.Array) -> tuple[jax.Array, ...]:
+  return split_gates(cell._project_inputs(params, x), 3)
+
+
+def _step(cell: GRUConfig, h, g, t, lengths, product):
+  """One step, masked as in :meth:`the reference loop of tests/reference.py`: returns (carry, output)."""
+  h_new = cell._recur_with(h, g, product)
+  if lengths is None:
+    return h_new, h_new
+  valid = (t < lengths)[:, None]
+  h_new = jnp.where(valid, h_new, h)
+  return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
+
+
+def _join(parts: tuple[jax.Array, ...]) -> jax.Array:
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def _rows(a: jax.Array) -> jax.Array:
+  return a.reshape((-1, a.shape[-1]))
+
+# -- one chunk ------------------------------------------------------------------------------------
+
+
+def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str]):
+  """The loop over one chunk's steps, starting at time index t0: (ys, h_last, residuals).
+
+  ``save`` is None (no residuals), ``"all"`` (per step: the state before the step, the gate
+  inputs and the outputs of the recurrent products, split by gate) or ``"states"`` (the state
+  before each step, only when masking makes it differ from the previous output; else None).
+  """
+  cell = st.cell
+  size = cell.hidden_size
+  ts = t0 + jnp.arange(x_CBI.shape[0], dtype=jnp.int32)
+  seq = _project(cell, params, x_CBI) if st.hoist else x_CBI
+
+  def body(h, inp):
+    x_or_g, t = inp
+    g = x_or_g if st.hoist else _project(cell, params, x_or_g)
+    outs = []
+
+    def product(k, a):
+      y = cell._recurrent_product(params, k, a)
+      y = split_gates(y, y.shape[-1] // size)
+      outs.append(y)
+      return y
+
+    h_new, y = _step(cell, h, g, t, lengths, product)
+    if save == "all":
+      res = (h, None if st.hoist else g, tuple(outs))
+    elif save == "states" and lengths is not None:
+      res = h
+    else:
+      res = None
+    return h_new, (y, res)
+
+  h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts), reverse=st.reverse, unroll=st.unroll)
+  if save == "all" and st.hoist:
+    res = (res[0], seq, res[2])
+  return ys, h_last, res
+
+# -- over the chunks ------------------------------------------------------------------------------
+
+
+def _over_chunks(fn, carry, xs, reverse: bool):
+  """``lax.scan(fn, carry, xs)`` over the leading (chunk) axis; a plain call for one chunk."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    carry, out = fn(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], out)
+  return jax.lax.scan(fn, carry, xs, reverse=reverse)
+
+
+def _starts(xs_NCBI):
+  return jnp.arange(xs_NCBI.shape[0], dtype=jnp.int32) * xs_NCBI.shape[1]
+
+
+def _layer(st: _Static, params, xs_NCBI, h0, lengths):
+  """The loop differentiated by JAX (with jax.checkpoint per chunk unless remat is "none")."""
+  if st.remat == "none" and not st.hoist:
+    # Chunks only bound the memory of a backward pass or of a hoisted projection: one loop.
+    n, c = xs_NCBI.shape[:2]
+    ys, h_last, _ = _forward(st, params, xs_NCBI.reshape((n * c,) + xs_NCBI.shape[2:]), h0,
+                             lengths, 0, save=None)
+    return ys.reshape((n, c) + ys.shape[1:]), h_last
+
+  def chunk(h, inp):
+    x, t0 = inp
+    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None)
+    return h_last, ys
+
+  if st.remat != "none":
+    chunk = jax.checkpoint(chunk)
+  h_last, ys = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+  return ys, h_last
+

@@ -1,0 +1,162 @@
+"""The tuning policy of the time loop: :class:`ScanOptions` and its measured per-backend defaults.
+
+This module owns only decisions: how long a chunk is, what the forward pass keeps for the
+backward pass, whether the input projection is hoisted out of the loop, whether the custom VJP
+and its diagonal backward are used. It runs no loop; :mod:`jaxgru._loop` and :mod:`jaxgru._vjp`
+act on what it decides. None of its choices changes a result, only speed and memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax
+
+from jaxgru import activations as _act
+from jaxgru.cell import GRUConfig
+
+# Per-backend defaults, measured with benchmarks/speed.py (see benchmarks/results/). On the CPU
+# the working set decides: XLA:CPU takes a temporary buffer above 32 MB fresh from the kernel
+# at every call and pays a page fault per 4 kB page it touches, which can cost more than
+# recomputing the products; so a training step there keeps its residuals small.
+_TUNED = {
+    "cpu": {"unroll": 1,
+            # Project the inputs before the loop when a step's input product has at least this
+            # many multiply-adds (B*I*3H) and a (T, B, H) array is at most big_bytes; else
+            # inside the loop.
+            "hoist_projection": False, "hoist_macs": 2**20,
+            # Residuals of the whole sequence at most this: keep them all, one chunk.
+            "whole_bytes": 2**24,
+            # Else chunks of about this many bytes of (B, H) states...
+            "chunk_bytes": 2**19,
+            # ...or, when one (T, B, H) array alone exceeds this (the step cannot avoid fresh
+            # memory anyway), of about this many rows (C*B), for efficient weight products.
+            "big_bytes": 2**24, "chunk_rows": 2048,
+            # The custom VJP's products over all steps pay off from this many steps on.
+            "custom_vjp_steps": 64,
+            # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
+            # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
+            "diagonal_bytes": 2**24},
+    "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
+            "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
+            "diagonal_bytes": None},
+}
+REMAT = ("none", "products", "full")
+# Arrays of (B, H) floats a step keeps for the backward pass without rematerialization (the
+# state, gate inputs and products, their cotangents, the outputs and theirs), about.
+_RESIDUALS_PER_STEP = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanOptions:
+  """How :func:`scan_layer` runs the time loop; none of it changes the results.
+
+  Every None picks the default measured for the backend (``jax.default_backend()``; TPUs take
+  the GPU's) and the shape.
+
+  Attributes:
+    unroll: steps per iteration of the inner loops (``lax.scan``'s ``unroll``).
+    chunk: steps per chunk C of the training loops (the whole sequence when larger than T).
+      None: T off the CPU; on the CPU, T when the whole sequence's residuals are small, else
+      about 512 kB of (B, H) states per chunk, or 2048 rows (C*B) for very large layers.
+    remat: what the forward pass of a training step keeps for the backward pass.
+      ``"none"`` (or False): every step's residuals.
+      ``"products"``: every step's state only; the backward pass recomputes a chunk's input
+      projections and recurrent products from the states, each as ONE (C*B, .) matrix product.
+      ``"full"`` (or True): each chunk's initial state only; the backward pass reruns the
+      chunk's loop (as ``jax.checkpoint`` of each chunk would), the least memory.
+      None: ``"none"`` where the whole sequence's residuals are small (and off the CPU), else
+      ``"products"``.
+    hoist_projection: project a chunk's inputs in one product before its loop (True) or each
+      step's inside it (False). None: True off the CPU; on the CPU, True when a step's input
+      product has at least 2**20 multiply-adds (B*I*3H) and a (T, B, H) array is at most 16 MB.
+    custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk) or,
+      False, with JAX's autodiff of the loop (``jax.checkpoint`` per chunk unless remat is
+      ``"none"``). None: the custom VJP, except on the CPU for sequences shorter than 64 steps.
+    diagonal_backward: in the custom VJP, compute the gates' derivatives of a chunk before its
+      backward loop, in bulk (True), or take the VJP of each step inside the loop (False).
+      Only a cell that acts on each unit alone allows it (:func:`diagonal_backward_applies`);
+      any other takes the per-step VJP whatever this says. None: True off the CPU; on the CPU,
+      True while one (T, B, H) array is at most 16 MB (beyond, its larger per-chunk arrays cost
+      more than it saves).
+  """
+
+  unroll: Optional[int] = None
+  chunk: Optional[int] = None
+  remat: Union[None, bool, str] = None
+  hoist_projection: Optional[bool] = None
+  custom_vjp: Optional[bool] = None
+  diagonal_backward: Optional[bool] = None
+
+  def __post_init__(self):
+    for name in ("unroll", "chunk"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if self.diagonal_backward is not None and not isinstance(self.diagonal_backward, bool):
+      raise ValueError(
+          f"diagonal_backward must be True, False or None, got {self.diagonal_backward!r}")
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat is not None and self.remat not in REMAT:
+      raise ValueError(f"remat must be one of {REMAT}, a bool or None, got {self.remat!r}")
+
+  def resolved(self, steps: int, batch: int, hidden: int = 1,
+               backend: Optional[str] = None, inputs: int = 1) -> "ScanOptions":
+    """These options with every None replaced by the default for the backend and shape
+    (``inputs`` is I, the input features)."""
+    tuned = _TUNED.get(backend or jax.default_backend(), _TUNED["gpu"])
+    step_bytes = 4 * max(batch, 1) * max(hidden, 1)
+    small = (tuned["whole_bytes"] is None
+             or steps * step_bytes * _RESIDUALS_PER_STEP <= tuned["whole_bytes"])
+    chunk = self.chunk
+    if chunk is None:
+      if small:
+        chunk = steps
+      elif steps * step_bytes > tuned["big_bytes"]:
+        chunk = _divisor_near(steps, tuned["chunk_rows"] // max(batch, 1))
+      else:
+        chunk = _divisor_near(steps, tuned["chunk_bytes"] // step_bytes)
+    remat = self.remat
+    if remat is None:
+      remat = "none" if small else "products"
+    custom_vjp = self.custom_vjp
+    if custom_vjp is None:
+      custom_vjp = steps >= tuned["custom_vjp_steps"]
+    diagonal = self.diagonal_backward
+    if diagonal is None:
+      diagonal = tuned["diagonal_bytes"] is None or steps * step_bytes <= tuned["diagonal_bytes"]
+    hoist = self.hoist_projection
+    if hoist is None:
+      hoist = tuned["hoist_projection"]
+      if tuned["hoist_macs"] is not None:
+        hoist = (batch * inputs * 3 * hidden >= tuned["hoist_macs"]
+                 and steps * step_bytes <= tuned["big_bytes"])
+    pick = lambda value, name: tuned[name] if value is None else value
+    return dataclasses.replace(
+        self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
+        remat=remat, hoist_projection=hoist,
+        custom_vjp=custom_vjp, diagonal_backward=diagonal)
+
+
+def diagonal_backward_applies(cell: GRUConfig) -> bool:
+  """Whether ``cell``'s step, given its input projection and its recurrent product, acts on each
+  hidden unit alone: reset_after (reset_before makes a second product inside the step) with
+  activations known to be elementwise. Its Jacobian is then diagonal per unit, and one VJP
+  against ones yields it for every step at once."""
+  return (cell._num_recurrent_products == 1 and _act.is_elementwise(cell.activation)
+          and _act.is_elementwise(cell.recurrent_activation))
+
+
+def _divisor_near(steps: int, target: int) -> int:
+  """A chunk length near ``target``: a divisor of ``steps`` within a factor of 2 if there is
+  one (no padding), else the length that splits ``steps`` into the fewest, most even chunks."""
+  target = max(1, min(target, steps))
+  near = [d for d in range(max(1, (target + 1) // 2), min(steps, 2 * target) + 1)
+          if steps % d == 0]
+  if near:
+    return min(near, key=lambda d: (abs(d - target), -d))
+  return -(-steps // -(-steps // target))
+
