@@ -332,15 +332,19 @@ def split_gates(y: Any, parts: int) -> tuple[jax.Array, ...]:
 
 
 def check_lengths(lengths: Any, max_length: int) -> None:
-  """Raises ValueError for lengths outside [0, T] when their values are known (not traced).
+  """Raises ValueError for lengths that are not signed integers, or outside [0, T] when their
+  values are known (not traced).
 
-  Under ``jax.jit`` the values are not known at trace time; a length above T then behaves as T.
+  The dtype is static, so it is checked under ``jax.jit`` too: an unsigned dtype would wrap
+  values above 2**31 into negative int32 ones and a float would be truncated, silently. Under jit
+  the values themselves are not known at trace time; a length above T then behaves as T.
   """
+  dtype = np.dtype(lengths.dtype) if hasattr(lengths, "dtype") else np.asarray(lengths).dtype
+  if not np.issubdtype(dtype, np.signedinteger):
+    raise ValueError(f"lengths must be signed integers, got dtype {dtype}")
   if isinstance(lengths, jax.core.Tracer):
     return
   values = np.asarray(lengths)
-  if not np.issubdtype(values.dtype, np.integer):
-    raise ValueError(f"lengths must be integers, got dtype {values.dtype}")
   if values.size and (values.min() < 0 or values.max() > max_length):
     raise ValueError(
         f"lengths must lie in [0, T={max_length}], got values in "

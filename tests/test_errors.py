@@ -122,12 +122,27 @@ def test_step_and_sequence_check_params():
 @pytest.mark.parametrize("length, parts", [
     (7, ("lengths must lie in [0, T=6]", "got values in [7, 7]")),
     (-1, ("lengths must lie in [0, T=6]", "got values in [-1, -1]")),
-    (2.0, ("lengths must be integers", "got dtype float")),
+    (2.0, ("lengths must be signed integers", "got dtype float")),
+    (np.uint32(3), ("lengths must be signed integers", "got dtype uint32")),
 ])
 def test_sequence_bad_length(length, parts):
   cfg = GRUConfig(I, H)
   with raises(*parts):
     cfg.sequence(zeros_params(cfg), jnp.zeros((T, I)), None, np.asarray(length))
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint32, jnp.uint8, jnp.float32])
+def test_lengths_dtype_refused_under_jit(dtype):
+  # The dtype is static, so jit refuses it at trace time; before, uint32 lengths above 2**31 acted
+  # as 0 and float lengths were truncated, silently.
+  cfg = RNNConfig(GRUConfig(I, H))
+  params = zeros_stack(cfg)
+  run = jax.jit(lambda lengths: cfg.apply(params, jnp.zeros((2, T, I)), lengths)[0])
+  with raises("lengths must be signed integers", f"got dtype {np.dtype(dtype)}"):
+    run(jnp.array([3, 2**31 + 5 if dtype == jnp.uint32 else 2], dtype))
+  seq = jax.jit(lambda n: cfg.cell.sequence(params[0]["fwd"], jnp.zeros((T, I)), None, n))
+  with raises("lengths must be signed integers"):
+    seq(jnp.asarray(3, dtype))
 
 
 def test_check_params():
