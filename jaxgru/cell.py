@@ -1,9 +1,10 @@
 """The GRU cell: the one place where the GRU math lives.
 
-Everything else in jaxgru (sequences, stacks, directions, the Flax module, the tasks) is a thin
-layer over :meth:`GRUConfig.step`, or over its two halves :meth:`GRUConfig._project_inputs` and
-:meth:`GRUConfig._recur`, which let a sequence do the input projection of all time steps in one
-matrix product outside the time loop.
+Everything else in jaxgru (sequences, stacks, directions, the Flax and Equinox modules, the
+tasks) is a thin layer over :meth:`GRUConfig.step`'s math. The one time loop,
+:func:`jaxgru.scan_layer`, calls its private halves (:meth:`GRUConfig._project_inputs` and
+:meth:`GRUConfig._recur_with`), which let it do the input projection of many time steps in one
+matrix product outside the loop and take the weight gradients of all steps at once.
 
 Gates are stored fused, in the order ``z | r | n`` (update, reset, candidate), the Keras order.
 For one example with input ``x`` (I,) and state ``h`` (H,)::
@@ -289,8 +290,11 @@ class GRUConfig:
 
   def sequence(self, params: Params, xs: jax.Array, h0: Optional[jax.Array] = None,
                length: Optional[jax.Array] = None, reverse: bool = False,
-               unroll: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Runs the cell over ONE sequence with ``jax.lax.scan``.
+               unroll: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+    """Runs the cell over ONE sequence: :func:`jaxgru.scan_layer` over a batch of one.
+
+    ``jax.vmap`` it over many sequences, or call :func:`jaxgru.scan_layer` (or
+    :meth:`RNNConfig.apply`) with the whole batch, which runs one loop for all of them.
 
     Args:
       params: parameters from :meth:`init`.
@@ -301,7 +305,8 @@ class GRUConfig:
         when ``reverse``) and padding never reaches it.
       reverse: read the sequence from its end (with ``length``, from step L-1). Outputs stay in
         input order.
-      unroll: how many steps ``lax.scan`` unrolls per loop iteration.
+      unroll: how many steps ``lax.scan`` unrolls per loop iteration; None picks the
+        backend's default (:class:`jaxgru.ScanOptions`).
 
     Returns:
       ``(ys, h_last)``: every step's state (T, H) and the final state (H,).
