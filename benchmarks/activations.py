@@ -14,7 +14,7 @@ held-out metric:
   ``--imdb_subset`` training reviews (a smaller model and shorter reviews than ``run.py``'s
   default, so the study stays within minutes on a CPU).
 
-  python benchmarks/activations.py --data_path=aclImdb_v1.tar.gz
+  python -m benchmarks.activations --data_path=aclImdb_v1.tar.gz
 
 Writes ``<out>.md`` (the table), ``<out>.json`` (every number, curves included) and
 ``<out>.png`` (learning curves: training loss for addition, held-out accuracy for IMDB; needs
@@ -32,8 +32,9 @@ import time
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import _common
+
+ROOT = _common.ROOT
 
 flags.DEFINE_list("tasks", ["addition", "imdb"], "Tasks to study.")
 flags.DEFINE_string("data_path", None, "IMDB: the aclImdb folder or the .tar.gz archive.")
@@ -87,7 +88,7 @@ def _train_models(state, train_step, total_steps, log_every, batch_fn=None, prob
 
 
 def study_addition(act: str, ract: str, lr: float) -> dict:
-  from jaxgru.tasks import addition
+  addition = _common.addition_task()
   cfg = addition.AdditionConfig(activation=act, recurrent_activation=ract, learning_rates=(lr,),
                                 num_models=FLAGS.seeds, steps=FLAGS.addition_steps, seed=0)
   state = addition.init_states(cfg)
@@ -239,7 +240,7 @@ def main(argv):
   results: dict[str, dict] = {}
   settings = {}
   if "addition" in FLAGS.tasks:
-    from jaxgru.tasks import addition
+    addition = _common.addition_task()
     base = addition.AdditionConfig()
     for lr in (float(v) for v in FLAGS.addition_learning_rates):
       task = f"addition, learning rate {lr:g}"
@@ -284,7 +285,7 @@ def main(argv):
   machine = {"devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
              "load_average_end": os.getloadavg()[0], "python": platform.python_version(),
              "jax": jax.__version__, "wall_seconds": time.time() - wall}
-  command = "python benchmarks/activations.py " + " ".join(
+  command = "python -m benchmarks.activations " + " ".join(
       f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in (
           ("tasks", FLAGS.tasks), ("seeds", FLAGS.seeds), ("addition_steps", FLAGS.addition_steps),
           ("addition_learning_rates", FLAGS.addition_learning_rates),

@@ -6,7 +6,7 @@ fresh Adam state and a cosine decay, and is scored like the target of the additi
 many models are exact on ALL of ``--eval_size`` random problems at each of ``--eval_bits``.
 The held-out problems come from ``--eval_seed``, which neither phase trains on.
 
-  python benchmarks/addition_consolidation.py --seed=100 \\
+  python -m benchmarks.addition_consolidation --seed=100 \\
       --variants=uniform_400,mixed_400,mixed_1200,mixed_2400,mixed_2400_b128
 
 A variant is ``<data>_<steps>`` with data ``uniform`` (every bit uniform, the old default),
@@ -27,8 +27,9 @@ import time
 
 from absl import app, flags, logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from benchmarks import _common
+
+ROOT = _common.ROOT
 
 flags.DEFINE_integer("seed", 100, "First seed of phase 1 (seeds seed .. seed+num_models-1).")
 flags.DEFINE_integer("num_models", 64, "Models trained at once.")
@@ -63,8 +64,8 @@ def parse_variant(text: str) -> dict:
 def consolidate(cfg, state):
   """Phase 2 of addition.train_and_evaluate, from ``state``, with cfg's consolidation fields."""
   import jax
-  from jaxgru import train as _train
-  from jaxgru.tasks import addition
+  _train = _common.training_module()
+  addition = _common.addition_task()
   opt_cfg = addition.consolidate_optimizer_config(cfg)
   opt = _train.make_optimizer(opt_cfg)
   state = state._replace(opt_state=jax.vmap(opt.init)(state.params),
@@ -83,7 +84,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
   import numpy as np
-  from jaxgru.tasks import addition
+  addition = _common.addition_task()
   variants = {v: parse_variant(v) for v in FLAGS.variants}
   eval_bits = [int(b) for b in FLAGS.eval_bits]
 

@@ -1,6 +1,6 @@
 r"""Memory and time of training on very long sequences, with and without rematerialization.
 
-  python benchmarks/long_sequence.py --out=benchmarks/results/long_sequence_cpu.json
+  python -m benchmarks.long_sequence --out=benchmarks/results/long_sequence_cpu.json
 
 Each configuration runs in its own process, so that its peak memory is its own: the process
 builds one jitted training step (a GRU layer, the mean square of its outputs, an Adam update),
@@ -16,15 +16,15 @@ chunk, at every T of ``--times`` (B=8, H=64, I=8 by default).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
+
+from benchmarks import _common
 
 _TIMES = flags.DEFINE_list("times", "10000,100000", "Sequence lengths T.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size B.")
@@ -40,14 +40,6 @@ _LIMIT_GB = flags.DEFINE_float("limit_gb", 2.0, "The memory budget the report ch
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 900, "Seconds before a configuration is given up.")
 _OUT = flags.DEFINE_string("out", None, "JSON file to write; a .md table goes beside it.")
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one configuration, print JSON.")
-
-
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
 
 
 def options_for(config: str, steps: int, chunk: int):
@@ -72,7 +64,7 @@ def run_child(spec: str) -> dict:
   import optax
   import jaxgru
 
-  cfg = jaxgru.RNNConfig(inputs, hidden)
+  cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(inputs, hidden))
   options = options_for(config, steps, chunk)
   params = cfg.init(jax.random.key(0))
   opt = optax.adam(1e-3)
@@ -92,9 +84,8 @@ def run_child(spec: str) -> dict:
   compile_s = time.perf_counter() - t0
   mem = step.memory_analysis()
   dev = jax.devices()[0]
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak RSS from here on is the training steps'
-  rss_before = _status_kb("VmRSS") * 1024
+  _common.reset_peak_rss()  # the peak RSS from here on is the training steps'
+  rss_before = _common.status_kb("VmRSS") * 1024
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -109,7 +100,7 @@ def run_child(spec: str) -> dict:
       "chunk": options.chunk, "remat": options.remat, "custom_vjp": options.custom_vjp,
       "steps_timed": repeats, "step_s": float(np.median(times)), "step_s_all": times,
       "compile_s": compile_s, "rss_before_bytes": rss_before,
-      "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+      "peak_rss_bytes": _common.status_kb("VmHWM") * 1024,
       "xla_temp_bytes": int(mem.temp_size_in_bytes),
       "device_peak_bytes": stats.get("peak_bytes_in_use"), "platform": dev.platform,
       "device_kind": dev.device_kind, "loss": value,
@@ -152,31 +143,19 @@ def markdown(result: dict) -> str:
 def main(argv):
   del argv
   if _CHILD.value:
-    print("RESULT " + json.dumps(run_child(_CHILD.value)), flush=True)
+    _common.print_child_result(run_child(_CHILD.value))
     return
-  import jax
-  dev = jax.devices()[0]
-  result = {"environment": {"platform": dev.platform, "device_kind": dev.device_kind,
-                            "load_average_at_start": list(os.getloadavg()),
-                            "command": " ".join(sys.argv),
-                            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+  result = {"environment": _common.environment(),
             "batch": _BATCH.value, "input": _INPUT.value, "hidden": _HIDDEN.value,
             "steps": _STEPS.value, "limit_gb": _LIMIT_GB.value, "records": []}
   for steps in (int(t) for t in _TIMES.value):
     for config in _CONFIGS.value:
       spec = ":".join(str(v) for v in (config, steps, _BATCH.value, _INPUT.value,
                                        _HIDDEN.value, _CHUNK.value, _STEPS.value))
-      cmd = [sys.executable, os.path.abspath(__file__), f"--child={spec}"]
-      try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT.value)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode == 0 and lines:
-          rec = json.loads(lines[-1][len("RESULT "):])
-        else:
-          tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-          rec = {"config": config, "time": steps, "error": tail[0][:200]}
-      except subprocess.TimeoutExpired:
-        rec = {"config": config, "time": steps, "error": f"over {_TIMEOUT.value} s"}
+      rec, error = _common.run_module("benchmarks.long_sequence", [f"--child={spec}"],
+                                      _TIMEOUT.value)
+      if error:
+        rec = {"config": config, "time": steps, "error": error}
       result["records"].append(rec)
       if "error" in rec:
         print(f"T={steps} {config}: {rec['error']}", flush=True)
@@ -185,18 +164,14 @@ def main(argv):
               f"{rec['peak_rss_bytes'] / 2**20:7.0f} MB (before {rec['rss_before_bytes'] / 2**20:.0f}"
               f" MB)  XLA temp {rec['xla_temp_bytes'] / 2**20:7.0f} MB  step {rec['step_s']:.2f} s"
               f"  compile {rec['compile_s']:.2f} s", flush=True)
-  result["environment"]["load_average_at_end"] = list(os.getloadavg())
+  result["environment"]["load_average_at_end"] = _common.load_average()
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
-      f.write(markdown(result))
+    _common.write_json(_OUT.value, result)
+    _common.write_text(os.path.splitext(_OUT.value)[0] + ".md", markdown(result))
     print(f"wrote {_OUT.value}")
   else:
     print(markdown(result))
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   app.run(main)

@@ -8,7 +8,7 @@ outside the loop. Each loop's output is (T, 3H or B, B or 3H) floats. It also
 measures the float32 matrix-product peak (a 2048 x 2048 product), so the per-step rate can be
 read as a fraction of it. Medians of interleaved runs.
 
-  python benchmarks/recurrent_product.py --batch=64 --hidden=256 --steps=128
+  python -m benchmarks.recurrent_product --batch=64 --hidden=256 --steps=128
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 r"""Times GRU training steps and forward passes: jaxgru against the other GRU libraries.
 
-  python benchmarks/speed.py --out=benchmarks/results/cpu.json
+  python -m benchmarks.speed --out=benchmarks/results/cpu.json
+  python -m benchmarks.speed --shapes=64x256x64x64:bi --impls=jaxgru,torch   # a quick subset
 
 For every shape (B, T, I, H) of the grid and every mode (``train``: forward, backward and an Adam
 update; ``forward``: the outputs alone), all implementations are built and compiled first
@@ -15,17 +16,13 @@ assignment on GPU/TPU).
 
 Runs unchanged on whatever device JAX sees (CPU, GPU or TPU); PyTorch uses CUDA (cuDNN) when it
 sees a GPU. Writes a JSON file (``--out``) and, beside it, a markdown table (``.md``) and a plot
-(``.png``, when matplotlib is installed); ``benchmarks/speed_report.py`` remakes both from the
-JSON.
+(``.png``, when matplotlib is installed); ``python -m benchmarks.speed_report X.json`` remakes both
+from the JSON. Run from the repository root (``benchmarks`` is a package).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
@@ -35,11 +32,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import speed_impls  # pylint: disable=g-import-not-at-top
-import speed_report  # pylint: disable=g-import-not-at-top
+from benchmarks import _common
+from benchmarks import _malloc
+from benchmarks import speed_impls
+from benchmarks import speed_report
 
 DEFAULT_SHAPES = "256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512"
 DEFAULT_IMPLS = "jaxgru,flax_linen,flax_nnx,keras,torch,equinox,jax_scan"
@@ -66,6 +62,7 @@ _COMPILE_T = flags.DEFINE_list(
     "Sequence lengths at which to time jaxgru's train-step compilation at the second shape's "
     "B, I, H, to show it does not grow with T; empty to skip.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and data.")
+_MALLOPT = _common.define_mallopt_flag(False)
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0,
     "torch.set_num_threads on the CPU; 0 means the number of cores. (On a machine loaded by "
@@ -73,88 +70,7 @@ _TORCH_THREADS = flags.DEFINE_integer(
     "OMP_WAIT_POLICY=PASSIVE there.)")
 
 
-# -- the machine -----------------------------------------------------------------------------------
-
-
-def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
-  """The float32 matrix-product rate of the JAX device: the best median over a few sizes."""
-  import jax
-  import jax.numpy as jnp
-  rates = {}
-  for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, b).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    rates[str(n)] = 2.0 * n ** 3 / float(np.median(times)) / 1e9
-  return {"gflops": max(rates.values()), "by_size_gflops": rates}
-
-
-def git_revision() -> dict:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                         text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    return {"revision": rev, "dirty": bool(dirty)}
-  except (OSError, subprocess.CalledProcessError):
-    return {"revision": None, "dirty": None}
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def environment() -> dict:
-  import jax
-  dev = jax.devices()[0]
-  versions = {lib: speed_impls.version_of(lib) for lib in
-              ("jax", "jaxlib", "flax", "optax", "keras", "torch", "equinox", "numpy")}
-  versions["jaxgru"] = speed_impls.version_of("jaxgru") or _jaxgru_version()
-  versions["python"] = platform.python_version()
-  return {
-      "platform": dev.platform,
-      "device_kind": dev.device_kind,
-      "device_count": jax.device_count(),
-      "cpu": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "load_average_at_start": list(os.getloadavg()),
-      "versions": versions,
-      "git": git_revision(),
-      "env": {k: os.environ[k] for k in ("XLA_FLAGS", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
-                                          "KERAS_BACKEND") if k in os.environ},
-      "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-      "command": " ".join(sys.argv),
-  }
-
-
-def _jaxgru_version() -> str:
-  import jaxgru
-  return jaxgru.__version__
-
-
 # -- memory ----------------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
 
 
 def peak_memory(runner: speed_impls.Runner, mode: str) -> tuple[int | None, str]:
@@ -170,11 +86,10 @@ def peak_memory(runner: speed_impls.Runner, mode: str) -> tuple[int | None, str]
     return torch.cuda.max_memory_allocated() - before, "torch.cuda.max_memory_allocated"
   if platform_ == "cpu" or runner.library == "torch":
     try:
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-      before = _status_kb("VmRSS")
+      _common.reset_peak_rss()
+      before = _common.status_kb("VmRSS")
       runner.sync(runner.run[mode]())
-      return (_status_kb("VmHWM") - before) * 1024, "peak RSS above the RSS before the call"
+      return (_common.status_kb("VmHWM") - before) * 1024, "peak RSS above the RSS before the call"
     except OSError:
       return None, "unavailable"
   stats = jax.devices()[0].memory_stats() or {}
@@ -189,12 +104,6 @@ def peak_memory(runner: speed_impls.Runner, mode: str) -> tuple[int | None, str]
 
 
 # -- timing ----------------------------------------------------------------------------------------
-
-
-def _cpu_s() -> float:
-  """CPU seconds of this process, all threads (user + system)."""
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
 
 
 def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
@@ -218,10 +127,10 @@ def time_shape(shape, runners, mode, peak_gflops, log) -> list[dict]:
   rng = np.random.default_rng(_SEED.value)
   for _ in range(repeats):
     for r in (runners[j] for j in rng.permutation(len(runners))):
-      c0, t0 = _cpu_s(), time.perf_counter()
+      c0, t0 = _common.cpu_seconds(), time.perf_counter()
       r.sync(r.run[mode]())
       times[r.name].append((time.perf_counter() - t0) * 1e3)
-      cpu[r.name].append((_cpu_s() - c0) * 1e3)
+      cpu[r.name].append((_common.cpu_seconds() - c0) * 1e3)
   records = []
   for r in runners:
     t = np.asarray(times[r.name])
@@ -300,10 +209,12 @@ def main(argv):
     print(f"speed.py: {e}", file=sys.stderr)
     sys.exit(2)
 
-  result = {"environment": environment(), "records": [], "skipped": [], "memory": []}
+  malloc = _malloc.tune_malloc(enable=_MALLOPT.value)
+  result = {"environment": _common.environment({"malloc": malloc}), "records": [],
+            "skipped": [], "memory": []}
   log(f"device: {result['environment']['device_kind']} ({result['environment']['platform']}), "
       f"load average {result['environment']['load_average_at_start']}")
-  peak = matmul_peak()
+  peak = _common.matmul_peak()
   log(f"float32 matmul peak: {peak['gflops']:.0f} GFLOP/s {peak['by_size_gflops']}")
   t_start = time.perf_counter()
   for shape in shapes:
@@ -323,7 +234,7 @@ def main(argv):
           rec["peak_memory_bytes"], rec["memory_source"] = peak_memory(r, mode)
       result["records"].extend(records)
     del runners
-  peak_end = matmul_peak()
+  peak_end = _common.matmul_peak()
   result["matmul_peak"] = {"start": peak, "end": peak_end,
                            "gflops": max(peak["gflops"], peak_end["gflops"])}
   # Percentages against the higher of the two peaks, the stricter reading.
@@ -339,12 +250,9 @@ def main(argv):
 
   if _OUT.value:
     out = _OUT.value
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(result, f, indent=1)
+    _common.write_json(out, result)
     base = os.path.splitext(out)[0]
-    with open(base + ".md", "w") as f:
-      f.write(speed_report.markdown(result))
+    _common.write_text(base + ".md", speed_report.markdown(result))
     log(f"wrote {out} and {base}.md")
     if _PLOT.value:
       note = speed_report.plot(result, base + ".png")

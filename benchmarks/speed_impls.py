@@ -17,12 +17,13 @@ jaxgru itself comes in variants named ``jaxgru[key=value,...]``: the keys are th
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 import time
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from benchmarks._common import version_of
 
 LEARNING_RATE = 1e-3
 
@@ -83,13 +84,6 @@ class Runner:
   planned_bytes: dict[str, Optional[int]]
   device: str
   note: str = ""
-
-
-def version_of(library: str) -> Optional[str]:
-  try:
-    return importlib.metadata.version(library)
-  except importlib.metadata.PackageNotFoundError:
-    return None
 
 
 def data(shape: Shape, seed: int = 0):
@@ -197,10 +191,10 @@ def _jaxgru(shape: Shape, seed: int, dtype: Optional[str] = None, vmap: bool = F
   import jax
   import jaxgru
 
-  cfg = jaxgru.RNNConfig(shape.input, shape.hidden, dtype=dtype)
+  cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(shape.input, shape.hidden, dtype=dtype))
   params = cfg.init(jax.random.key(seed))
   if vmap:
-    cell = cfg.cell(0)
+    cell = cfg.layer_cell(0)
 
     def apply(p, x):
       return jax.vmap(lambda xs: cell.sequence(p[0]["fwd"], xs)[0])(x)

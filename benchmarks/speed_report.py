@@ -1,6 +1,6 @@
 """The markdown table and the plot of a benchmarks/speed.py JSON file.
 
-  python benchmarks/speed_report.py benchmarks/results/cpu.json   # rewrites cpu.md, cpu.png
+  python -m benchmarks.speed_report benchmarks/results/cpu.json   # rewrites cpu.md, cpu.png
 """
 
 from __future__ import annotations
