@@ -296,3 +296,47 @@ def to_flax(cfg: RNNConfig, params: StackParams) -> dict[str, dict[str, np.ndarr
       "hr": {"kernel": wh[1]},
       "hn": {"kernel": wh[2], "bias": bh[2]},
   }
+
+
+# -- Flax nnx GRUCell ------------------------------------------------------------------------------
+
+def to_flax_nnx(cfg: RNNConfig, params: StackParams) -> dict[str, dict[str, np.ndarray]]:
+  """Parameters for ``flax.nnx.GRUCell(I, H, rngs=...)``, as the nested dict of its state.
+
+  The result has the layout of ``nnx.to_pure_dict(nnx.state(cell, nnx.Param))``::
+
+    {"dense_i": {"kernel": (I, 3H), "bias": (3H,)}, "dense_h": {"kernel": (H, 3H)}}
+
+  with gates in nnx's order ``r | z | n``. Load it into a cell with
+  ``state = nnx.state(cell, nnx.Param); nnx.replace_by_pure_dict(state, out);
+  nnx.update(cell, state)``. :func:`from_flax` reads it back. (``to_flax`` writes the linen
+  ``GRUCell``'s layout; this is the nnx one, and ``from_flax`` tells the two apart by their keys.)
+
+  An ``nnx.GRUCell`` computes ``n = tanh(x @ W_in + b_in + r * (h @ W_hn))``: it has an input
+  bias only. The recurrent z and r biases of ``cfg`` are folded into the input bias (the same
+  sums); the candidate's recurrent bias ``b_h_n`` sits inside ``r * (...)`` and cannot be folded,
+  so it must be zero (as it is after :func:`from_flax` of an nnx cell).
+
+  Raises:
+    ValueError: ``cfg`` is not one layer in one direction, not reset_after with biases, not
+      tanh/sigmoid, or ``b_h_n`` is not zero.
+  """
+  cfg, params = _single_cell(cfg, params, "Flax nnx GRUCell")
+  if cfg.variant != "reset_after" or not cfg.use_bias:
+    raise ValueError("Flax nnx GRUCell is reset_after with biases; got "
+                     f"variant={cfg.variant!r}, use_bias={cfg.use_bias}")
+  _standard_activations(cfg, "Flax nnx GRUCell")
+  p = {k: _np(v) for k, v in params.items()}
+  bh_z, bh_r, bh_n = np.split(p["b_h"], 3)
+  if np.any(bh_n != 0):
+    raise ValueError(
+        "Flax nnx GRUCell has no recurrent candidate bias: b_h's n block (inside r * (h @ W_hn + "
+        f"b_hn)) cannot be folded into the input bias, and it is non-zero (max |b_hn| = "
+        f"{float(np.max(np.abs(bh_n)))}). Export to torch, Equinox or the linen GRUCell instead, "
+        "which hold it")
+  zeros = np.zeros_like(bh_n)
+  b_x = p["b_x"] + np.concatenate([bh_z, bh_r, zeros])
+  return {
+      "dense_i": {"kernel": _zrn_to_rzn(p["w_x"], 1), "bias": _zrn_to_rzn(b_x, 0)},
+      "dense_h": {"kernel": _zrn_to_rzn(p["w_h"], 1)},
+  }
