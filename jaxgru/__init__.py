@@ -27,7 +27,8 @@ tasks need ``jaxgru[train]``.
 from jaxgru._version import __version__
 from jaxgru.activations import ACTIVATIONS, hard_sigmoid
 from jaxgru.cell import GRUConfig, Params, default_float_dtype
-from jaxgru.convert import from_flax, from_keras, from_torch, to_flax, to_keras, to_torch
+from jaxgru.convert import (from_flax, from_keras, from_torch, to_flax, to_flax_nnx, to_keras,
+                            to_torch)
 from jaxgru.rnn import RNNConfig, StackParams
 from jaxgru.scan import ScanOptions, scan_layer
 
@@ -46,6 +47,7 @@ __all__ = (
     "hard_sigmoid",
     "scan_layer",
     "to_flax",
+    "to_flax_nnx",
     "to_keras",
     "to_torch",
 )
