@@ -1,5 +1,6 @@
 """The addition task: encoding, generated problems, training, many models, sharding."""
 
+import json
 import os
 import random
 import subprocess
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgru import train
+from jaxgru import GRUConfig, RNNConfig
 from jaxgru.tasks import addition
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,8 +93,8 @@ def test_mixed_batches_have_python_sums_and_long_carry_chains():
     addition.random_batch(jax.random.PRNGKey(5), batch, bits, mixed=1.5)
 
 
-def _small_cfg(**kw):
-  base = dict(hidden_size=8, bits=3, batch_size=32, steps=20, eval_bits=(8,), eval_size=64,
+def _small_cfg(hidden_size=8, **kw):
+  base = dict(rnn=RNNConfig(GRUConfig(2, hidden_size)), bits=3, batch_size=32, steps=20, eval_bits=(8,), eval_size=64,
               long_eval_size=64, log_every=5, checkpoint_every=10, consolidate_steps=10,
               consolidate_bits=6)
   base.update(kw)
@@ -122,6 +123,7 @@ def test_evaluate_against_python_reference():
   got = evaluate(params)
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), addition.EVAL_SALT + 20)
   x, y = addition.random_batch(key, 30, 20)
+  np.testing.assert_array_equal(x, addition.eval_batch(cfg.seed, 20, 30)[0])
   for m in range(2):
     p = jax.tree.map(lambda l: l[m], params)
     logits, _ = model.logits(p, x)
@@ -151,12 +153,13 @@ def test_many_models_equal_separate_runs():
 _SHARDED_SCRIPT = r"""
 import sys, jax, numpy as np
 sys.path.insert(0, {root!r})
-from jaxgru import parallel
+from jaxgru import GRUConfig, RNNConfig
+from jaxgru.training import parallel
 from jaxgru.tasks import addition
 mesh = parallel.make_mesh()
 out = {{}}
 for n in (1, 4):  # 1 model: the batch is split; 4 models: the model axis is split
-  cfg = addition.AdditionConfig(hidden_size=8, bits=4, batch_size=32, num_models=n,
+  cfg = addition.AdditionConfig(rnn=RNNConfig(GRUConfig(2, 8)), bits=4, batch_size=32, num_models=n,
                                 learning_rates=(0.03,))
   state = parallel.shard_models(addition.init_states(cfg), mesh)
   step = addition.make_train_step(cfg, mesh)
@@ -188,20 +191,12 @@ def test_four_device_sharded_step_equals_one_device(tmp_path):
     np.testing.assert_allclose(results[4][k], results[1][k], rtol=1e-4, atol=1e-5)
 
 
-def test_fit_stops_on_nan_and_keeps_last_good_checkpoint(tmp_path):
-  """A non-finite loss raises Diverged naming the step; no checkpoint of the bad state."""
-  state = train.init_state({"w": jnp.ones((2,))}, train.make_optimizer(train.OptimizerConfig()),
-                           0.1, seed=0)
-
-  def step(s):
-    loss = jnp.where(s.step == 6, jnp.nan, 1.0)
-    return s._replace(step=s.step + 1), {"loss": loss}
-
-  ckpt = train.Checkpointer(str(tmp_path))
-  with pytest.raises(train.Diverged, match="step 7"):
-    train.fit(state, step, total_steps=20, log_every=4, checkpoint_every=4, checkpointer=ckpt,
-              writer=None, progress=None)
-  assert ckpt.latest_step() == 4
-  restored, _ = ckpt.restore(state)
-  assert int(restored.step) == 4
-  ckpt.close()
+def test_config_round_trips_through_json_and_validates():
+  cfg = _small_cfg(num_models=2, learning_rates=(0.01, 0.02))
+  assert addition.AdditionConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+  with pytest.raises(ValueError, match="consolidate_mixed must be a fraction in"):
+    _small_cfg(consolidate_mixed=1.5)
+  with pytest.raises(ValueError, match="reads 2 bits per step"):
+    addition.AdditionConfig(rnn=RNNConfig(GRUConfig(3, 8)))
+  with pytest.raises(ValueError, match="older layout"):
+    addition.AdditionConfig.from_json({"hidden_size": 8})

@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from jaxgru.tasks import imdb
+from jaxgru.tasks.classify import imdb
 
 POSITIVE = ["A great film.<br /><br />I loved it!", "Wonderful, GREAT acting; loved the score.",
             "great great fun", "Loved it. Wonderful!"]

@@ -1,4 +1,4 @@
-"""Data parallelism over all visible devices with ``jax.sharding``.
+"""Data parallelism over all visible devices with ``jax.sharding``: the mesh and the shardings.
 
 One 1-D mesh with axis ``"data"`` spans every device JAX sees (on many hosts, after
 ``jax.distributed.initialize()``, that is every device of every host). Training batches are

@@ -1,0 +1,48 @@
+"""Using a trained addition run: load its models, pick one, add two integers of any size."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgru import training
+from jaxgru.tasks import common
+from jaxgru.tasks.addition.input_pipeline import encode, from_bits
+from jaxgru.tasks.addition.models import AdditionModel
+from jaxgru.tasks.addition.train import TASK, AdditionConfig, init_states
+
+
+def load_trained(workdir: str) -> tuple[AdditionConfig, training.TrainState, list]:
+  """The config, the states of all N models (stacked) and their steps-to-solve, from a run.
+
+  Raises:
+    FileNotFoundError: no run or no checkpoint there.
+    ValueError: the run there is not an addition run (or of an older layout).
+  """
+  cfg = AdditionConfig.from_json(common.read_run(workdir, (TASK,))["config"])
+  ckpt = training.Checkpointer(workdir)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    state, extra = ckpt.restore(init_states(cfg))
+  finally:
+    ckpt.close()
+  steps_to_solve = (extra or {}).get("steps_to_solve", [None] * cfg.num_models)
+  return cfg, state, steps_to_solve
+
+
+def best_model(state: training.TrainState, steps_to_solve: Sequence[Optional[int]]) -> Any:
+  """The params of the first solved model (the first model if none solved)."""
+  solved = [i for i, s in enumerate(steps_to_solve) if s is not None]
+  i = solved[0] if solved else 0
+  return jax.tree.map(lambda x: x[i], state.params)
+
+
+def predict_sum(model: AdditionModel, params, a: int, b: int) -> int:
+  """The model's sum of two non-negative integers of any size."""
+  x_TI, _ = encode(a, b)
+  logits_BT, _ = model.logits(params, jnp.asarray(x_TI)[None])
+  return from_bits(np.asarray(logits_BT[0] > 0))

@@ -1,0 +1,357 @@
+"""The addition task's configuration, training and evaluation, on :mod:`jaxgru.training`.
+
+Owns :class:`AdditionConfig` (which holds the model's :class:`jaxgru.RNNConfig`, so no cell
+setting is restated here), the jitted step and evaluation over N models, :func:`steps_summary`,
+and :func:`train_and_evaluate`: phase 1 trains at ``bits`` until every model is exact on held-out
+problems, phase 2 consolidates on longer problems at a lower rate, then the length
+generalization is measured. Shapes: N models, B problems, T steps, I = 2 inputs, L layers, H
+hidden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgru import training
+from jaxgru.cell import INITIALIZERS, GRUConfig
+from jaxgru.rnn import RNNConfig
+from jaxgru.tasks import common
+from jaxgru.tasks.addition import input_pipeline
+from jaxgru.tasks.addition.models import AdditionModel, loss_and_metrics
+from jaxgru.training import parallel
+
+TASK = "addition"
+
+
+def _check(name: str, value: Any, ok: bool, what: str) -> None:
+  if not ok:
+    raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditionConfig:
+  """Everything a training run needs; ``run.py`` fills it from flags. Defaults by measurement.
+
+  Attributes:
+    rnn: the model's stack; its cell reads 2 inputs (the two bits) and it is unidirectional.
+    initializer: one of ``jaxgru.cell.INITIALIZERS``.
+    bits, mixed_carries: operand length and fraction of long-carry problems in phase 1.
+    consolidate_*: phase 2 (0 steps skips it): problem length, steps, long-carry fraction, batch
+      size and the factor on the learning rate.
+    eval_bits: operand lengths of the final length-generalization evaluation.
+  """
+
+  rnn: RNNConfig = RNNConfig(GRUConfig(input_size=2, hidden_size=16))
+  initializer: str = INITIALIZERS[0]
+  bits: int = 8
+  mixed_carries: float = 0.0
+  consolidate_bits: int = 64
+  consolidate_steps: int = 2400
+  consolidate_mixed: float = 0.5
+  consolidate_batch_size: int = 128
+  consolidate_lr_scale: float = 0.5
+  batch_size: int = 64
+  steps: int = 2000
+  optimizer: str = "adam"
+  learning_rates: tuple[float, ...] = (0.03,)
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  clip_norm: float = 1.0
+  weight_decay: float = 1e-4
+  seed: int = 0
+  num_models: int = 1
+  eval_bits: tuple[int, ...] = (16, 64, 256, 1024, 10000)
+  eval_size: int = 512
+  long_eval_size: int = 1000
+  log_every: int = 10
+  checkpoint_every: int = 100
+  early_stop: bool = True
+
+  def __post_init__(self):
+    for name in ("bits", "consolidate_bits", "consolidate_batch_size", "batch_size", "steps",
+                 "num_models", "eval_size", "long_eval_size", "log_every", "checkpoint_every"):
+      value = getattr(self, name)
+      _check(name, value, _is_int(value) and value >= 1, "a positive integer")
+    for name in ("consolidate_steps", "seed"):
+      value = getattr(self, name)
+      _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
+    for name in ("mixed_carries", "consolidate_mixed"):
+      value = getattr(self, name)
+      _check(name, value, 0.0 <= value <= 1.0, "a fraction in [0, 1]")
+    _check("consolidate_lr_scale", self.consolidate_lr_scale, self.consolidate_lr_scale > 0,
+           "positive")
+    _check("learning_rates", self.learning_rates,
+           len(self.learning_rates) > 0 and all(r > 0 for r in self.learning_rates),
+           "positive numbers (at least one)")
+    _check("eval_bits", self.eval_bits, all(_is_int(b) and b >= 1 for b in self.eval_bits),
+           "positive integers")
+    _check("initializer", self.initializer, self.initializer in INITIALIZERS,
+           f"one of {INITIALIZERS}")
+    self.model()  # validates the stack for this task
+    self.optimizer_config()
+
+  def model(self) -> AdditionModel:
+    return AdditionModel(self.rnn)
+
+  def optimizer_config(self) -> training.OptimizerConfig:
+    return training.OptimizerConfig(
+        name=self.optimizer, schedule=self.schedule, warmup_steps=self.warmup_steps,
+        total_steps=self.steps, clip_norm=self.clip_norm, weight_decay=self.weight_decay)
+
+  def to_json(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {**d, "rnn": common.rnn_to_json(self.rnn), "learning_rates": list(self.learning_rates),
+            "eval_bits": list(self.eval_bits)}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "AdditionConfig":
+    if "rnn" not in d:
+      raise common.older_layout("addition config", "rnn")
+    d = dict(d)
+    return cls(**{**d, "rnn": common.rnn_from_json(d["rnn"]),
+                  "learning_rates": tuple(d["learning_rates"]), "eval_bits": tuple(d["eval_bits"])})
+
+
+# Settings a resumed run may change: how long to train, and how often to log, save, evaluate.
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "eval_bits", "eval_size",
+                     "long_eval_size")
+
+# The entries of the metrics records the progress line shows.
+SHOWN_METRICS = ("train_loss", "train_bit_accuracy", "eval_exact_match", "solved_fraction")
+
+
+def init_states(cfg: AdditionConfig) -> training.TrainState:
+  """N fresh model states stacked on a leading axis: model i has seed ``seed + i``."""
+  model = cfg.model()
+  return training.init_states(lambda key: model.init(key, cfg.initializer),
+                              training.make_optimizer(cfg.optimizer_config()), cfg.num_models,
+                              cfg.seed, cfg.learning_rates)
+
+
+def consolidate_optimizer_config(cfg: AdditionConfig) -> training.OptimizerConfig:
+  """Phase 2's optimizer: cfg's, with a cosine decay to 0 over the consolidation steps."""
+  return dataclasses.replace(cfg.optimizer_config(), schedule="cosine", warmup_steps=0,
+                             total_steps=max(cfg.consolidate_steps, 1))
+
+
+def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = None,
+                    bits: Optional[int] = None,
+                    optimizer: Optional[training.OptimizerConfig] = None,
+                    mixed: Optional[float] = None, batch_size: Optional[int] = None):
+  """The jitted step over N models: ``state (N, ...) -> (state, metrics (N,))``.
+
+  ``batch_size`` problems (``cfg.batch_size`` by default) of ``bits`` bits (``cfg.bits``), a
+  fraction ``mixed`` of them with long carry chains (``cfg.mixed_carries``); ``optimizer``
+  defaults to cfg's.
+  """
+  model = cfg.model()
+  opt = training.make_optimizer(optimizer or cfg.optimizer_config())
+  bits = cfg.bits if bits is None else bits
+  mixed = cfg.mixed_carries if mixed is None else mixed
+  batch_size = cfg.batch_size if batch_size is None else batch_size
+
+  def loss_fn(params, key, step):
+    del step
+    x_BTI, y_BT = input_pipeline.random_batch(key, batch_size, bits, mixed)
+    x_BTI, y_BT = parallel.shard_batch((x_BTI, y_BT), mesh)
+    return loss_and_metrics(model, params, x_BTI, y_BT)
+
+  step = jax.vmap(training.make_train_step(loss_fn, opt))
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_evaluate(cfg: AdditionConfig, bits: int, size: int, batch_chunk: int = 250,
+                  time_chunk: int = 1024):
+  """Returns ``params (N, ...) -> exact-match (N,)`` on ``size`` held-out problems.
+
+  Problems are the same for every model. Long problems are run in chunks of problems and of time
+  steps (the state carries across time chunks), so 10,000-bit evaluation fits in memory.
+  """
+  model = cfg.model()
+  x_BTI, y_BT = input_pipeline.eval_batch(cfg.seed, bits, size)
+  steps = bits + 1
+
+  @jax.jit
+  def chunk_fn(params, x_CTI, y_CT, h0_NLCH):
+    logits_NCT, h_NLCH = jax.vmap(model.logits, in_axes=(0, None, 0))(params, x_CTI, h0_NLCH)
+    ok_NC = ((logits_NCT > 0) == (y_CT[None] > 0)).all(axis=-1)
+    return ok_NC, h_NLCH
+
+  def evaluate(params) -> np.ndarray:
+    num = jax.tree.leaves(params)[0].shape[0]
+    layers, hidden = cfg.rnn.num_layers, cfg.rnn.hidden_size
+    correct = []
+    for b0 in range(0, size, batch_chunk):
+      x_CTI, y_CT = x_BTI[b0:b0 + batch_chunk], y_BT[b0:b0 + batch_chunk]
+      h_NLCH = jnp.zeros((num, layers, x_CTI.shape[0], hidden), cfg.rnn.cell.state_dtype)
+      ok_NC = jnp.ones((num, x_CTI.shape[0]), bool)
+      for t0 in range(0, steps, time_chunk):
+        ok_t, h_NLCH = chunk_fn(params, x_CTI[:, t0:t0 + time_chunk], y_CT[:, t0:t0 + time_chunk],
+                                h_NLCH)
+        ok_NC = ok_NC & ok_t
+      correct.append(ok_NC)
+    return np.asarray(jnp.concatenate(correct, axis=1).mean(axis=1, dtype=jnp.float32))
+
+  return evaluate
+
+
+def steps_summary(steps_to_solve: list[Optional[float]]) -> dict[str, Any]:
+  """Distribution of steps-to-solve (or seconds) over models (None for unsolved)."""
+  solved = sorted(s for s in steps_to_solve if s is not None)
+  out = {"solved_fraction": len(solved) / max(len(steps_to_solve), 1)}
+  if solved:
+    out.update(min=solved[0], max=solved[-1], median=float(np.median(solved)),
+               p90=float(np.percentile(solved, 90)), mean=float(np.mean(solved)))
+  n = len(steps_to_solve)
+  med_all = sorted(s if s is not None else math.inf for s in steps_to_solve)[(n - 1) // 2] \
+      if n else None
+  out["median_all"] = None if med_all is None or med_all == math.inf else med_all
+  return out
+
+
+def _step_of(state: training.TrainState) -> int:
+  return int(np.asarray(state.step).reshape(-1)[0])
+
+
+def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
+                       progress_stream=None, flags: Optional[dict[str, Any]] = None
+                       ) -> dict[str, Any]:
+  """Trains ``cfg.num_models`` models (resuming from ``workdir``), evaluates, writes summary.
+
+  Writes ``workdir/config.json`` (after the resume checks and the restore), ``metrics.jsonl``,
+  ``summary.json`` (with ``flags`` recorded as they are: ``run.py`` passes its flags) and orbax
+  checkpoints. Returns the summary dict.
+
+  Raises:
+    training.ConfigMismatch: ``workdir`` holds checkpoints of a run with other settings (beyond
+      :data:`RESUMABLE_CHANGES`).
+    training.Diverged: the loss became NaN or infinite.
+  """
+  record = {"task": TASK, "config": cfg.to_json()}
+  training.check_resume(workdir, record, RESUMABLE_CHANGES)
+  os.makedirs(workdir, exist_ok=True)
+  wall_start = time.time()
+  mesh = parallel.make_mesh()
+  ckpt = training.Checkpointer(workdir)
+  state = parallel.shard_models(init_states(cfg), mesh)
+  steps_to_solve: list[Optional[int]] = [None] * cfg.num_models
+  solve_end: Optional[int] = None  # the step at which phase 1 (solving) ended
+  resumed_from = ckpt.latest_step()
+  if resumed_from is not None:
+    state, extra = ckpt.restore(state)
+    extra = extra or {}
+    steps_to_solve = list(extra.get("steps_to_solve", steps_to_solve))
+    solve_end = extra.get("solve_end")
+    log(f"resumed from the checkpoint at step {resumed_from} in {ckpt.directory}")
+  # After the checks and the restore (a refused resume leaves the stored run as it was), and
+  # before the first checkpoint of a new run (a checkpoint always has its config beside it).
+  training.write_json_atomic(os.path.join(workdir, "config.json"), record)
+
+  train_step = make_train_step(cfg, mesh)
+  t0 = time.time()
+  train_step = train_step.lower(state).compile()
+  compile_seconds = time.time() - t0
+  t0 = time.time()
+  eval_train_len = make_evaluate(cfg, cfg.bits, cfg.eval_size)
+  eval_train_len(state.params)
+  eval_compile_seconds = time.time() - t0
+
+  seconds_to_solve: list[Optional[float]] = [None] * cfg.num_models
+  loop_start = time.time()
+
+  def evaluate(state, step):
+    exact = eval_train_len(state.params)
+    for i, e in enumerate(exact):
+      if e == 1.0 and steps_to_solve[i] is None:
+        steps_to_solve[i] = step
+        seconds_to_solve[i] = time.time() - loop_start
+    solved = sum(s is not None for s in steps_to_solve) / cfg.num_models
+    stop = cfg.early_stop and all(s is not None for s in steps_to_solve)
+    return {"eval_exact_match": float(np.mean(exact)), "solved_fraction": solved}, stop
+
+  writer = training.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  extra = lambda: {"steps_to_solve": steps_to_solve, "solve_end": solve_end}
+  fit = functools.partial(training.fit, log_every=cfg.log_every,
+                          checkpoint_every=cfg.checkpoint_every, checkpointer=ckpt,
+                          writer=writer, checkpoint_extra=extra, shown=SHOWN_METRICS)
+  all_solved = cfg.early_stop and all(s is not None for s in steps_to_solve)
+  train_seconds = 0.0
+  if solve_end is None and not all_solved:
+    # Phase 1: train at cfg.bits until every model is solved (or cfg.steps).
+    result = fit(state, train_step, total_steps=cfg.steps,
+                 progress=training.Progress(cfg.steps, log, progress_stream), evaluate=evaluate)
+    state, train_seconds = result.state, result.train_seconds
+
+  if cfg.consolidate_steps > 0 and any(s is not None for s in steps_to_solve):
+    # Phase 2: consolidate on longer problems at a lower rate, which is what makes solved models
+    # exact on far longer numbers (benchmarks/addition.py measures it).
+    if solve_end is None:
+      solve_end = _step_of(state)
+      # A fresh optimizer state: Adam's moments from the solve phase are tiny by now and would
+      # keep the steps too small to move (measured: 28 of 32 seeds exact at 10,000 bits with the
+      # old moments, 31 of 32 with fresh ones, same steps and rate).
+      opt = training.make_optimizer(consolidate_optimizer_config(cfg))
+      state = parallel.shard_models(state._replace(
+          opt_state=jax.vmap(opt.init)(state.params),
+          learning_rate=state.learning_rate * cfg.consolidate_lr_scale), mesh)
+      log(f"every model solved by step {solve_end}; consolidating for {cfg.consolidate_steps} "
+          f"steps, batches of {cfg.consolidate_batch_size} {cfg.consolidate_bits}-bit problems "
+          f"({cfg.consolidate_mixed:.0%} with long carry chains)")
+    step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits,
+                            optimizer=consolidate_optimizer_config(cfg),
+                            mixed=cfg.consolidate_mixed,
+                            batch_size=cfg.consolidate_batch_size).lower(state).compile()
+    total = solve_end + cfg.consolidate_steps
+    result = fit(state, step2, total_steps=total,
+                 progress=training.Progress(total, log, progress_stream))
+    state, train_seconds = result.state, train_seconds + result.train_seconds
+  ckpt.close()
+
+  length_generalization = {}
+  per_model_long = {}
+  t0 = time.time()
+  for bits in cfg.eval_bits:
+    size = cfg.long_eval_size if bits > 256 else cfg.eval_size
+    exact = make_evaluate(cfg, bits, size)(state.params)
+    per_model_long[str(bits)] = [float(e) for e in exact]
+    solved = [e for e, s in zip(exact, steps_to_solve) if s is not None]
+    length_generalization[str(bits)] = float(np.mean(solved if solved else exact))
+    log(f"exact-match at {bits} bits over {size} problems: {length_generalization[str(bits)]:.4f}"
+        + (" (solved models)" if solved else ""))
+  summary = {
+      "task": TASK,
+      "steps": _step_of(state),
+      "steps_to_solve": steps_to_solve[0] if cfg.num_models == 1 else steps_to_solve,
+      "steps_to_solve_distribution": steps_summary(steps_to_solve),
+      "solved_fraction": sum(s is not None for s in steps_to_solve) / cfg.num_models,
+      "num_models": cfg.num_models,
+      "wall_seconds": time.time() - wall_start,
+      "train_seconds": train_seconds,
+      "seconds_to_solve": (seconds_to_solve[0] if cfg.num_models == 1 else
+                           steps_summary(seconds_to_solve).get("max")),
+      "compile_seconds": compile_seconds,
+      "eval_compile_seconds": eval_compile_seconds,
+      "long_eval_seconds": time.time() - t0,
+      "resumed_from_step": resumed_from,
+      "length_generalization": length_generalization,
+      "length_generalization_per_model": per_model_long,
+      "devices": [str(d) for d in jax.devices()],
+      "config": cfg.to_json(),
+      "flags": flags,
+  }
+  training.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  return summary

@@ -1,0 +1,97 @@
+"""The training loop, :func:`fit`: steps, metric fetches, evaluation, checkpoints, signals.
+
+Owns :func:`fit` and its :class:`LoopResult`. It knows no task: the task passes the step, the
+evaluation, the extra checkpoint data and the names of the metrics the progress line shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jaxgru.training.checkpoints import Checkpointer
+from jaxgru.training.metrics import (Diverged, Interrupted, MetricsWriter, Progress, StopSignals,
+                                     first_nan_step)
+from jaxgru.training.state import TrainState
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: TrainState
+  steps: int                      # steps taken in total (including before a resume)
+  stopped_early: bool             # ``evaluate`` asked to stop
+  train_seconds: float            # wall time of this process's training loop
+
+
+def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *,
+        total_steps: int, log_every: int, checkpoint_every: int,
+        checkpointer: Optional[Checkpointer], writer: Optional[MetricsWriter],
+        progress: Optional[Progress],
+        evaluate: Optional[Callable[[TrainState, int], tuple[dict, bool]]] = None,
+        batch_fn: Optional[Callable[[int], tuple]] = None,
+        checkpoint_extra: Optional[Callable[[], dict]] = None,
+        shown: Sequence[str] = ("train_loss",)) -> LoopResult:
+  """Runs ``train_step`` until ``total_steps`` or until ``evaluate`` says stop.
+
+  Metrics stay on the device between log intervals and are fetched once per interval. At each
+  interval the loss is checked (a non-finite loss raises :class:`Diverged` naming the step,
+  before anything is saved), ``evaluate(state, step) -> (record, stop)`` runs, one line goes to
+  ``writer`` and a checkpoint is written every ``checkpoint_every`` steps, at a stop, at the end,
+  and on SIGTERM/SIGINT (which then raise :class:`Interrupted`).
+
+  Args:
+    state: the state to start from (its ``step`` may be > 0 after a resume; with many models,
+      every model is at the same step).
+    train_step: jitted ``(state, *batch) -> (state, metrics)``.
+    batch_fn: ``step -> batch tuple`` for tasks whose data come from the host.
+    shown: the record entries the progress line shows, in this order (the task's names, such as
+      ``"train_loss"`` or ``"eval_accuracy"``); entries missing from a record are skipped.
+  """
+  step = int(np.asarray(state.step).reshape(-1)[0])
+  start = time.time()
+  stopped = False
+  with StopSignals() as signals:
+    while step < total_steps:
+      n = min(log_every - step % log_every, total_steps - step)
+      pending = []
+      for _ in range(n):
+        state, metrics = train_step(state, *(batch_fn(step) if batch_fn else ()))
+        pending.append(metrics)
+        step += 1
+        if signals.signum is not None:
+          break
+      fetched = jax.device_get(pending)
+      losses = np.stack([np.asarray(m["loss"]) for m in fetched])
+      bad = first_nan_step(losses, step - len(fetched) + 1)
+      if bad is not None:
+        raise Diverged(f"loss became non-finite at step {bad}; training stopped, the last good "
+                       f"checkpoint is kept")
+      record = {"step": step}
+      for k in fetched[-1]:
+        record[f"train_{k}"] = float(np.mean([np.mean(m[k]) for m in fetched]))
+      stop = False
+      if evaluate is not None and (step % log_every == 0 or step == total_steps):
+        extra, stop = evaluate(state, step)
+        record.update(extra)
+      record["elapsed_seconds"] = time.time() - start
+      if writer is not None:
+        writer.write(record)
+      if progress is not None:
+        progress.update(step, " ".join(f"{k}={record[k]:.4g}" for k in shown if k in record))
+      done = stop or step >= total_steps or signals.signum is not None
+      if checkpointer is not None and (done or step % checkpoint_every == 0):
+        checkpointer.save(step, state, checkpoint_extra() if checkpoint_extra else None)
+      if signals.signum is not None:
+        raise Interrupted(f"stopped by signal {signals.signum} at step {step}; checkpoint saved, "
+                          "run the same command again to resume")
+      if stop:
+        stopped = True
+        break
+  if progress is not None:
+    progress.close()
+  return LoopResult(state=state, steps=step, stopped_early=stopped,
+                    train_seconds=time.time() - start)

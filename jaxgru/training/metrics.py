@@ -1,0 +1,99 @@
+"""Metrics, progress and signals: what a training loop reports, and how it is stopped.
+
+Owns :class:`MetricsWriter` (metrics.jsonl), :class:`Progress` (the progress bar or log lines),
+:class:`StopSignals` and :class:`Interrupted` (SIGTERM/SIGINT turned into a checkpoint and a
+clean stop), :class:`Diverged` and :func:`first_nan_step` (a non-finite loss).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from jaxgru.training.checkpoints import is_writer, json_default
+
+
+class MetricsWriter:
+  """Appends one JSON line per log interval to ``metrics.jsonl`` (on the writing process)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not is_writer():
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record, default=json_default, sort_keys=True) + "\n")
+
+
+class Progress:
+  """A one-line progress bar in a terminal; plain log lines through ``log`` otherwise."""
+
+  def __init__(self, total: int, log: Callable[[str], None], stream=None):
+    self.total, self.log = total, log
+    self.stream = stream or sys.stderr
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.start = time.time()
+
+  def update(self, step: int, text: str) -> None:
+    if self.tty:
+      frac = min(step / max(self.total, 1), 1.0)
+      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+      rate = step / max(time.time() - self.start, 1e-9)
+      self.stream.write(f"\r[{bar}] {step}/{self.total} {text} ({rate:.0f} steps/s) ")
+      self.stream.flush()
+    else:
+      self.log(f"step {step}/{self.total}: {text}")
+
+  def close(self) -> None:
+    if self.tty:
+      self.stream.write("\n")
+      self.stream.flush()
+
+
+class Interrupted(Exception):
+  """Raised by :class:`StopSignals` after SIGTERM or SIGINT, at a safe point."""
+
+
+class StopSignals:
+  """Turns SIGTERM/SIGINT into a flag checked between steps, so a checkpoint can be written."""
+
+  def __init__(self):
+    self.signum: Optional[int] = None
+    self._old = {}
+
+  def __enter__(self):
+    for s in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not in the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # a second signal: give up at once
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    return False
+
+
+def first_nan_step(losses: np.ndarray, first_step: int) -> Optional[int]:
+  """The step number of the first non-finite entry of ``losses`` (steps from ``first_step``)."""
+  bad = ~np.isfinite(losses)
+  if not bad.any():
+    return None
+  return first_step + int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
+
+
+class Diverged(FloatingPointError):
+  """Raised when the loss becomes NaN or infinite; the last good checkpoint is kept."""
