@@ -37,15 +37,25 @@ from benchmarks import _malloc
 from benchmarks import speed_impls
 from benchmarks import speed_report
 
-DEFAULT_SHAPES = "256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512"
+DEFAULT_SHAPES = ("256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512,"
+                  # the stacks users run: 2 layers; both directions, 1 and 2 layers; the same
+                  # with variable lengths
+                  "64x256x64x64:l2,64x256x64x64:bi,64x256x64x64:bi:l2,64x256x64x64:bi:var,"
+                  "64x256x64x64:bi:l2:var")
 DEFAULT_IMPLS = "jaxgru,flax_linen,flax_nnx,keras,torch,equinox,jax_scan"
 
-_SHAPES = flags.DEFINE_list("shapes", DEFAULT_SHAPES, "Shapes BxTxIxH to time.")
+_SHAPES = flags.DEFINE_list(
+    "shapes", DEFAULT_SHAPES,
+    "Shapes to time: BxTxIxH, then optionally :l<layers> (a stack), :bi (both directions, "
+    "outputs concatenated), :var (variable lengths from T/2 to T); e.g. 64x256x64x64:bi:l2:var. "
+    "Pick a few for a quick run.")
 _IMPLS = flags.DEFINE_list(
     "impls", DEFAULT_IMPLS,
     "Implementations: jaxgru, flax_linen, flax_nnx, keras, torch, equinox, jax_scan; jaxgru "
     "variants as jaxgru[key=value;...] with the keys of jaxgru.ScanOptions and dtype, vmap "
-    "(use ';' between keys inside brackets, as ',' separates implementations).")
+    "(use ';' between keys inside brackets, as ',' separates implementations); "
+    "torch[dtype=bfloat16] runs PyTorch under bfloat16 autocast. flax_nnx and jax_scan run the "
+    "plain shapes (one layer, one direction, full lengths) only.")
 _MODES = flags.DEFINE_list("modes", "train,forward", "Modes: train and/or forward.")
 _REPEATS = flags.DEFINE_integer("repeats", 25, "Timed runs per implementation, at most.")
 _MIN_REPEATS = flags.DEFINE_integer("min_repeats", 5, "Timed runs per implementation, at least.")
@@ -62,6 +72,8 @@ _COMPILE_T = flags.DEFINE_list(
     "Sequence lengths at which to time jaxgru's train-step compilation at the second shape's "
     "B, I, H, to show it does not grow with T; empty to skip.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the parameters and data.")
+_PEAK_SIZES = flags.DEFINE_list(
+    "peak_sizes", "1024,2048,4096", "Square matrix sizes of the float32 matmul peak measurement.")
 _MALLOPT = _common.define_mallopt_flag(False)
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0,
@@ -214,7 +226,7 @@ def main(argv):
             "skipped": [], "memory": []}
   log(f"device: {result['environment']['device_kind']} ({result['environment']['platform']}), "
       f"load average {result['environment']['load_average_at_start']}")
-  peak = _common.matmul_peak()
+  peak = _common.matmul_peak(tuple(int(n) for n in _PEAK_SIZES.value))
   log(f"float32 matmul peak: {peak['gflops']:.0f} GFLOP/s {peak['by_size_gflops']}")
   t_start = time.perf_counter()
   for shape in shapes:
@@ -234,7 +246,9 @@ def main(argv):
           rec["peak_memory_bytes"], rec["memory_source"] = peak_memory(r, mode)
       result["records"].extend(records)
     del runners
-  peak_end = _common.matmul_peak()
+    if _OUT.value:  # what is done so far survives a run cut short
+      _common.write_json(_OUT.value, result)
+  peak_end = _common.matmul_peak(tuple(int(n) for n in _PEAK_SIZES.value))
   result["matmul_peak"] = {"start": peak, "end": peak_end,
                            "gflops": max(peak["gflops"], peak_end["gflops"])}
   # Percentages against the higher of the two peaks, the stricter reading.

@@ -1,9 +1,14 @@
 """The GRU implementations that benchmarks/speed.py times, all doing the same work.
 
-Every implementation runs one GRU layer over inputs (B, T, I) to outputs (B, T, H), in float32
-unless its name says otherwise. A training step is the forward pass, the mean squared error
-against a fixed target (B, T, H), the backward pass and an Adam update (learning rate 1e-3); a
-forward pass is the outputs alone, without gradients.
+Every implementation runs a GRU over inputs (B, T, I) to outputs (B, T, D*H), in float32 unless
+its name says otherwise: one layer, or a stack of ``L`` layers (shape suffix ``:l<L>``), in one
+direction or both (``:bi``, D = 2, the directions' outputs concatenated), over sequences of the
+full length T or of variable lengths (``:var``: lengths from T/2 to T, right-padded; PyTorch packs
+them into a PackedSequence, Flax passes ``seq_lengths``, Keras a mask, jaxgru ``lengths``,
+Equinox and the reference loop keep the state through the padding). A training step is the
+forward pass, the mean squared error against a fixed target (B, T, D*H) over the valid steps,
+the backward pass and an Adam update (learning rate 1e-3); a forward pass is the outputs alone,
+without gradients.
 
 :func:`build` returns a :class:`Runner` with the compiled (or eager) step of each mode. An
 implementation whose library is not installed raises :class:`Unavailable`.
@@ -11,7 +16,8 @@ implementation whose library is not installed raises :class:`Unavailable`.
 jaxgru itself comes in variants named ``jaxgru[key=value,...]``: the keys are those of
 :class:`jaxgru.ScanOptions` (``unroll``, ``chunk``, ``remat``, ``hoist_projection``,
 ``custom_vjp``, ``diagonal_backward``) plus ``dtype`` (``bfloat16``: products in bfloat16, accumulated in float32) and
-``vmap`` (``vmap=True``: the old path, ``jax.vmap`` of ``GRUConfig.sequence``).
+``vmap`` (``vmap=True``: the old path, ``jax.vmap`` of ``GRUConfig.sequence``). ``torch`` takes
+``dtype=bfloat16``: the model under ``torch.autocast`` to bfloat16 (cuDNN's bfloat16 GRU on a GPU).
 """
 
 from __future__ import annotations
@@ -50,20 +56,65 @@ class Shape:
   time: int
   input: int
   hidden: int
+  layers: int = 1
+  bidirectional: bool = False
+  variable: bool = False
 
   @classmethod
   def parse(cls, text: str) -> "Shape":
-    parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    """``BxTxIxH`` with optional suffixes ``:l<layers>``, ``:bi``, ``:var`` in any order."""
+    base, *suffixes = text.lower().split(":")
+    try:
+      parts = [int(p) for p in base.split("x")]
+    except ValueError:
+      parts = []
     if len(parts) != 4 or min(parts) < 1:
-      raise ValueError(f"a shape is BxTxIxH, four positive integers; got {text!r}")
-    return cls(*parts)
+      raise ValueError(f"a shape is BxTxIxH, four positive integers, then optionally :l<layers>,"
+                       f" :bi, :var; got {text!r}")
+    fields = {}
+    for suffix in suffixes:
+      if suffix == "bi":
+        fields["bidirectional"] = True
+      elif suffix == "var":
+        fields["variable"] = True
+      elif suffix.startswith("l") and suffix[1:].isdigit() and int(suffix[1:]) >= 1:
+        fields["layers"] = int(suffix[1:])
+      else:
+        raise ValueError(f"bad shape suffix {suffix!r} in {text!r}: expected :l<layers>, :bi or "
+                         ":var")
+    return cls(*parts, **fields)
 
   def __str__(self) -> str:
-    return f"{self.batch}x{self.time}x{self.input}x{self.hidden}"
+    return (f"{self.batch}x{self.time}x{self.input}x{self.hidden}"
+            + (":bi" if self.bidirectional else "")
+            + (f":l{self.layers}" if self.layers > 1 else "")
+            + (":var" if self.variable else ""))
+
+  @property
+  def directions(self) -> int:
+    return 2 if self.bidirectional else 1
+
+  @property
+  def plain(self) -> bool:
+    """One layer, one direction, full lengths: the shape every implementation runs."""
+    return self.layers == 1 and not self.bidirectional and not self.variable
+
+  def lengths(self, seed: int = 0) -> np.ndarray:
+    """Valid lengths (B,): from T/2 to T, the longest T (right padding)."""
+    rng = np.random.default_rng(seed + 1)
+    out = rng.integers(max(1, self.time // 2), self.time + 1, size=self.batch)
+    out[0] = self.time
+    return out.astype(np.int32)
 
   def forward_flops(self) -> float:
-    """Matrix-product FLOPs of one forward pass: 2 * B * T * (I + H) * 3H."""
-    return 2.0 * self.batch * self.time * (self.input + self.hidden) * 3 * self.hidden
+    """Matrix-product FLOPs of one forward pass, over the padded length:
+    sum over layers and directions of 2 * B * T * (I_l + H) * 3H."""
+    total = 0.0
+    for layer in range(self.layers):
+      inputs = self.input if layer == 0 else self.directions * self.hidden
+      total += self.directions * 2.0 * self.batch * self.time * (inputs + self.hidden) * 3 * \
+          self.hidden
+    return total
 
   def flops(self, mode: str) -> float:
     """Model FLOPs of a mode: a training step counts 3x the forward pass (forward, and the two
@@ -87,10 +138,16 @@ class Runner:
 
 
 def data(shape: Shape, seed: int = 0):
+  """Inputs (B, T, I), target (B, T, D*H), lengths (B,) or None, mask (B, T, 1) float32."""
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((shape.batch, shape.time, shape.input), dtype=np.float32)
-  y = rng.standard_normal((shape.batch, shape.time, shape.hidden), dtype=np.float32)
-  return x, y
+  y = rng.standard_normal((shape.batch, shape.time, shape.directions * shape.hidden),
+                          dtype=np.float32)
+  if not shape.variable:
+    return x, y, None, np.ones((shape.batch, shape.time, 1), np.float32)
+  lengths = shape.lengths(seed)
+  mask = (np.arange(shape.time)[None, :] < lengths[:, None]).astype(np.float32)[..., None]
+  return x * mask, y, lengths, mask
 
 
 def parse_impl(spec: str) -> tuple[str, dict[str, Any]]:
@@ -121,12 +178,16 @@ def build(spec: str, shape: Shape, modes: tuple[str, ...], seed: int = 0,
   name, options = parse_impl(spec)
   if name not in IMPLS:
     raise ValueError(f"unknown implementation {name!r}; known: {sorted(IMPLS)}")
-  if options and name != "jaxgru":
-    raise ValueError(f"only jaxgru takes options, got {spec!r}")
+  if options and name not in ("jaxgru", "torch"):
+    raise ValueError(f"only jaxgru and torch take options, got {spec!r}")
   if name == "torch":
-    return _torch(spec, shape, modes, seed, torch_threads)
+    if set(options) - {"dtype"}:
+      raise ValueError(f"torch takes only dtype, got {spec!r}")
+    return _torch(spec, shape, modes, seed, torch_threads, **options)
   builder = {"jaxgru": _jaxgru, "flax_linen": _flax_linen, "flax_nnx": _flax_nnx,
              "keras": _keras, "equinox": _equinox, "jax_scan": _jax_scan}[name]
+  if not shape.plain and name in ("flax_nnx", "jax_scan"):
+    raise Unavailable(f"{name} runs the one-layer, one-direction, full-length shapes only")
   params, apply, library = builder(shape, seed, **options)
   return _jax_runner(spec, IMPLS[name][1], library, params, apply, shape, modes, seed)
 
@@ -140,11 +201,18 @@ def _jax_runner(name, peer, library, params, apply, shape, modes, seed) -> Runne
   import jax.numpy as jnp
   import optax
 
-  x, y = (jnp.asarray(a) for a in data(shape, seed))
+  x, y, lengths, mask = data(shape, seed)
+  x, y, mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
+  lengths = None if lengths is None else jnp.asarray(lengths)
   opt = optax.adam(LEARNING_RATE)
+  # apply(p, x, lengths): every implementation takes the lengths (None: full length).
+  forward = lambda p, x: apply(p, x, lengths)
 
   def loss(p, x, y):
-    return jnp.mean(jnp.square(apply(p, x) - y))
+    out = forward(p, x)
+    if shape.variable:  # the valid steps only
+      return jnp.sum(jnp.square(out - y) * mask) / (jnp.sum(mask) * out.shape[-1])
+    return jnp.mean(jnp.square(out - y))
 
   def train_step(p, s, x, y):
     value, grads = jax.value_and_grad(loss)(p, x, y)
@@ -168,7 +236,7 @@ def _jax_runner(name, peer, library, params, apply, shape, modes, seed) -> Runne
   if "forward" in modes:
     p_fwd = jax.tree.map(jnp.copy, params)
     t0 = time.perf_counter()
-    fwd = jax.jit(apply).lower(p_fwd, x).compile()
+    fwd = jax.jit(forward).lower(p_fwd, x).compile()
     compile_s["forward"] = time.perf_counter() - t0
     planned["forward"] = _planned_bytes(fwd)
     run["forward"] = lambda fwd=fwd: fwd(p_fwd, x)
@@ -191,32 +259,54 @@ def _jaxgru(shape: Shape, seed: int, dtype: Optional[str] = None, vmap: bool = F
   import jax
   import jaxgru
 
-  cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(shape.input, shape.hidden, dtype=dtype))
+  cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(shape.input, shape.hidden, dtype=dtype),
+                         num_layers=shape.layers, bidirectional=shape.bidirectional)
   params = cfg.init(jax.random.key(seed))
   if vmap:
+    if not shape.plain:
+      raise Unavailable("jaxgru[vmap=True] runs the plain shapes only")
     cell = cfg.layer_cell(0)
 
-    def apply(p, x):
+    def apply(p, x, lengths):
+      del lengths
       return jax.vmap(lambda xs: cell.sequence(p[0]["fwd"], xs)[0])(x)
   else:
     opts = jaxgru.ScanOptions(**options)
 
-    def apply(p, x):
-      return cfg.apply(p, x, options=opts)[0]
+    def apply(p, x, lengths):
+      return cfg.apply(p, x, lengths, options=opts)[0]
 
   return params, apply, "jaxgru"
 
 
 def _flax_linen(shape: Shape, seed: int):
+  """A stack of ``nn.RNN(nn.GRUCell)`` layers, each in ``nn.Bidirectional`` when bidirectional."""
   import jax
+  import jax.numpy as jnp
   try:
     import flax.linen as nn
   except ImportError as e:
     raise Unavailable(str(e)) from e
-  model = nn.RNN(nn.GRUCell(features=shape.hidden))
-  x, _ = data(shape, seed)
-  params = model.init(jax.random.key(seed), x)
-  return params, model.apply, "flax"
+  layers = []
+  for _ in range(shape.layers):
+    if shape.bidirectional:
+      layers.append(nn.Bidirectional(nn.RNN(nn.GRUCell(features=shape.hidden)),
+                                     nn.RNN(nn.GRUCell(features=shape.hidden))))
+    else:
+      layers.append(nn.RNN(nn.GRUCell(features=shape.hidden)))
+  x, _, lengths, _ = data(shape, seed)
+  params, keys = [], jax.random.split(jax.random.key(seed), shape.layers)
+  h = jnp.asarray(x)
+  for layer, key in zip(layers, keys):
+    params.append(layer.init(key, h, seq_lengths=lengths))
+    h = layer.apply(params[-1], h, seq_lengths=lengths)
+
+  def apply(p, x, lengths):
+    for layer, q in zip(layers, p):
+      x = layer.apply(q, x, seq_lengths=lengths)
+    return x
+
+  return params, apply, "flax"
 
 
 def _flax_nnx(shape: Shape, seed: int):
@@ -228,7 +318,8 @@ def _flax_nnx(shape: Shape, seed: int):
   model = nnx.RNN(nnx.GRUCell(shape.input, shape.hidden, rngs=nnx.Rngs(seed)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def apply(p, x):
+  def apply(p, x, lengths):
+    del lengths  # plain shapes only
     carry = jnp.zeros((x.shape[0], shape.hidden), x.dtype)  # zeros, as every other one
     return nnx.merge(graphdef, p, rest)(x, initial_carry=carry)
 
@@ -236,6 +327,7 @@ def _flax_nnx(shape: Shape, seed: int):
 
 
 def _keras(shape: Shape, seed: int):
+  """``keras.layers.GRU`` layers (in ``Bidirectional`` when bidirectional), a mask for lengths."""
   os.environ.setdefault("KERAS_BACKEND", "jax")
   try:
     import keras
@@ -244,38 +336,72 @@ def _keras(shape: Shape, seed: int):
   if keras.backend.backend() != "jax":
     raise Unavailable(f"keras runs on the {keras.backend.backend()} backend; set "
                       "KERAS_BACKEND=jax before anything imports keras")
+  import jax.numpy as jnp
   keras.utils.set_random_seed(seed)
-  layer = keras.layers.GRU(shape.hidden, return_sequences=True)
-  layer.build((shape.batch, shape.time, shape.input))
-  trainable = [v.value for v in layer.trainable_variables]
-  frozen = [v.value for v in layer.non_trainable_variables]
+  layers, trainable, frozen = [], [], []
+  width = shape.input
+  for _ in range(shape.layers):
+    layer = keras.layers.GRU(shape.hidden, return_sequences=True)
+    if shape.bidirectional:
+      layer = keras.layers.Bidirectional(layer, merge_mode="concat")
+    layer.build((shape.batch, shape.time, width))
+    width = shape.directions * shape.hidden
+    layers.append(layer)
+    trainable.append([v.value for v in layer.trainable_variables])
+    frozen.append([v.value for v in layer.non_trainable_variables])
 
-  def apply(p, x):
-    return layer.stateless_call(p, frozen, x)[0]
+  def apply(p, x, lengths):
+    mask = None if lengths is None else jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    for layer, q, f in zip(layers, p, frozen):
+      x = layer.stateless_call(q, f, x, mask=mask)[0] if mask is not None else \
+          layer.stateless_call(q, f, x)[0]
+    return x
 
   return trainable, apply, "keras"
 
 
 def _equinox(shape: Shape, seed: int):
+  """``eqx.nn.GRUCell`` in a ``lax.scan`` per example under ``vmap``, stacked by hand."""
   import jax
   import jax.numpy as jnp
   try:
     import equinox as eqx
   except ImportError as e:
     raise Unavailable(str(e)) from e
-  cell = eqx.nn.GRUCell(shape.input, shape.hidden, key=jax.random.key(seed))
-  params, static = eqx.partition(cell, eqx.is_inexact_array)
+  keys = iter(jax.random.split(jax.random.key(seed), shape.layers * shape.directions))
+  cells, width = [], shape.input
+  for _ in range(shape.layers):
+    cells.append([eqx.nn.GRUCell(width, shape.hidden, key=next(keys))
+                  for _ in range(shape.directions)])
+    width = shape.directions * shape.hidden
+  params, static = eqx.partition(cells, eqx.is_inexact_array)
 
-  def apply(p, x):
-    c = eqx.combine(p, static)
+  def run(c, xs, length, reverse):
+    """One example (T, F) in one direction; the state holds still past ``length``."""
+    steps = jnp.arange(xs.shape[0])
 
-    def sequence(xs):  # one example, (T, I): Equinox's cells take one example
-      def body(h, x_t):
-        h = c(x_t, h)
-        return h, h
-      return jax.lax.scan(body, jnp.zeros(shape.hidden, xs.dtype), xs)[1]
+    def body(h, inputs):
+      x_t, t = inputs
+      new = c(x_t, h)
+      if length is not None:
+        new = jnp.where(t < length, new, h)
+      return new, new
 
-    return jax.vmap(sequence)(x)
+    return jax.lax.scan(body, jnp.zeros(shape.hidden, xs.dtype), (xs, steps),
+                        reverse=reverse)[1]
+
+  def apply(p, x, lengths):
+    layers = eqx.combine(p, static)
+
+    def sequence(xs, length):
+      for directions in layers:
+        xs = jnp.concatenate([run(c, xs, length, reverse=d == 1)
+                              for d, c in enumerate(directions)], axis=-1)
+      return xs
+
+    if lengths is None:
+      return jax.vmap(lambda xs: sequence(xs, None))(x)
+    return jax.vmap(sequence)(x, lengths)
 
   return params, apply, "equinox"
 
@@ -290,7 +416,8 @@ def _jax_scan(shape: Shape, seed: int):
             "w_h": jax.random.normal(k[1], (h, 3 * h)) / np.sqrt(h),
             "b_x": jnp.zeros(3 * h), "b_h": jnp.zeros(3 * h)}
 
-  def apply(p, x):
+  def apply(p, x, lengths):
+    del lengths  # plain shapes only
     def body(s, x_t):
       gx = x_t @ p["w_x"] + p["b_x"]
       gh = s @ p["w_h"] + p["b_h"]
@@ -308,31 +435,57 @@ def _jax_scan(shape: Shape, seed: int):
 # -- PyTorch ---------------------------------------------------------------------------------------
 
 
-def _torch(name: str, shape: Shape, modes, seed: int, threads: int = 0) -> Runner:
+def _torch(name: str, shape: Shape, modes, seed: int, threads: int = 0,
+           dtype: Optional[str] = None) -> Runner:
+  """``torch.nn.GRU(num_layers=L, bidirectional=...)``; a PackedSequence for variable lengths."""
   try:
     import torch
   except ImportError as e:
     raise Unavailable(str(e)) from e
+  if dtype not in (None, "float32", "bfloat16"):
+    raise ValueError(f"torch dtype is float32 or bfloat16, got {dtype!r}")
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
   if not cuda:
     torch.set_num_threads(threads or os.cpu_count() or 1)
   torch.manual_seed(seed)
-  model = torch.nn.GRU(shape.input, shape.hidden, batch_first=True).to(device)
+  model = torch.nn.GRU(shape.input, shape.hidden, num_layers=shape.layers,
+                       bidirectional=shape.bidirectional, batch_first=True).to(device)
   opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-  x, y = (torch.from_numpy(a).to(device) for a in data(shape, seed))
+  x, y, lengths, mask = data(shape, seed)
+  x, y, mask = (torch.from_numpy(a).to(device) for a in (x, y, mask))
+  lengths = None if lengths is None else torch.from_numpy(lengths.astype(np.int64))  # on the CPU
+  pack = torch.nn.utils.rnn.pack_padded_sequence
+  unpack = torch.nn.utils.rnn.pad_packed_sequence
+  autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" \
+      else None
+
+  def outputs():
+    if lengths is None:
+      return model(x)[0]
+    packed = pack(x, lengths, batch_first=True, enforce_sorted=False)
+    return unpack(model(packed)[0], batch_first=True, total_length=shape.time)[0]
+
+  def run_model():
+    if autocast is None:
+      return outputs()
+    with autocast():
+      return outputs()
 
   def train():
     opt.zero_grad(set_to_none=True)
-    ys, _ = model(x)
-    value = torch.nn.functional.mse_loss(ys, y)
+    ys = run_model().float()
+    if lengths is None:
+      value = torch.nn.functional.mse_loss(ys, y)
+    else:
+      value = ((ys - y).square() * mask).sum() / (mask.sum() * ys.shape[-1])
     value.backward()
     opt.step()
     return value
 
   def forward():
     with torch.inference_mode():
-      return model(x)[0]
+      return run_model()
 
   def sync(_):
     if cuda:
@@ -340,5 +493,7 @@ def _torch(name: str, shape: Shape, modes, seed: int, threads: int = 0) -> Runne
 
   run = {m: {"train": train, "forward": forward}[m] for m in modes}
   note = "cuDNN" if cuda else f"CPU, {torch.get_num_threads()} threads"
+  if dtype == "bfloat16":
+    note += ", bfloat16 autocast"
   return Runner(name, "torch", torch.__version__, True, run, sync,
                 {m: None for m in modes}, {m: None for m in modes}, str(device), note)

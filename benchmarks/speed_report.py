@@ -50,7 +50,9 @@ def markdown(result: dict) -> str:
       f"float32 matrix-product peak measured in the same run: "
       f"{'?' if peak is None else f'{peak:.0f}'} GFLOP/s.\n")
   out.append(
-      "Median milliseconds over interleaved runs (warm-up excluded); B x T x I x H. Peers are "
+      "Median milliseconds over interleaved runs (warm-up excluded); B x T x I x H, then `:bi` "
+      "both directions (outputs concatenated), `:l2` a 2-layer stack, `:var` variable lengths "
+      "(T/2 to T; PyTorch PackedSequence, Flax seq_lengths, Keras mask, jaxgru lengths). Peers are "
       "the GRU libraries (flax_linen: `nn.RNN(nn.GRUCell)`, flax_nnx, keras: `keras.layers.GRU`"
       " on JAX, torch: `torch.nn.GRU`, equinox: `eqx.nn.GRUCell` in `lax.scan` under `vmap`); "
       "jax_scan is a plain fused-gate `lax.scan` written by hand, shown for reference. "

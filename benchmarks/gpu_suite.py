@@ -1,0 +1,301 @@
+r"""Everything to measure on a GPU machine, in one command of at most 8 minutes.
+
+  PYTHONPATH=. python -m benchmarks.gpu_suite --out=gpu_results         # on the GPU machine
+  python -m benchmarks.gpu_suite --quick --out=/tmp/suite              # every part, tiny, CPU
+
+Meant for an NVIDIA GPU machine without network that has JAX (CUDA) >= 0.11, PyTorch with
+cuDNN, Flax, optax, orbax, absl, Equinox and matplotlib installed; run it from the repository
+root (``PYTHONPATH=.``: no ``pip install`` needed). The parts, each in its own process with its
+own time limit, so that a failure or an overrun of one is recorded and the others still run:
+
+* ``tests``: the parity and fast-path tests (tests/test_convert.py, test_fast_path.py,
+  test_rnn.py) on the device; pytest's output goes to ``DIR/tests.txt``;
+* ``speed_f32``: benchmarks/speed.py's grid against the peers (PyTorch's cuDNN GRU, Flax, Keras,
+  Equinox), float32;
+* ``speed_stacks``: the same for 2-layer stacks and bidirectional GRUs, with variable lengths;
+* ``speed_bf16``: jaxgru with bfloat16 products against PyTorch under bfloat16 autocast and the
+  float32 peers;
+* ``models``: benchmarks/models.py, N addition models in one program;
+* ``long_sequence``: benchmarks/long_sequence.py at T = 100,000;
+* ``run_py``: ``python run.py``'s addition job, timed by benchmarks/addition.py.
+
+Each part writes its JSON and markdown (and PNG where it has a plot) into ``DIR``; the suite
+writes ``DIR/summary.json`` and ``DIR/summary.md`` and prints the summary. A part whose peer
+library is missing runs without it and says so; one that needs a missing library is skipped.
+``--quick`` runs every part at tiny sizes on the CPU (``JAX_PLATFORMS=cpu``, no CUDA for
+PyTorch), for tests/test_benchmarks.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Optional
+
+from absl import app
+from absl import flags
+
+from benchmarks import _common
+
+_OUT = flags.DEFINE_string("out", None, "Folder for every result file.", required=True)
+_QUICK = flags.DEFINE_bool("quick", False, "Every part at tiny sizes, on the CPU.")
+_PARTS = flags.DEFINE_list("parts", None, "Only these parts (default: all).")
+_TOTAL = flags.DEFINE_integer("total_s", 470, "Seconds for the whole suite; a part gets the "
+                              "smaller of its own limit and what is left.")
+
+PEERS = ("torch", "flax", "keras", "equinox")
+SPEED_PEERS = "flax_linen,flax_nnx,keras,torch,equinox"
+
+
+@dataclasses.dataclass
+class Part:
+  name: str
+  module: Optional[str]        # python -m <module>; None: pytest
+  args: list                   # arguments (full run)
+  quick_args: list             # arguments (--quick)
+  limit_s: int                 # seconds (full run)
+  outputs: list                # files it writes into DIR, relative
+  needs: tuple = ()            # libraries without which it cannot run
+
+
+def parts(out: str) -> list[Part]:
+  j = lambda name: os.path.join(out, name)
+  stacks = "64x256x64x64:l2,64x256x64x64:bi,64x256x64x64:bi:l2,64x256x64x64:bi:var,64x256x64x64:bi:l2:var"
+  speed_common = ["--budget_s=2", "--repeats=10", "--min_repeats=3", "--warmup=2",
+                  "--compile_t="]
+  speed_quick = ["--budget_s=0.2", "--repeats=3", "--min_repeats=2", "--warmup=1",
+                 "--compile_t=", "--memory=false", "--peak_sizes=256", "--plot=true"]
+  return [
+      Part("tests", None,
+           ["tests/test_convert.py", "tests/test_fast_path.py", "tests/test_rnn.py"],
+           ["tests/test_rnn.py", "-k", "output_size or h0_defaults"],
+           100, ["tests.txt"], ("pytest",)),
+      Part("speed_f32", "benchmarks.speed",
+           [f"--out={j('speed_f32.json')}", f"--impls=jaxgru,{SPEED_PEERS}", *speed_common],
+           [f"--out={j('speed_f32.json')}", "--shapes=4x8x3x5",
+            "--impls=jaxgru,flax_linen,torch,keras", *speed_quick],
+           110, ["speed_f32.json", "speed_f32.md", "speed_f32.png"]),
+      Part("speed_stacks", "benchmarks.speed",
+           [f"--out={j('speed_stacks.json')}", f"--shapes={stacks}",
+            "--impls=jaxgru,flax_linen,keras,torch,equinox", *speed_common],
+           [f"--out={j('speed_stacks.json')}", "--shapes=4x8x3x5:bi:l2:var",
+            "--impls=jaxgru,equinox,torch,keras", *speed_quick],
+           90, ["speed_stacks.json", "speed_stacks.md", "speed_stacks.png"]),
+      Part("speed_bf16", "benchmarks.speed",
+           [f"--out={j('speed_bf16.json')}", "--shapes=64x128x32x256,128x256x128x512,"
+            "64x256x64x64:bi:l2", "--impls=jaxgru[dtype=bfloat16],jaxgru,torch[dtype=bfloat16],"
+            "torch,flax_linen", *speed_common],
+           [f"--out={j('speed_bf16.json')}", "--shapes=4x8x3x5",
+            "--impls=jaxgru[dtype=bfloat16],torch[dtype=bfloat16]", "--modes=forward", *speed_quick],
+           60, ["speed_bf16.json", "speed_bf16.md", "speed_bf16.png"]),
+      Part("models", "benchmarks.models",
+           [f"--out={j('models.json')}", "--malloc=on", "--repeats=10", "--warmup=2",
+            "--max_seconds_per_n=3"],
+           [f"--out={j('models.json')}", "--malloc=on", "--n_list=1,2", "--phases=solve",
+            "--repeats=3", "--warmup=1"],
+           60, ["models.json", "models.md", "models.png"]),
+      Part("long_sequence", "benchmarks.long_sequence",
+           [f"--out={j('long_sequence.json')}", "--times=100000",
+            "--configs=none,products,full", "--steps=2", "--timeout_s=40"],
+           [f"--out={j('long_sequence.json')}", "--times=64", "--configs=products",
+            "--steps=1", "--timeout_s=60"],
+           60, ["long_sequence.json", "long_sequence.md"]),
+      Part("run_py", "benchmarks.addition",
+           ["--part=run_py", "--run_py_repeats=1", f"--out_dir={out}"],
+           ["--part=run_py", "--run_py_repeats=1", f"--out_dir={out}",
+            "--run_py_args=--steps=10,--consolidate_steps=0,--eval_bits=16,--log_every=5,"
+            "--checkpoint_every=10"],
+           50, ["addition_run_py.json", "addition_run_py.md"], ("orbax",)),
+  ]
+
+
+def _installed(lib: str) -> bool:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  return importlib.util.find_spec(lib) is not None
+
+
+def _child_env(quick: bool) -> dict:
+  env = dict(os.environ)
+  # Children run from the repository root; keep it importable however Python is started.
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_common.ROOT, env.get("PYTHONPATH")) if p)
+  env.setdefault("KERAS_BACKEND", "jax")
+  env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  if quick:
+    env["JAX_PLATFORMS"] = "cpu"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+  return env
+
+
+def run_part(part: Part, out: str, quick: bool, limit_s: float) -> dict:
+  """Runs one part in its own process; returns its summary record (never raises)."""
+  rec = {"part": part.name, "limit_s": round(limit_s, 1)}
+  missing = [lib for lib in part.needs if not _installed(lib)]
+  if missing:
+    return {**rec, "status": "skipped", "reason": f"needs {', '.join(missing)}"}
+  if limit_s < 5:
+    return {**rec, "status": "skipped", "reason": "no time left in the suite's budget"}
+  args = part.quick_args if quick else part.args
+  if part.module is None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+  else:
+    cmd = [sys.executable, "-m", part.module, *args]
+  rec["command"] = " ".join(cmd)
+  log_path = os.path.join(out, f"{part.name}.log" if part.module else "tests.txt")
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s,
+                          cwd=_common.ROOT, env=_child_env(quick))
+    output, code = proc.stdout + proc.stderr, proc.returncode
+    rec["status"] = "ok" if code == 0 else "failed"
+    if code != 0:
+      rec["error"] = f"exit {code}: " + _last_line(proc.stderr or proc.stdout)
+  except subprocess.TimeoutExpired as e:
+    output = _text(e.stdout) + _text(e.stderr)
+    rec["status"], rec["error"] = "failed", f"over its limit of {limit_s:.0f} s"
+  rec["seconds"] = round(time.perf_counter() - t0, 1)
+  _common.write_text(log_path, output)
+  rec["log"] = os.path.basename(log_path)
+  rec["outputs"] = [f for f in part.outputs if os.path.exists(os.path.join(out, f))]
+  try:
+    rec["figures"] = headline(part.name, out, output)
+  except Exception as e:  # pylint: disable=broad-except  # a summary must not stop the suite
+    rec["figures"] = {"error": f"{type(e).__name__}: {e}"}
+  return rec
+
+
+def _text(b) -> str:
+  return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def _last_line(text: str) -> str:
+  lines = [l for l in (text or "").strip().splitlines() if l.strip()]
+  return lines[-1][:300] if lines else ""
+
+
+def _load(out, name) -> Optional[dict]:
+  path = os.path.join(out, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def headline(name: str, out: str, output: str) -> dict:
+  """The few numbers of a part that the summary shows."""
+  if name == "tests":
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
+    return counts
+  if name.startswith("speed"):
+    res = _load(out, f"{name}.json")
+    if not res:
+      return {}
+    figs = {}
+    for r in res["records"]:
+      if r["impl"].startswith("jaxgru"):
+        key = f"{r['impl']} {r['mode']} {r['shape']}"
+        figs[key] = {"median_ms": round(r["median_ms"], 4),
+                     "vs_fastest_peer": None if r["ratio_to_fastest_peer"] is None
+                     else round(r["ratio_to_fastest_peer"], 3),
+                     "fastest_peer": r["fastest_peer"]}
+    figs["skipped"] = sorted({s["impl"] for s in res.get("skipped", [])})
+    return figs
+  if name == "models":
+    res = _load(out, "models.json")
+    return {} if not res else {
+        f"{r['phase']} N={r['num_models']} malloc {r['malloc']}":
+            {"cost_ratio": round(r["cost_ratio"], 3),
+             "model_steps_per_s": round(r["model_steps_per_s"], 1)} for r in res["records"]}
+  if name == "long_sequence":
+    res = _load(out, "long_sequence.json")
+    return {} if not res else {
+        f"T={r['time']} {r['config']}": r.get("error") or {
+            "step_s": round(r["step_s"], 3), "peak_rss_mb": round(r["peak_rss_bytes"] / 2**20),
+            "device_peak_mb": None if r.get("device_peak_bytes") is None
+            else round(r["device_peak_bytes"] / 2**20)} for r in res["records"]}
+  if name == "run_py":
+    res = _load(out, "addition_run_py.json")
+    if not res:
+      return {}
+    runs = res["run_py"]
+    return {k: _common.median([r[k] for r in runs])
+            for k in ("compile_seconds", "seconds_to_solve", "train_seconds", "process_seconds")}
+  return {}
+
+
+def markdown(summary: dict) -> str:
+  env = summary["environment"]
+  out = [f"# GPU suite{' (quick, CPU)' if summary['quick'] else ''}\n",
+         f"{env['device']}; jax {env['versions'].get('jax')}, torch "
+         f"{env['versions'].get('torch')}; revision {(env['git'].get('revision') or '?')[:10]}"
+         f"{' (with local changes)' if env['git'].get('dirty') else ''}; {env['date']}; "
+         f"{summary['seconds']:.0f} s in all.\n"]
+  if summary["missing_peers"]:
+    out.append(f"Peer libraries not installed (left out of the speed parts): "
+               f"{', '.join(summary['missing_peers'])}.\n")
+  rows = [[p["part"], p["status"], p.get("seconds", "-"), p.get("error") or p.get("reason", ""),
+           ", ".join(p.get("outputs", []))] for p in summary["parts"]]
+  out.append(_common.table(["part", "status", "seconds", "note", "files"], rows))
+  for p in summary["parts"]:
+    figs = p.get("figures")
+    if figs:
+      out.append(f"## {p['part']}\n\n```\n{json.dumps(figs, indent=1)}\n```\n")
+  return "\n".join(out)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  out = os.path.abspath(_OUT.value)
+  os.makedirs(out, exist_ok=True)
+  quick = _QUICK.value
+  selected = parts(out)
+  if _PARTS.value:
+    unknown = set(_PARTS.value) - {p.name for p in selected}
+    if unknown:
+      print(f"gpu_suite.py: unknown parts {sorted(unknown)}; known: "
+            f"{[p.name for p in selected]}", file=sys.stderr)
+      sys.exit(2)
+    selected = [p for p in selected if p.name in _PARTS.value]
+  # The device, without starting JAX in this process (a child owns the GPU while it runs).
+  device = "CPU (quick)" if quick else _gpu_name()
+  missing = [lib for lib in PEERS if not _installed(lib)]
+  summary = {"quick": quick, "parts": [], "missing_peers": missing,
+             "environment": {"device": device, "versions": _common.versions(),
+                             "git": _common.git_revision(),
+                             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "command": " ".join(sys.argv),
+                             "load_average_at_start": _common.load_average()}}
+  print(f"gpu_suite: {device}; writing to {out}", flush=True)
+  if missing:
+    print(f"  peers not installed, left out: {', '.join(missing)}", flush=True)
+  t_start = time.perf_counter()
+  for part in selected:
+    left = _TOTAL.value - (time.perf_counter() - t_start)
+    limit = min(part.limit_s * (2 if quick else 1), left)
+    rec = run_part(part, out, quick, limit)
+    summary["parts"].append(rec)
+    print(f"  {rec['part']:14s} {rec['status']:8s} {rec.get('seconds', 0):6.1f} s  "
+          f"{rec.get('error') or rec.get('reason', '')}", flush=True)
+  summary["seconds"] = time.perf_counter() - t_start
+  _common.write_json(os.path.join(out, "summary.json"), summary)
+  text = markdown(summary)
+  _common.write_text(os.path.join(out, "summary.md"), text)
+  print(text, flush=True)
+
+
+def _gpu_name() -> str:
+  try:
+    proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True, timeout=20, check=True)
+    return proc.stdout.strip().replace("\n", "; ") or "unknown GPU"
+  except (OSError, subprocess.SubprocessError):
+    return "no nvidia-smi (no NVIDIA GPU?)"
+
+
+if __name__ == "__main__":
+  app.run(main)
