@@ -137,8 +137,9 @@ def _numbers(name: str, kind: type) -> tuple | None:
 
 
 def _given(*names: str) -> dict:
-  """The flags among ``names`` that were set (those left unset take the config's default)."""
-  return {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k) is not None}
+  """The flags among ``names`` that were set (unset ones, and config fields with no flag, take
+  the config's default)."""
+  return {k: getattr(FLAGS, k) for k in names if getattr(FLAGS, k, None) is not None}
 
 
 def _configured(build):
