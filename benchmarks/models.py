@@ -15,7 +15,8 @@ interleaved, round by round, in the same process: a round is one call of each. I
 
 ``--malloc`` picks glibc's malloc settings: ``on`` raises the mmap and trim thresholds first
 (:mod:`benchmarks._malloc`), ``off`` leaves them as they are (``JAXGRU_NO_MALLOPT=1``), ``both``
-runs each in its own process (the setting has to precede JAX's allocations). XLA:CPU takes
+runs each in its own process (the setting has to precede JAX's allocations); with one setting
+the measurement runs in this process, after setting it. XLA:CPU takes
 temporaries above the mmap threshold fresh from the kernel at every call, and at large N those
 page faults cost more than the arithmetic.
 
@@ -228,8 +229,11 @@ def main(argv):
   except ValueError as e:
     print(f"models.py: {e}", file=sys.stderr)
     sys.exit(2)
+  settings = ("off", "on") if _MALLOC.value == "both" else (_MALLOC.value,)
+  if _CHILD.value or len(settings) == 1:  # one setting: measured in this process
+    setting = _CHILD.value or settings[0]
+    malloc = _malloc.tune_malloc(enable=setting == "on")  # before JAX allocates anything
   if _CHILD.value:
-    malloc = _malloc.tune_malloc(enable=_CHILD.value == "on")  # before JAX allocates anything
     records = measure(phases, n_list, _REPEATS.value, _WARMUP.value, _MAX_SECONDS.value,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     for r in records:
@@ -237,11 +241,10 @@ def main(argv):
       r["malloc_applied"] = malloc
     _common.print_child_result({"records": records, "malloc": malloc})
     return
-  settings = ("off", "on") if _MALLOC.value == "both" else (_MALLOC.value,)
   result = {"environment": _common.environment(), "records": [], "errors": [],
             "settings": {"n_list": n_list, "phases": phases, "repeats": _REPEATS.value,
                          "malloc": list(settings)}}
-  for setting in settings:
+  for setting in settings if len(settings) > 1 else ():
     env = dict(os.environ)
     env.pop(_malloc.ENV_OPT_OUT, None)
     if setting == "off":
@@ -258,6 +261,13 @@ def main(argv):
     for r in rec["records"]:
       print(f"  {r['phase']:11s} N={r['num_models']:5d}  ratio {r['cost_ratio']:6.3f}  "
             f"{r['model_steps_per_s']:10.0f} model-steps/s", flush=True)
+  if len(settings) == 1:
+    print(f"malloc {setting} ({malloc['reason']}), in this process:", flush=True)
+    records = measure(phases, n_list, _REPEATS.value, _WARMUP.value, _MAX_SECONDS.value,
+                      log=lambda m: print(m, flush=True))
+    for r in records:
+      r["malloc"], r["malloc_applied"] = setting, malloc
+    result["records"].extend(records)
   result["environment"]["load_average_at_end"] = _common.load_average()
   if _OUT.value:
     base = os.path.splitext(_OUT.value)[0]

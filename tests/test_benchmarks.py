@@ -1,0 +1,110 @@
+"""The benchmarks run end to end: ``python -m benchmarks.gpu_suite --quick`` on the CPU.
+
+The suite runs every part (tests, speed grids, many models, long sequences, run.py) at tiny sizes
+in processes of their own; parts whose peer library (PyTorch, Keras) is missing run without it.
+This checks that each part finished and wrote its files, with numbers in them. It also checks the
+arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+  out = tmp_path_factory.mktemp("suite")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick", f"--out={out}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "summary.json") as f:
+    return out, json.load(f), proc.stdout
+
+
+def test_every_part_ran(suite):
+  out, summary, stdout = suite
+  names = [p["part"] for p in summary["parts"]]
+  assert names == ["tests", "speed_f32", "speed_stacks", "speed_bf16", "models",
+                   "long_sequence", "run_py"]
+  for p in summary["parts"]:
+    # run_py times the repository's run.py: a failure there is recorded with its reason.
+    if p["part"] == "run_py" and p["status"] == "failed":
+      assert p["error"]
+      continue
+    assert p["status"] == "ok", p
+    for name in p["outputs"]:
+      assert os.path.getsize(out / name) > 0
+  assert (out / "summary.md").read_text().startswith("# GPU suite")
+  assert "speed_f32" in stdout
+
+
+def test_speed_parts_hold_numbers(suite):
+  out, summary, _ = suite
+  for name in ("speed_f32", "speed_stacks", "speed_bf16"):
+    with open(out / f"{name}.json") as f:
+      result = json.load(f)
+    jaxgru = [r for r in result["records"] if r["impl"].startswith("jaxgru")]
+    assert jaxgru, name
+    for r in result["records"]:
+      assert _finite(r["median_ms"]) and r["median_ms"] > 0
+    assert (out / f"{name}.md").exists() and (out / f"{name}.png").exists()
+  with open(out / "speed_stacks.json") as f:
+    shapes = {r["shape"] for r in json.load(f)["records"]}
+  assert shapes == {"2x4x2x3:bi:l2:var"}
+  missing = set(summary["missing_peers"])
+  with open(out / "speed_f32.json") as f:
+    impls = {r["impl"] for r in json.load(f)["records"]}
+  if "torch" in missing:
+    assert "torch" not in impls
+
+
+def test_models_and_long_sequence_hold_numbers(suite):
+  out, _, _ = suite
+  with open(out / "models.json") as f:
+    models = json.load(f)
+  (rec,) = models["records"]
+  assert rec["num_models"] == 2 and rec["phase"] == "solve"
+  assert _finite(rec["cost_ratio"]) and rec["cost_ratio"] > 0
+  assert _finite(rec["model_steps_per_s"]) and rec["model_steps_per_s"] > 0
+  with open(out / "long_sequence.json") as f:
+    (long_rec,) = json.load(f)["records"]
+  assert _finite(long_rec["step_s"]) and long_rec["peak_rss_bytes"] > 0
+
+
+def test_models_ratio_arithmetic():
+  from benchmarks import models  # pylint: disable=import-outside-toplevel
+  rec = models.make_record("consolidate", 4, [8.0, 10.0, 12.0], [2.0, 5.0, 3.0])
+  assert rec["n_model_ms"] == 10.0 and rec["single_ms"] == 3.0
+  assert rec["cost_ratio"] == pytest.approx(10.0 / (4 * 3.0))
+  assert rec["model_steps_per_s"] == pytest.approx(400.0)
+  assert rec["single_model_steps_per_s"] == pytest.approx(1000.0 / 3.0)
+  assert rec["bits"] == 64 and rec["batch_size"] == 128
+  assert models.cost_ratio(64.0, 1.0, 64) == 1.0
+
+
+def test_malloc_opt_out(monkeypatch):
+  from benchmarks import _malloc  # pylint: disable=import-outside-toplevel
+  assert not _malloc.tune_malloc(enable=False)["applied"]
+  monkeypatch.setenv(_malloc.ENV_OPT_OUT, "1")
+  done = _malloc.tune_malloc()
+  assert not done["applied"] and _malloc.ENV_OPT_OUT in done["reason"]
+
+
+def test_malloc_applies_on_glibc():
+  code = ("import platform; from benchmarks import _malloc; d = _malloc.tune_malloc(); "
+          "print(d['applied'], platform.libc_ver()[0] == 'glibc')")
+  env = {k: v for k, v in os.environ.items() if k != "JAXGRU_NO_MALLOPT"}
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
+  assert out[0] == out[1]  # applied exactly where the C library is glibc
