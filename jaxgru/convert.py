@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxgru.cell import GRUConfig, Params
+from jaxgru.cell import GRUConfig, Params, field_default
 from jaxgru.rnn import RNNConfig, StackParams
 
 
@@ -166,8 +166,9 @@ def to_torch(cfg: RNNConfig, params: StackParams) -> dict[str, np.ndarray]:
 
 # -- Keras -----------------------------------------------------------------------------------------
 
-def from_keras(weights: Sequence[Any], activation: Any = "tanh",
-               recurrent_activation: Any = "sigmoid") -> tuple[RNNConfig, StackParams]:
+def from_keras(weights: Sequence[Any], activation: Any = field_default(GRUConfig, "activation"),
+               recurrent_activation: Any = field_default(GRUConfig, "recurrent_activation")
+               ) -> tuple[RNNConfig, StackParams]:
   """Converts the weights of a Keras 3 ``GRU`` layer (``layer.get_weights()``).
 
   Returns ``(config, params)``: a one-layer :class:`RNNConfig` and its params, as every
