@@ -6,7 +6,6 @@ malloc thresholds of :mod:`benchmarks._malloc`, environment variables) before JA
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import json
 import os
@@ -244,22 +243,6 @@ def run_module(module: str, args: Sequence[str], timeout_s: float,
     return rec, None
   tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
   return None, tail[0][:300]
-
-
-# -- the task modules (being restructured: import whichever layout is there) ------------------------
-
-
-def addition_task():
-  """The addition task module (``jaxgru.tasks.addition``, a module or a package)."""
-  return importlib.import_module("jaxgru.tasks.addition")
-
-
-def training_module():
-  """The shared training helpers: ``jaxgru.training`` (new layout) or ``jaxgru.train``."""
-  try:
-    return importlib.import_module("jaxgru.training")
-  except ImportError:
-    return importlib.import_module("jaxgru.train")
 
 
 # -- flags shared by the entry points --------------------------------------------------------------

@@ -88,9 +88,13 @@ def _train_models(state, train_step, total_steps, log_every, batch_fn=None, prob
 
 
 def study_addition(act: str, ract: str, lr: float) -> dict:
-  addition = _common.addition_task()
-  cfg = addition.AdditionConfig(activation=act, recurrent_activation=ract, learning_rates=(lr,),
-                                num_models=FLAGS.seeds, steps=FLAGS.addition_steps, seed=0)
+  from jaxgru.tasks import addition
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  base = addition.AdditionConfig()
+  rnn = dataclasses.replace(base.rnn, cell=dataclasses.replace(
+      base.rnn.cell, activation=act, recurrent_activation=ract))
+  cfg = addition.AdditionConfig(rnn=rnn, learning_rates=(lr,), num_models=FLAGS.seeds,
+                                steps=FLAGS.addition_steps, seed=0)
   state = addition.init_states(cfg)
   exact8 = addition.make_evaluate(cfg, cfg.bits, 512)
   t0 = time.time()
@@ -109,20 +113,21 @@ def study_addition(act: str, ract: str, lr: float) -> dict:
           "metrics": metrics, "train_seconds": seconds}
 
 
-def _imdb_base():
+def _imdb_base(act: str = "tanh", ract: str = "sigmoid"):
+  from jaxgru import GRUConfig, RNNConfig
   from jaxgru.tasks import classify
   return classify.ClassifyConfig(
-      data_path=FLAGS.data_path, subset=FLAGS.imdb_subset, max_length=FLAGS.imdb_max_length,
-      bucket=FLAGS.imdb_max_length, vocab_size=10000, embed_size=32, bigram_buckets=0,
-      hidden_size=32,
-      epochs=FLAGS.imdb_epochs, batch_size=FLAGS.imdb_batch_size, num_models=FLAGS.seeds,
-      warmup_steps=20)
+      data=classify.ImdbData(data_path=FLAGS.data_path, subset=FLAGS.imdb_subset,
+                             max_length=FLAGS.imdb_max_length, vocab_size=10000),
+      rnn=RNNConfig(GRUConfig(input_size=32, hidden_size=32, activation=act,
+                              recurrent_activation=ract), bidirectional=True),
+      bucket=FLAGS.imdb_max_length, bigram_buckets=0, epochs=FLAGS.imdb_epochs,
+      batch_size=FLAGS.imdb_batch_size, num_models=FLAGS.seeds, warmup_steps=20)
 
 
 def study_imdb(act: str, ract: str, data, probe_split) -> dict:
   from jaxgru.tasks import classify
-  cfg = classify.ClassifyConfig(**{**_imdb_base().to_json(), "activation": act,
-                                   "recurrent_activation": ract})
+  cfg = _imdb_base(act, ract)
   batches = classify.TrainBatches(data.train, cfg.batch_size, cfg.bucket, cfg.seed)
   total = cfg.epochs * batches.steps_per_epoch
   state = classify.init_states(cfg, total)
@@ -234,18 +239,20 @@ def main(argv):
   if "imdb" in FLAGS.tasks and not FLAGS.data_path:
     raise UsageError("the IMDB part needs --data_path (or --tasks=addition)")
   import jax
-  from jaxgru.tasks import classify, imdb
+  from jaxgru.tasks import classify
+  from jaxgru.tasks.classify import imdb
   wall = time.time()
   pairs = [(a, r) for r in FLAGS.recurrent_activations for a in FLAGS.activations]
   results: dict[str, dict] = {}
   settings = {}
   if "addition" in FLAGS.tasks:
-    addition = _common.addition_task()
+    from jaxgru.tasks import addition
     base = addition.AdditionConfig()
     for lr in (float(v) for v in FLAGS.addition_learning_rates):
       task = f"addition, learning rate {lr:g}"
       settings[task] = {k: getattr(base, k) for k in (
-          "hidden_size", "bits", "batch_size", "optimizer", "clip_norm")}
+          "bits", "batch_size", "optimizer", "clip_norm")}
+      settings[task]["hidden_size"] = base.rnn.cell.hidden_size
       settings[task].update(learning_rate=lr, steps=FLAGS.addition_steps,
                             steps_to_solve="first curve point with exact-match 1.0 on 512 "
                                            "held-out 8-bit problems")
@@ -262,10 +269,13 @@ def main(argv):
     except imdb.DataError as e:
       raise UsageError(str(e)) from None
     settings["imdb"] = {k: getattr(base, k) for k in (
-        "subset", "max_length", "vocab_size", "embed_size", "bigram_buckets", "hidden_size",
-        "bidirectional",
-        "pooling", "batch_size", "epochs", "optimizer", "learning_rates", "schedule",
-        "clip_norm", "embed_dropout", "dropout")}
+        "bigram_buckets", "pooling", "batch_size", "epochs", "optimizer", "learning_rates",
+        "schedule", "clip_norm", "embed_dropout", "dropout")}
+    settings["imdb"].update({k: getattr(base.data, k) for k in (
+        "subset", "max_length", "vocab_size")})
+    settings["imdb"].update(embed_size=base.rnn.cell.input_size,
+                            hidden_size=base.rnn.cell.hidden_size,
+                            bidirectional=base.rnn.bidirectional)
     settings["imdb"].update(train_size=len(data.train), test_size=len(data.test))
     rows = np.random.default_rng(0).choice(len(data.test), min(FLAGS.imdb_probe_size,
                                                                 len(data.test)), replace=False)

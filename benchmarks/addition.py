@@ -42,7 +42,7 @@ FLAGS = flags.FLAGS
 
 
 def reliability(workdir: str) -> dict:
-  addition = _common.addition_task()
+  from jaxgru.tasks import addition
   fields = {"num_models": FLAGS.num_models, "eval_bits": tuple(int(b) for b in FLAGS.eval_bits),
             "long_eval_size": FLAGS.long_eval_size, "seed": 1000}
   if FLAGS.steps:

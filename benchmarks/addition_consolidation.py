@@ -64,8 +64,8 @@ def parse_variant(text: str) -> dict:
 def consolidate(cfg, state):
   """Phase 2 of addition.train_and_evaluate, from ``state``, with cfg's consolidation fields."""
   import jax
-  _train = _common.training_module()
-  addition = _common.addition_task()
+  from jaxgru import training as _train
+  from jaxgru.tasks import addition
   opt_cfg = addition.consolidate_optimizer_config(cfg)
   opt = _train.make_optimizer(opt_cfg)
   state = state._replace(opt_state=jax.vmap(opt.init)(state.params),
@@ -84,12 +84,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
   import numpy as np
-  addition = _common.addition_task()
+  from jaxgru.tasks import addition
   variants = {v: parse_variant(v) for v in FLAGS.variants}
   eval_bits = [int(b) for b in FLAGS.eval_bits]
 
   base = addition.AdditionConfig(num_models=FLAGS.num_models, seed=FLAGS.seed,
-                                 consolidate_steps=0, eval_bits=())
+                                 consolidate_steps=0, eval_bits=())  # phase 1 alone
   t0 = time.time()
   with tempfile.TemporaryDirectory() as workdir:
     summary = addition.train_and_evaluate(base, workdir, log=lambda m: None)

@@ -157,6 +157,8 @@ def main(argv):
       if error:
         rec = {"config": config, "time": steps, "error": error}
       result["records"].append(rec)
+      if _OUT.value:  # what is done so far survives a run cut short
+        _common.write_json(_OUT.value, result)
       if "error" in rec:
         print(f"T={steps} {config}: {rec['error']}", flush=True)
       else:

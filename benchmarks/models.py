@@ -85,11 +85,10 @@ def make_record(phase: str, n: int, n_times_ms, single_times_ms, **extra) -> dic
 def _step(phase: str, n: int):
   """(compiled step, initial state, compile seconds) of the addition step for ``n`` models."""
   import jax  # pylint: disable=import-outside-toplevel
-  addition = _common.addition_task()
+  from jaxgru.tasks import addition
   spec = PHASES[phase]
   cfg = addition.AdditionConfig(num_models=n)  # the task's defaults: hidden 16, the shapes above
-  rnn = getattr(cfg, "rnn", None)
-  hidden = rnn.cell.hidden_size if rnn is not None else cfg.hidden_size
+  hidden = cfg.rnn.cell.hidden_size
   if hidden != HIDDEN:
     raise ValueError(f"the addition task's default hidden size is now {hidden}, not {HIDDEN}")
   optimizer = (addition.consolidate_optimizer_config(cfg) if spec["optimizer"] == "consolidate"
