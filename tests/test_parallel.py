@@ -1,0 +1,136 @@
+"""Tests for parallel-in-time evaluation (jaxgru._parallel.parallel_layer).
+
+Every case compares the values (outputs, final states) and the gradients (params, xs, h0) of a
+loss over both against the sequential loop, :func:`jaxgru.scan_layer` with its default options:
+random cells of several sizes, "trained-like" cells (recurrent weights x3, where undamped
+quasi-DEER may diverge), lengths, resets, both directions, both variants, other activations, and
+the sequential finish after too few iterations. Sizes are small: the file compiles many loops.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgru import GRUConfig, scan_layer
+from jaxgru._parallel import ParallelInfo, _step_and_diag, parallel_layer
+
+I, B = 3, 3
+VAL_ATOL = 2e-4  # tol is 1e-5 per step (float32); errors add up over a few steps
+GRAD_TOL = dict(rtol=2e-3, atol=2e-4)
+
+
+def make(hidden, variant="reset_after", scale=1.0, seed=0, **kw):
+  cell = GRUConfig(I, hidden, variant=variant, **kw)
+  params = cell.init(jax.random.key(seed), "pytorch")
+  params = dict(params, w_h=params["w_h"] * scale)
+  return cell, params
+
+
+def data(steps, hidden, seed=1):
+  rng = np.random.default_rng(seed)
+  xs = jnp.asarray(rng.normal(size=(steps, B, I)).astype(np.float32))
+  h0 = jnp.asarray(0.5 * rng.normal(size=(B, hidden)).astype(np.float32))
+  w_ys = jnp.asarray(rng.normal(size=(steps, B, hidden)).astype(np.float32))
+  w_h = jnp.asarray(rng.normal(size=(B, hidden)).astype(np.float32))
+  return xs, h0, w_ys, w_h
+
+
+def lengths_resets(steps, seed=2):
+  rng = np.random.default_rng(seed)
+  lengths = np.array([steps, steps - 3, 4], np.int32)
+  resets = rng.random((B, steps)) < 0.1
+  resets[0, 5] = resets[0, 6] = resets[1, steps - 1] = resets[2, 2] = True
+  return jnp.asarray(lengths), jnp.asarray(resets)
+
+
+def check(cell, params, steps, *, reverse=False, masks=False, grads=True, **kw):
+  """Values and gradients of parallel_layer(**kw) against scan_layer; returns the info."""
+  xs, h0, w_ys, w_h = data(steps, cell.hidden_size)
+  lengths, resets = lengths_resets(steps) if masks else (None, None)
+
+  def seq(p, x, h):
+    return scan_layer(cell, p, x, h, lengths, reverse=reverse, resets_BT=resets)
+
+  def par(p, x, h):
+    ys, h_last, info = parallel_layer(cell, p, x, h, lengths, resets, reverse=reverse, **kw)
+    return (ys, h_last), info
+
+  loss = lambda out: jnp.sum(out[0] * w_ys) + jnp.sum(out[1] * w_h)
+  (ys, h_last), info = jax.jit(par)(params, xs, h0)
+  ys_ref, h_ref = jax.jit(seq)(params, xs, h0)
+  np.testing.assert_allclose(ys, ys_ref, atol=VAL_ATOL, rtol=0)
+  np.testing.assert_allclose(h_last, h_ref, atol=VAL_ATOL, rtol=0)
+  if grads:
+    g = jax.jit(jax.grad(lambda *a: loss(par(*a)[0]), argnums=(0, 1, 2)))(params, xs, h0)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(seq(*a)), argnums=(0, 1, 2)))(params, xs, h0)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(a, b, **GRAD_TOL)
+  assert isinstance(info, ParallelInfo)
+  return info
+
+
+@pytest.mark.parametrize("variant", ["reset_after", "reset_before"])
+@pytest.mark.parametrize("act", [("tanh", "sigmoid"), ("softsign", "hard_sigmoid")])
+def test_diagonal_is_the_jacobians(variant, act):
+  cell, params = make(5, variant, scale=3.0, activation=act[0], recurrent_activation=act[1])
+  h = jax.random.normal(jax.random.key(3), (2, 5))
+  gx = 2.0 * jax.random.normal(jax.random.key(4), (2, 15))
+  _, diag = _step_and_diag(cell, params, h, gx, True)
+  for b in range(2):
+    jac = jax.jacfwd(lambda h_H: cell._recur(params, h_H, gx[b]))(h[b])
+    np.testing.assert_allclose(diag[b], jnp.diagonal(jac), atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden,variant,method,reverse,masks", [
+    (1, "reset_after", "quasi", False, False),
+    (4, "reset_before", "quasi", True, True),
+    (16, "reset_after", "quasi", True, True),
+    (16, "reset_before", "elk", False, True),
+    (4, "reset_after", "full", False, True),
+    (4, "reset_before", "full", True, False),
+])
+def test_matches_sequential(hidden, variant, method, reverse, masks):
+  cell, params = make(hidden, variant)
+  info = check(cell, params, 40, reverse=reverse, masks=masks, method=method)
+  assert bool(info.converged) and not bool(info.fell_back)
+  assert int(info.first_unconverged) == 40 and float(info.max_residual) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["quasi", "elk"])
+def test_trained_like_cells(method):
+  """Recurrent weights x3: whatever the iteration does, the result is the sequential one."""
+  cell, params = make(16, "reset_after", scale=3.0, seed=5)
+  info = check(cell, params, 120, masks=True, method=method, max_iters=30)
+  assert int(info.iterations) <= 30
+  assert bool(info.fell_back) == (not bool(info.converged))
+
+
+def test_other_activations_and_rerun_backward():
+  cell, params = make(4, "reset_before", activation="softsign",
+                      recurrent_activation="hard_sigmoid")
+  info = check(cell, params, 30, reverse=True, masks=True, backward="rerun")
+  assert bool(info.converged)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fallback_finishes_sequentially(reverse):
+  cell, params = make(16, "reset_after", scale=2.0)
+  info = check(cell, params, 50, reverse=reverse, masks=True, max_iters=1)
+  assert int(info.iterations) == 1
+  assert bool(info.fell_back) and not bool(info.converged)
+  assert 1 <= int(info.first_unconverged) < 50  # one iteration makes the first step exact
+  info = check(cell, params, 50, reverse=reverse, grads=False, max_iters=0)
+  assert bool(info.fell_back) and int(info.first_unconverged) == 0
+
+
+def test_arguments():
+  cell, params = make(4)
+  xs = jnp.zeros((5, B, I))
+  with pytest.raises(ValueError, match="method"):
+    parallel_layer(cell, params, xs, method="newton")
+  odd = GRUConfig(I, 4, activation=lambda x: x / (1 + jnp.abs(x)))
+  with pytest.raises(ValueError, match="elementwise"):
+    parallel_layer(odd, odd.init(jax.random.key(0)), xs)
+  ys, h_last, info = parallel_layer(cell, params, xs[:0])
+  assert ys.shape == (0, B, 4) and h_last.shape == (B, 4) and not bool(info.fell_back)
