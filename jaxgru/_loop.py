@@ -1,7 +1,8 @@
 """The forward time loop of one layer: time-major, in chunks, masked by lengths.
 
 This module owns how a layer's steps run forward: the one masked step (:func:`_step`, the only
-place where ``lengths`` act on the state), the loop over one chunk's steps (:func:`_forward`,
+place where ``lengths`` act on the state), the reset of a state to its initial value at episode
+boundaries (:func:`_reset`, the only place where ``resets`` act on the state), the loop over one chunk's steps (:func:`_forward`,
 which can also record what the backward pass needs), the loop over chunks, and
 :func:`_layer`, the layer as JAX differentiates it by itself. The GRU math is the cell's
 (:meth:`GRUConfig._recur_with`); the custom VJP lives in :mod:`jaxgru._vjp`.
@@ -47,6 +48,17 @@ def _step(cell: GRUConfig, h, g, t, lengths, product):
   return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
 
 
+def _reset(h, h_init, r):
+  """The state a step starts from: ``h_init`` where the step's reset flag ``r`` (B,) is set.
+
+  ``r`` is the direction's own mask (see :func:`jaxgru.scan._reset_mask`): a forward loop resets
+  before the first step of a segment, a reverse one before its last step. None: no resets.
+  """
+  if r is None:
+    return h
+  return jnp.where(r[:, None], h_init, h)
+
+
 def _join(parts: tuple[jax.Array, ...]) -> jax.Array:
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
@@ -57,12 +69,18 @@ def _rows(a: jax.Array) -> jax.Array:
 # -- one chunk ------------------------------------------------------------------------------------
 
 
-def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str]):
+def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
+             resets_CB=None, h_init=None):
   """The loop over one chunk's steps, starting at time index t0: (ys, h_last, residuals).
 
-  ``save`` is None (no residuals), ``"all"`` (per step: the state before the step, the gate
-  inputs and the outputs of the recurrent products, split by gate) or ``"states"`` (the state
-  before each step, only when masking makes it differ from the previous output; else None).
+  ``h0`` is the chunk's starting state; ``resets_CB`` (C, B) the direction's reset mask over the
+  chunk's steps (None: none), which replaces the state by ``h_init`` (B, H), the layer's initial
+  state, before the steps where it is set.
+
+  ``save`` is None (no residuals), ``"all"`` (per step: the state before the step, after any
+  reset, the gate inputs and the outputs of the recurrent products, split by gate) or
+  ``"states"`` (the state before each step, only when masking makes it differ from the previous
+  output; else None).
   """
   cell = st.cell
   size = cell.hidden_size
@@ -70,7 +88,8 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str]):
   seq = _project(cell, params, x_CBI) if st.hoist else x_CBI
 
   def body(h, inp):
-    x_or_g, t = inp
+    x_or_g, t, r = inp
+    h = _reset(h, h_init, r)
     g = x_or_g if st.hoist else _project(cell, params, x_or_g)
     outs = []
 
@@ -89,7 +108,7 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str]):
       res = None
     return h_new, (y, res)
 
-  h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts), reverse=st.reverse, unroll=st.unroll)
+  h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts, resets_CB), reverse=st.reverse, unroll=st.unroll)
   if save == "all" and st.hoist:
     res = (res[0], seq, res[2])
   return ys, h_last, res
@@ -109,22 +128,27 @@ def _starts(xs_NCBI):
   return jnp.arange(xs_NCBI.shape[0], dtype=jnp.int32) * xs_NCBI.shape[1]
 
 
-def _layer(st: _Static, params, xs_NCBI, h0, lengths):
+def _flat(a):
+  """(N, C, ...) -> (N*C, ...); None stays None."""
+  return None if a is None else a.reshape((-1,) + a.shape[2:])
+
+
+def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
   """The loop differentiated by JAX (with jax.checkpoint per chunk unless remat is "none")."""
   if st.remat == "none" and not st.hoist:
     # Chunks only bound the memory of a backward pass or of a hoisted projection: one loop.
     n, c = xs_NCBI.shape[:2]
-    ys, h_last, _ = _forward(st, params, xs_NCBI.reshape((n * c,) + xs_NCBI.shape[2:]), h0,
-                             lengths, 0, save=None)
+    ys, h_last, _ = _forward(st, params, _flat(xs_NCBI), h0, lengths, 0, save=None,
+                             resets_CB=_flat(resets_NCB), h_init=h0)
     return ys.reshape((n, c) + ys.shape[1:]), h_last
 
   def chunk(h, inp):
-    x, t0 = inp
-    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None)
+    x, t0, r = inp
+    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None, resets_CB=r, h_init=h0)
     return h_last, ys
 
   if st.remat != "none":
     chunk = jax.checkpoint(chunk)
-  h_last, ys = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI)), st.reverse)
+  h_last, ys = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI), resets_NCB), st.reverse)
   return ys, h_last
 

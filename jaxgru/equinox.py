@@ -194,7 +194,8 @@ class GRU(eqx.Module):
 
   def batched(self, xs_BTI: jax.Array, lengths_B: Optional[jax.Array] = None,
               h0: Optional[jax.Array] = None, *,
-              key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+              key: Optional[jax.Array] = None,
+              resets_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs a batch as one time-major loop: :meth:`RNNConfig.apply` with the module's params.
 
     Args:
@@ -203,6 +204,8 @@ class GRU(eqx.Module):
       h0: optional initial states, (L * D, B, H) (layer-major, forward before backward).
       key: PRNG key for dropout between layers; needed when dropout applies, unless
         ``inference``.
+      resets_BT: optional episode boundaries, (B, T) booleans: the state restarts from ``h0``
+        before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
 
     Returns:
       ``(ys, h_last)``: outputs (B, T, output_size) and final states (L * D, B, H).
@@ -215,11 +218,12 @@ class GRU(eqx.Module):
                          "mode; pass key=..., or eqx.nn.inference_mode(model) to turn dropout off")
       dropout_key = key
     return cfg.apply(self.params, xs_BTI, lengths_B, h0, dropout_key=dropout_key,
-                     unroll=self.unroll)
+                     unroll=self.unroll, resets=resets_BT)
 
   def __call__(self, xs_TI: jax.Array, length: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, *,
-               key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+               key: Optional[jax.Array] = None,
+               resets_T: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs ONE sequence: :meth:`batched` with a batch of one.
 
     Args:
@@ -227,6 +231,7 @@ class GRU(eqx.Module):
       length: optional valid length, a scalar integer in [0, T].
       h0: optional initial states, (L * D, H).
       key: PRNG key for dropout, as :meth:`batched`.
+      resets_T: optional episode boundaries, (T,) booleans, as :meth:`batched`'s ``resets_BT``.
 
     Returns:
       ``(ys, h_last)``: outputs (T, output_size) and final states (L * D, H).
@@ -234,5 +239,7 @@ class GRU(eqx.Module):
       ``h_last`` (B, L * D, H).
     """
     lengths = None if length is None else jnp.reshape(jnp.asarray(length), (1,))
-    ys, h_last = self.batched(xs_TI[None], lengths, None if h0 is None else h0[:, None], key=key)
+    resets = None if resets_T is None else jnp.asarray(resets_T)[None]
+    ys, h_last = self.batched(xs_TI[None], lengths, None if h0 is None else h0[:, None], key=key,
+                              resets_BT=resets)
     return ys[0], h_last[:, 0]

@@ -36,7 +36,8 @@ class GRU(nn.Module):
   """A (stacked, bidirectional) GRU layer; attributes as :class:`jaxgru.GRUConfig` and
   :class:`jaxgru.RNNConfig`.
 
-  Call it with ``xs`` (B, T, I), optional ``lengths`` (B,) and ``h0`` (L*D, B, H); dropout
+  Call it with ``xs`` (B, T, I), optional ``lengths`` (B,), ``h0`` (L*D, B, H) and ``resets``
+  (B, T) booleans (episode boundaries: the state restarts from ``h0`` there); dropout
   between layers takes the ``"dropout"`` PRNG stream when ``deterministic=False`` (and only when
   it can apply: more than one layer and a rate above 0). Returns ``(ys, h_last)`` as
   :meth:`RNNConfig.apply`. The parameters live under ``"gru"``.
@@ -67,9 +68,11 @@ class GRU(nn.Module):
 
   @nn.compact
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
-               h0: Optional[jax.Array] = None, deterministic: bool = True):
+               h0: Optional[jax.Array] = None, deterministic: bool = True,
+               resets: Optional[jax.Array] = None):
     cfg = self.config(xs.shape[-1])
     params = self.param("gru", lambda key: cfg.init(key, self.initializer))
     applies = cfg.dropout > 0 and cfg.num_layers > 1
     key = None if deterministic or not applies else self.make_rng("dropout")
-    return cfg.apply(params, xs, lengths, h0, dropout_key=key, unroll=self.unroll)
+    return cfg.apply(params, xs, lengths, h0, dropout_key=key, unroll=self.unroll,
+                     resets=resets)

@@ -149,7 +149,8 @@ class GRU(nnx.Module):
 
   def __call__(self, xs_BTI: jax.Array, lengths_B: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, *, deterministic: Optional[bool] = None,
-               rngs: Union[None, Any, jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+               rngs: Union[None, Any, jax.Array] = None,
+               resets_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack: :meth:`RNNConfig.apply` with the module's parameters.
 
     Args:
@@ -159,6 +160,8 @@ class GRU(nnx.Module):
       deterministic: overrides the ``deterministic`` attribute for this call.
       rngs: overrides the dropout stream for this call: an ``nnx.Rngs`` (its ``"dropout"``
         stream), an ``nnx.RngStream`` or a PRNG key.
+      resets_BT: optional episode boundaries, (B, T) booleans: the state restarts from ``h0``
+        before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
 
     Returns:
       ``(ys, h_last)``: outputs (B, T, output_size) and final states (L * D, B, H).
@@ -175,4 +178,4 @@ class GRU(nnx.Module):
       else:
         key = source
     return cfg.apply(self.stack_params(), xs_BTI, lengths_B, h0, dropout_key=key,
-                     unroll=self.unroll)
+                     unroll=self.unroll, resets=resets_BT)

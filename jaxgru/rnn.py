@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgru.cell import INITIALIZERS, GRUConfig, Params, check_lengths, check_shape
-from jaxgru.scan import ScanOptions, scan_layer
+from jaxgru.scan import ScanOptions, check_resets, scan_layer
 
 StackParams = list[dict[str, Params]]
 
@@ -122,7 +122,8 @@ class RNNConfig:
   def apply(self, params: StackParams, xs: jax.Array, lengths: Optional[jax.Array] = None,
             h0: Optional[jax.Array] = None, *, dropout_key: Optional[jax.Array] = None,
             unroll: Optional[int] = None, time_major: bool = False,
-            options: Optional[ScanOptions] = None) -> tuple[jax.Array, jax.Array]:
+            options: Optional[ScanOptions] = None,
+            resets: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack over a batch of sequences.
 
     Each cell runs as one time-major loop over the whole batch (:func:`jaxgru.scan_layer`), with
@@ -142,6 +143,11 @@ class RNNConfig:
       time_major: inputs and outputs are (T, B, ...), which saves two transposes.
       options: how the time loops run (:class:`jaxgru.ScanOptions`: chunks, rematerialization,
         the custom VJP); None means the backend's defaults. Never changes the results.
+      resets: optional episode boundaries, (B, T) booleans ((T, B) when ``time_major``): where
+        ``resets[b, t]`` is set, step t starts a new segment of sequence b, and every cell's
+        state is replaced by its initial state (its row of ``h0``, zeros by default) before it;
+        the backward direction reads each segment from its own last step. Each segment gives
+        what the stack gives run over it alone (values and gradients). See docs/resets.md.
 
     Returns:
       ``(ys, h_last)``: the last layer's outputs (B, T, output_size) ((T, B, output_size) when
@@ -163,6 +169,15 @@ class RNNConfig:
       h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell.state_dtype)
     check_shape("RNN h0", h0, (num_cells, batch, self.hidden_size),
                 f"(L*D={num_cells}, B={batch}, H={self.hidden_size})")
+    if resets is not None:
+      if isinstance(resets, (list, tuple)):
+        resets = jnp.asarray(resets)
+      if time_major:
+        check_resets(resets, (steps, batch), f"(T={steps}, B={batch}) (time_major)",
+                     "RNN resets")
+        resets = jnp.swapaxes(resets, 0, 1)
+      else:
+        check_resets(resets, (batch, steps), f"(B={batch}, T={steps})", "RNN resets")
     options = options if options is not None else ScanOptions()
     if unroll is not None:
       options = dataclasses.replace(options, unroll=unroll)
@@ -174,7 +189,7 @@ class RNNConfig:
       outs = []
       for i, d in enumerate(self.directions):
         ys, hs = scan_layer(cell, layer[d], xs_TBF, h0[l * self.num_directions + i], lengths,
-                            reverse=d == "bwd", options=options)
+                            reverse=d == "bwd", options=options, resets_BT=resets)
         outs.append(ys)
         finals.append(hs)
       if len(outs) == 1:

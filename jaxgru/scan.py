@@ -29,6 +29,11 @@ over a time-major batch. What it adds is only how the loop is run and differenti
   ``dw_h = h_prev^T @ dgh`` as (H, C*B) x (C*B, 3H), instead of C small ones added into an
   accumulator. The input projection's gradient is likewise one product per chunk; gradients
   nobody asked for (the inputs' of a first layer, the initial state's) are skipped;
+* episode resets (``resets_BT``): where a flag is set, the state is replaced by its initial
+  state before that step (forward) or before the segment's last step (reverse), so a sequence
+  holds independent segments, each run as if alone (see docs/resets.md). One ``jnp.where`` per
+  step forward; backward, the same select on the carried cotangent, whose share at each segment
+  start goes to the initial state's gradient;
 * rematerialization, at two levels: ``remat="products"`` keeps every step's state only (the
   outputs themselves, when no lengths are given) and recomputes a chunk's projections and
   recurrent products from them, each as one large product; ``remat="full"`` keeps each chunk's
@@ -54,10 +59,39 @@ from jaxgru.cell import GRUConfig, Params
 __all__ = ("REMAT", "ScanOptions", "diagonal_backward_applies", "scan_layer")
 
 
+def check_resets(resets, shape: tuple[int, int], spelled: str, name: str = "resets") -> None:
+  """Raises ValueError unless ``resets`` is a boolean array of ``shape`` (spelled e.g. "(B=4, T=9)")."""
+  got = tuple(getattr(resets, "shape", ()))
+  if got != tuple(shape):
+    raise ValueError(f"{name}: expected a boolean array of shape {spelled}, one flag per sequence "
+                     f"and step; got shape {got}")
+  dtype = getattr(resets, "dtype", None)
+  if dtype is None or jnp.dtype(dtype) != jnp.bool_:
+    raise ValueError(f"{name}: expected a boolean array of shape {spelled}, got dtype {dtype}")
+
+
+def _reset_mask(resets_BT: jax.Array, lengths_B: Optional[jax.Array], reverse: bool):
+  """The direction's reset flags, (T, B): reset the state to h0 before step t where set.
+
+  Forward, a segment starts where ``resets_BT`` is set. Reverse, the loop reads each segment from
+  its last step, so the state is reset before step t where step t+1 starts a segment. Flags at or
+  past a sequence's length are dropped (those steps keep the state, as without resets).
+  """
+  r_TB = jnp.swapaxes(resets_BT, 0, 1)
+  steps = r_TB.shape[0]
+  if reverse:
+    r_TB = jnp.concatenate([r_TB[1:], jnp.zeros_like(r_TB[:1])])
+  if lengths_B is not None:
+    first = jnp.arange(steps, dtype=jnp.int32)[:, None] + (1 if reverse else 0)
+    r_TB = r_TB & (first < lengths_B[None, :])
+  return r_TB
+
+
 def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                h0_BH: Optional[jax.Array] = None, lengths_B: Optional[jax.Array] = None, *,
                reverse: bool = False,
-               options: ScanOptions = ScanOptions()) -> tuple[jax.Array, jax.Array]:
+               options: ScanOptions = ScanOptions(),
+               resets_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """Runs ``cell`` over a time-major batch of sequences.
 
   The results equal ``jax.vmap(cell.sequence)`` over the batch (with the time axis moved), and
@@ -71,6 +105,12 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     lengths_B: optional valid lengths, (B,) integers in [0, T], as in :meth:`GRUConfig.sequence`.
     reverse: read the sequences from their (valid) ends; outputs stay in input order.
     options: how to run the loop (:class:`ScanOptions`).
+    resets_BT: optional episode boundaries, (B, T) booleans, BATCH-major. Where
+      ``resets_BT[b, t]`` is set, step t starts a new segment of sequence b: forward, its state
+      is replaced by ``h0_BH[b]`` before step t; in reverse, before the segment's last step. Each
+      segment then gives what it gives run alone from ``h0_BH[b]`` (values and gradients; the
+      gradient of ``h0_BH`` sums every segment's). Flags at t=0 change nothing; flags at or past
+      a sequence's length are ignored.
 
   Returns:
     ``(ys_TBH, h_last_BH)``: every step's output and the final states.
@@ -80,6 +120,10 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   if h0_BH is None:
     h0_BH = jnp.zeros((batch, cell.hidden_size), dtype)
   h0_BH = h0_BH.astype(dtype)
+  if resets_BT is not None:
+    if isinstance(resets_BT, (list, tuple)):
+      resets_BT = jnp.asarray(resets_BT)
+    check_resets(resets_BT, (batch, steps), f"(B={batch}, T={steps})", "scan_layer resets_BT")
   if steps == 0:
     return jnp.zeros((0, batch, cell.hidden_size), dtype), h0_BH
   opts = options.resolved(steps, batch, cell.hidden_size, inputs=xs_TBI.shape[-1])
@@ -89,6 +133,12 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   if lengths_B is not None:
     # Under jit a length above T acts as T; with padding it must not reach the padded steps.
     lengths_B = jnp.minimum(jnp.asarray(lengths_B).astype(jnp.int32), steps)
+  resets_NCB = None
+  if resets_BT is not None:
+    resets_TB = _reset_mask(jnp.asarray(resets_BT), lengths_B, reverse)
+    if pad:
+      resets_TB = jnp.concatenate([resets_TB, jnp.zeros((pad, batch), jnp.bool_)])
+    resets_NCB = resets_TB.reshape((num_chunks, chunk, batch))
   if pad:
     # Whole chunks only: the padded steps are masked out, so states and outputs are unchanged.
     xs_TBI = jnp.concatenate([xs_TBI, jnp.zeros((pad,) + xs_TBI.shape[1:], xs_TBI.dtype)])
@@ -98,6 +148,6 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
                opts.diagonal_backward and diagonal_backward_applies(cell))
   run = _layer_vjp if opts.custom_vjp else _layer
-  ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B)
+  ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
   return ys_NCBH.reshape((num_chunks * chunk,) + ys_NCBH.shape[2:])[:steps], h_last
 
