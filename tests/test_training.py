@@ -36,6 +36,8 @@ def test_check_resume(tmp_path):
   training.write_json_atomic(os.path.join(work, "config.json"), record)
   training.check_resume(work, {"task": "imdb", "config": {}})
   os.makedirs(os.path.join(work, "checkpoints", "20"))
+  training.check_resume(work, {"task": "imdb", "config": {}})  # no commit marker: no checkpoint
+  open(os.path.join(work, "checkpoints", "20", "commit_success.txt"), "w").close()
   training.check_resume(work, record)  # the same settings (a tuple stored as a JSON list)
   longer = {"task": "addition", "config": {**record["config"], "steps": 99}}
   training.check_resume(work, longer, may_differ=("steps",))
@@ -65,6 +67,7 @@ def test_check_resume_names_a_nested_setting(tmp_path):
   record = {"task": "a", "config": {"rnn": {"cell": {"hidden_size": 8}}, "steps": 1}}
   training.write_json_atomic(os.path.join(work, "config.json"), record)
   os.makedirs(os.path.join(work, "checkpoints", "1"))
+  open(os.path.join(work, "checkpoints", "1", "commit_success.txt"), "w").close()
   with pytest.raises(training.ConfigMismatch, match=r"rnn.cell.hidden_size=8 there, 16 now"):
     training.check_resume(work, {"task": "a", "config": {"rnn": {"cell": {"hidden_size": 16}},
                                                          "steps": 1}})
@@ -79,3 +82,39 @@ def test_fit_shows_the_metrics_the_task_names():
                writer=None, progress=training.Progress(4, lines.append, stream=open(os.devnull, "w")),
                shown=("train_other", "train_loss"))
   assert lines == ["step 2/4: train_other=1 train_loss=2", "step 4/4: train_other=1 train_loss=2"]
+
+
+def test_fit_checkpoints_each_multiple_passed_whatever_log_every(tmp_path):
+  """log_every=7, checkpoint_every=10: saves at 14 (10 passed), 21 (20), 35 (30), ..., and the
+  end; before, only steps that were multiples of both were saved."""
+  state = training.init_state({"w": jnp.ones((2,))},
+                              training.make_optimizer(training.OptimizerConfig()), 0.1, seed=0)
+  step = lambda s: (s._replace(step=s.step + 1), {"loss": jnp.float32(1.0)})
+  saved = []
+
+  class Recorder:
+    def save(self, n, state, extra=None):
+      saved.append(n)
+  training.fit(state, step, total_steps=60, log_every=7, checkpoint_every=10,
+               checkpointer=Recorder(), writer=None, progress=None)
+  assert saved == [14, 21, 35, 42, 56, 60]
+
+
+def test_metrics_cut_after_drops_later_and_torn_lines(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  with open(path, "w") as f:
+    f.write("".join(json.dumps({"step": s}) + "\n" for s in (10, 20, 30)) + '{"step": 4')
+  assert training.MetricsWriter(path).cut_after(20) == 2
+  assert [json.loads(l)["step"] for l in open(path)] == [10, 20]
+
+
+def test_configs_refuse_non_finite_numbers_and_wrapping_seeds():
+  for bad in (dict(clip_norm=float("inf")), dict(clip_norm=float("nan")),
+              dict(weight_decay=float("inf"))):
+    with pytest.raises(ValueError, match="finite"):
+      training.OptimizerConfig(**bad)
+  with pytest.raises(ValueError, match="finite"):
+    training.check_learning_rates((0.1, float("inf")))
+  training.check_seeds(2**32 - 2, 2)
+  with pytest.raises(ValueError, match="2\\*\\*32"):
+    training.check_seeds(2**32 - 1, 2)

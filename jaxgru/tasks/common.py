@@ -50,8 +50,13 @@ def read_run(workdir: str, tasks: Sequence[str]) -> dict[str, Any]:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no run in {workdir} (no config.json)")
-  with open(path) as f:
-    meta = json.load(f)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path} is damaged ({e}); the run's settings are unknown") from None
+  if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+    raise ValueError(f"{path} is not a run's record (no 'config' entry)")
   if meta.get("task") not in tasks:
     raise ValueError(f"{workdir} holds a {meta.get('task')!r} run, not one of {tuple(tasks)}")
   return meta
@@ -61,3 +66,46 @@ def older_layout(workdir_or_what: str, missing: str) -> ValueError:
   """The error for a config.json written before the task configs held an ``RNNConfig``."""
   return ValueError(f"{workdir_or_what}: a config of an older layout (no {missing!r} entry); "
                     "train again in a new work directory")
+
+
+def machine_memory() -> int | None:
+  """Bytes of physical memory of this machine (None where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _size(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+    if n < 1024 or unit == "PiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} PiB"
+
+
+class TooBig(ValueError):
+  """A run's settings need more memory than the machine has; raised before anything is
+  allocated or written."""
+
+
+def check_fits(needs: Sequence[tuple[str, float, str]], available: int | None = None) -> None:
+  """Raises :class:`TooBig` naming the setting when one estimate exceeds the machine's memory.
+
+  Args:
+    needs: ``(setting, bytes, what)`` estimates, as a task config's ``memory_needs()`` gives
+      them; ``setting`` is the setting (and ``run.py`` flag) that made the estimate large.
+    available: bytes to compare with (the machine's physical memory by default).
+  """
+  available = machine_memory() if available is None else available
+  if not available:
+    return
+  for setting, need, what in needs:
+    if need > available:
+      raise TooBig(f"{setting}: {what} needs about {_size(need)} of memory, more than this "
+                   f"machine's {_size(available)}")
+
+
+def largest_factor(factors: dict[str, tuple[float, float]]) -> str:
+  """The setting whose value is the most times its default: ``{name: (value, default)}``."""
+  return max(factors, key=lambda k: factors[k][0] / max(factors[k][1], 1))

@@ -2,8 +2,11 @@
 
 * :mod:`~jaxgru.training.state`: :class:`OptimizerConfig`, :func:`make_optimizer`,
   :class:`TrainState`, :func:`init_state`, :func:`init_states`, :func:`make_train_step`.
-* :mod:`~jaxgru.training.checkpoints`: :class:`Checkpointer`, :func:`has_checkpoint`,
-  :func:`check_resume`, :class:`ConfigMismatch`, :func:`write_json_atomic`.
+* :mod:`~jaxgru.training.checkpoints`: :class:`Checkpointer`, :class:`CheckpointError`,
+  :func:`has_checkpoint`, :func:`intact_steps`, :func:`read_config`, :func:`check_resume`,
+  :class:`ConfigMismatch`, :func:`write_json_atomic`.
+* :mod:`~jaxgru.training.malloc`: :func:`~jaxgru.training.malloc.tune_malloc`, for entry points
+  only (a process-wide setting; nothing here calls it).
 * :mod:`~jaxgru.training.metrics`: :class:`MetricsWriter`, :class:`Progress`,
   :class:`StopSignals`, :class:`Interrupted`, :class:`Diverged`, :func:`first_nan_step`.
 * :mod:`~jaxgru.training.loop`: :func:`fit`, the loop that ties them together.
@@ -15,18 +18,20 @@ this library. Needs the ``train`` extra (optax, orbax).
 
 from __future__ import annotations
 
-from jaxgru.training.checkpoints import (Checkpointer, ConfigMismatch, check_resume,
-                                         has_checkpoint, is_writer, write_json_atomic)
+from jaxgru.training.checkpoints import (CheckpointError, Checkpointer, ConfigMismatch,
+                                         check_resume, has_checkpoint, intact_steps, is_writer,
+                                         read_config, write_json_atomic)
 from jaxgru.training.loop import LoopResult, fit
 from jaxgru.training.metrics import (Diverged, Interrupted, MetricsWriter, Progress, StopSignals,
                                      first_nan_step)
 from jaxgru.training.state import (OPTIMIZERS, SCHEDULES, OptimizerConfig, TrainState,
-                                   init_state, init_states, lr_shape, make_optimizer,
-                                   make_train_step)
+                                   check_learning_rates, check_seeds, init_state, init_states,
+                                   lr_shape, make_optimizer, make_train_step)
 
 __all__ = (
-    "OPTIMIZERS", "SCHEDULES", "Checkpointer", "ConfigMismatch", "Diverged", "Interrupted",
-    "LoopResult", "MetricsWriter", "OptimizerConfig", "Progress", "StopSignals", "TrainState",
-    "check_resume", "first_nan_step", "fit", "has_checkpoint", "init_state", "init_states",
-    "is_writer", "lr_shape", "make_optimizer", "make_train_step", "write_json_atomic",
+    "OPTIMIZERS", "SCHEDULES", "CheckpointError", "Checkpointer", "ConfigMismatch", "Diverged",
+    "Interrupted", "LoopResult", "MetricsWriter", "OptimizerConfig", "Progress", "StopSignals",
+    "TrainState", "check_learning_rates", "check_resume", "check_seeds", "first_nan_step", "fit",
+    "has_checkpoint", "init_state", "init_states", "intact_steps", "is_writer", "lr_shape",
+    "make_optimizer", "make_train_step", "read_config", "write_json_atomic",
 )

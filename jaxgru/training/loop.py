@@ -40,8 +40,9 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
   Metrics stay on the device between log intervals and are fetched once per interval. At each
   interval the loss is checked (a non-finite loss raises :class:`Diverged` naming the step,
   before anything is saved), ``evaluate(state, step) -> (record, stop)`` runs, one line goes to
-  ``writer`` and a checkpoint is written every ``checkpoint_every`` steps, at a stop, at the end,
-  and on SIGTERM/SIGINT (which then raise :class:`Interrupted`).
+  ``writer`` and a checkpoint is written at the end of each interval that reaches or passes a
+  multiple of ``checkpoint_every`` (whatever ``log_every`` is), at a stop, at the end, and on
+  SIGTERM/SIGINT (which then raise :class:`Interrupted`).
 
   Args:
     state: the state to start from (its ``step`` may be > 0 after a resume; with many models,
@@ -56,6 +57,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
   stopped = False
   with StopSignals() as signals:
     while step < total_steps:
+      interval_start = step
       n = min(log_every - step % log_every, total_steps - step)
       pending = []
       for _ in range(n):
@@ -83,7 +85,9 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
       if progress is not None:
         progress.update(step, " ".join(f"{k}={record[k]:.4g}" for k in shown if k in record))
       done = stop or step >= total_steps or signals.signum is not None
-      if checkpointer is not None and (done or step % checkpoint_every == 0):
+      # Each time a multiple of checkpoint_every is reached or passed, whatever log_every is.
+      passed = step // checkpoint_every > interval_start // checkpoint_every
+      if checkpointer is not None and (done or passed):
         checkpointer.save(step, state, checkpoint_extra() if checkpoint_extra else None)
       if signals.signum is not None:
         raise Interrupted(f"stopped by signal {signals.signum} at step {step}; checkpoint saved, "

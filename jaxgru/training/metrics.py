@@ -8,6 +8,7 @@ clean stop), :class:`Diverged` and :func:`first_nan_step` (a non-finite loss).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from jaxgru.training.checkpoints import is_writer, json_default
+from jaxgru.training.checkpoints import is_writer, json_default, saving
 
 
 class MetricsWriter:
@@ -29,6 +30,28 @@ class MetricsWriter:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps(record, default=json_default, sort_keys=True) + "\n")
+
+  def cut_after(self, step: int) -> int:
+    """Drops the records of steps after ``step`` (a resume from checkpoint ``step`` writes them
+    again), and a last line cut short by a kill; returns how many lines were dropped."""
+    if not is_writer() or not os.path.exists(self.path):
+      return 0
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and record.get("step", 0) <= step and line.endswith("\n"):
+        kept.append(line)
+    if len(kept) != len(lines):
+      tmp = f"{self.path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    return len(lines) - len(kept)
 
 
 class Progress:
@@ -77,7 +100,7 @@ class StopSignals:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signum is not None:  # a second signal: give up at once
+    if self.signum is not None and not saving():  # a second signal: give up at once
       raise KeyboardInterrupt
     self.signum = signum
 

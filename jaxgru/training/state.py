@@ -11,6 +11,7 @@ axis N).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -22,6 +23,25 @@ optax = require("optax")
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine")
+SEED_LIMIT = 2**32  # jax.random.PRNGKey(seed) keeps seed mod 2**32 (without x64, seed < 2**31)
+
+
+def check_seeds(seed: int, num_models: int) -> None:
+  """Raises ValueError unless the seeds ``seed .. seed + num_models - 1`` are distinct keys.
+
+  ``jax.random.PRNGKey`` reduces a seed modulo 2**32, so seed 2**32 would train the models of
+  seed 0, and a larger one overflows; every model's seed must lie in [0, 2**32).
+  """
+  if seed < 0 or seed + num_models - 1 >= SEED_LIMIT:
+    raise ValueError(f"seed + num_models - 1 must lie in [0, 2**32) (the PRNG keeps 32 bits of a "
+                     f"seed), got seed={seed} with num_models={num_models}")
+
+
+def check_learning_rates(rates) -> None:
+  """Raises ValueError unless ``rates`` holds at least one finite positive number."""
+  if not rates or not all(isinstance(r, (int, float)) and 0 < r < math.inf for r in rates):
+    raise ValueError(f"learning_rates must be positive finite numbers (at least one), got "
+                     f"{tuple(rates)!r}")
 
 
 class TrainState(NamedTuple):
@@ -62,8 +82,9 @@ class OptimizerConfig:
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     for name in ("warmup_steps", "clip_norm", "weight_decay", "momentum", "final_fraction"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+      value = getattr(self, name)
+      if not (value >= 0 and math.isfinite(value)):  # NaN fails both
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def lr_shape(cfg: OptimizerConfig) -> "optax.Schedule":
@@ -96,6 +117,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 def init_state(params: Any, optimizer: optax.GradientTransformation, learning_rate: float,
                seed: int) -> TrainState:
   """A fresh :class:`TrainState` for one model."""
+  check_seeds(seed, 1)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
                     learning_rate=jnp.asarray(learning_rate, jnp.float32),
@@ -107,6 +129,7 @@ def init_states(init_params: Callable[[jax.Array], Any], optimizer: optax.Gradie
   """N fresh states stacked on a leading axis: model i has seed ``seed + i`` and learning rate
   ``learning_rates[i % len(learning_rates)]``; its params are ``init_params(PRNGKey(seed + i))``.
   """
+  check_seeds(seed, num_models)
   states = []
   for i in range(num_models):
     params = init_params(jax.random.PRNGKey(seed + i))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import logging
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,19 +16,24 @@ from jaxgru.tasks.addition.models import AdditionModel
 from jaxgru.tasks.addition.train import TASK, AdditionConfig, init_states
 
 
-def load_trained(workdir: str) -> tuple[AdditionConfig, training.TrainState, list]:
+def load_trained(workdir: str, log: Callable[[str], None] = logging.warning
+                 ) -> tuple[AdditionConfig, training.TrainState, list]:
   """The config, the states of all N models (stacked) and their steps-to-solve, from a run.
+
+  The newest checkpoint that restores is used; each damaged one is reported through ``log``.
 
   Raises:
     FileNotFoundError: no run or no checkpoint there.
-    ValueError: the run there is not an addition run (or of an older layout).
+    ValueError: the run there is not an addition run (or of an older layout, or its config.json
+      is damaged).
+    training.CheckpointError: no checkpoint there restores.
   """
+  if not training.has_checkpoint(workdir):
+    raise FileNotFoundError(f"no finished checkpoint in {workdir}")
   cfg = AdditionConfig.from_json(common.read_run(workdir, (TASK,))["config"])
-  ckpt = training.Checkpointer(workdir)
+  ckpt = training.Checkpointer(workdir, read_only=True)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state, extra = ckpt.restore(init_states(cfg))
+    state, extra, _ = ckpt.restore_intact(init_states(cfg), log)
   finally:
     ckpt.close()
   steps_to_solve = (extra or {}).get("steps_to_solve", [None] * cfg.num_models)

@@ -94,11 +94,14 @@ class AdditionConfig:
       _check(name, value, 0.0 <= value <= 1.0, "a fraction in [0, 1]")
     _check("consolidate_lr_scale", self.consolidate_lr_scale, self.consolidate_lr_scale > 0,
            "positive")
-    _check("learning_rates", self.learning_rates,
-           len(self.learning_rates) > 0 and all(r > 0 for r in self.learning_rates),
-           "positive numbers (at least one)")
-    _check("eval_bits", self.eval_bits, all(_is_int(b) and b >= 1 for b in self.eval_bits),
-           "positive integers")
+    training.check_learning_rates(self.learning_rates)
+    _check("eval_bits", self.eval_bits,
+           len(self.eval_bits) > 0 and all(_is_int(b) and b >= 1 for b in self.eval_bits),
+           "positive integers (at least one)")
+    training.check_seeds(self.seed, self.num_models)
+    # The step counter is int32: every step of both phases must fit.
+    _check("steps + consolidate_steps", self.steps + self.consolidate_steps,
+           self.steps + self.consolidate_steps < 2**31, "below 2**31 (the step counter's range)")
     _check("initializer", self.initializer, self.initializer in INITIALIZERS,
            f"one of {INITIALIZERS}")
     self.model()  # validates the stack for this task
@@ -106,6 +109,41 @@ class AdditionConfig:
 
   def model(self) -> AdditionModel:
     return AdditionModel(self.rnn)
+
+  def memory_needs(self) -> list[tuple[str, float, str]]:
+    """Rough peak memory of each part of a run, ``(setting, bytes, what)``, for
+    :func:`jaxgru.tasks.common.check_fits` to compare with the machine's before anything is
+    allocated; ``setting`` names the one that grew the estimate the most over its default.
+
+    Training keeps about 8 numbers per hidden unit, step, problem, layer and model for the
+    backward pass (twice, for XLA's temporaries); the parameters 4 times (value, gradient, two
+    Adam moments); the evaluation holds its problems whole (12 bytes per bit) and runs them in
+    chunks of 250 problems by 1024 steps.
+    """
+    size = np.dtype(self.rnn.cell.state_dtype).itemsize
+    d = AdditionConfig()
+    n, layers, hidden = self.num_models, self.rnn.num_layers, self.rnn.hidden_size
+    params = n * layers * 3 * hidden * (max(2, hidden) + hidden + 2) * size * 4
+    needs = [(common.largest_factor({"hidden_size": (hidden, d.rnn.hidden_size),
+                                     "num_layers": (layers, 1), "num_models": (n, 1)}),
+              params, "the parameters and optimizer state")]
+    phases = [("bits", self.bits, "batch_size", self.batch_size, d.bits, d.batch_size)]
+    if self.consolidate_steps:
+      phases.append(("consolidate_bits", self.consolidate_bits, "consolidate_batch_size",
+                     self.consolidate_batch_size, d.consolidate_bits, d.consolidate_batch_size))
+    for bits_name, bits, batch_name, batch, bits_default, batch_default in phases:
+      act = n * batch * (bits + 1) * layers * hidden * 8 * size * 2
+      needs.append((common.largest_factor(
+          {bits_name: (bits, bits_default), batch_name: (batch, batch_default),
+           "hidden_size": (hidden, d.rnn.hidden_size), "num_layers": (layers, 1),
+           "num_models": (n, 1)}), params + act, f"training at {bits} bits"))
+    for bits in (self.bits,) + tuple(self.eval_bits):
+      problems = self.long_eval_size if bits > 256 else self.eval_size
+      chunk = n * min(problems, 250) * min(bits + 1, 1024) * layers * hidden * 8 * size
+      setting = "eval_bits" if bits != self.bits else "bits"
+      needs.append((setting, params + 12.0 * problems * (bits + 1) + chunk,
+                    f"the evaluation at {bits} bits"))
+    return needs
 
   def optimizer_config(self) -> training.OptimizerConfig:
     return training.OptimizerConfig(
@@ -175,11 +213,13 @@ def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = Non
 
 
 def make_evaluate(cfg: AdditionConfig, bits: int, size: int, batch_chunk: int = 250,
-                  time_chunk: int = 1024):
+                  time_chunk: int = 1024, log=None, every_seconds: float = 10.0):
   """Returns ``params (N, ...) -> exact-match (N,)`` on ``size`` held-out problems.
 
   Problems are the same for every model. Long problems are run in chunks of problems and of time
-  steps (the state carries across time chunks), so 10,000-bit evaluation fits in memory.
+  steps (the state carries across time chunks), so 10,000-bit evaluation fits in memory. With
+  ``log``, an evaluation that takes longer than ``every_seconds`` reports its progress that
+  often (and, being a Python loop over chunks, it stops at the next chunk on Ctrl-C).
   """
   model = cfg.model()
   x_BTI, y_BT = input_pipeline.eval_batch(cfg.seed, bits, size)
@@ -195,6 +235,9 @@ def make_evaluate(cfg: AdditionConfig, bits: int, size: int, batch_chunk: int = 
     num = jax.tree.leaves(params)[0].shape[0]
     layers, hidden = cfg.rnn.num_layers, cfg.rnn.hidden_size
     correct = []
+    started = last = time.time()
+    chunks = -(-size // batch_chunk) * -(-steps // time_chunk)
+    done = 0
     for b0 in range(0, size, batch_chunk):
       x_CTI, y_CT = x_BTI[b0:b0 + batch_chunk], y_BT[b0:b0 + batch_chunk]
       h_NLCH = jnp.zeros((num, layers, x_CTI.shape[0], hidden), cfg.rnn.cell.state_dtype)
@@ -203,6 +246,11 @@ def make_evaluate(cfg: AdditionConfig, bits: int, size: int, batch_chunk: int = 
         ok_t, h_NLCH = chunk_fn(params, x_CTI[:, t0:t0 + time_chunk], y_CT[:, t0:t0 + time_chunk],
                                 h_NLCH)
         ok_NC = ok_NC & ok_t
+        done += 1
+        if log is not None and time.time() - last > every_seconds:
+          ok_NC.block_until_ready()
+          last = time.time()
+          log(f"evaluating at {bits} bits: {done}/{chunks} chunks, {last - started:.0f}s")
       correct.append(ok_NC)
     return np.asarray(jnp.concatenate(correct, axis=1).mean(axis=1, dtype=jnp.float32))
 
@@ -240,6 +288,7 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
     training.ConfigMismatch: ``workdir`` holds checkpoints of a run with other settings (beyond
       :data:`RESUMABLE_CHANGES`).
     training.Diverged: the loss became NaN or infinite.
+    training.CheckpointError: checkpoints are there but none restores.
   """
   record = {"task": TASK, "config": cfg.to_json()}
   training.check_resume(workdir, record, RESUMABLE_CHANGES)
@@ -250,13 +299,15 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
   state = parallel.shard_models(init_states(cfg), mesh)
   steps_to_solve: list[Optional[int]] = [None] * cfg.num_models
   solve_end: Optional[int] = None  # the step at which phase 1 (solving) ended
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    state, extra = ckpt.restore(state)
+  resumed_from = None
+  writer = training.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  if ckpt.latest_step() is not None:
+    state, extra, resumed_from = ckpt.restore_intact(state, log)
     extra = extra or {}
     steps_to_solve = list(extra.get("steps_to_solve", steps_to_solve))
     solve_end = extra.get("solve_end")
     log(f"resumed from the checkpoint at step {resumed_from} in {ckpt.directory}")
+  writer.cut_after(resumed_from or 0)  # the steps after it are taken (and logged) again
   # After the checks and the restore (a refused resume leaves the stored run as it was), and
   # before the first checkpoint of a new run (a checkpoint always has its config beside it).
   training.write_json_atomic(os.path.join(workdir, "config.json"), record)
@@ -283,7 +334,6 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
     stop = cfg.early_stop and all(s is not None for s in steps_to_solve)
     return {"eval_exact_match": float(np.mean(exact)), "solved_fraction": solved}, stop
 
-  writer = training.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   extra = lambda: {"steps_to_solve": steps_to_solve, "solve_end": solve_end}
   fit = functools.partial(training.fit, log_every=cfg.log_every,
                           checkpoint_every=cfg.checkpoint_every, checkpointer=ckpt,
@@ -326,7 +376,7 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
   t0 = time.time()
   for bits in cfg.eval_bits:
     size = cfg.long_eval_size if bits > 256 else cfg.eval_size
-    exact = make_evaluate(cfg, bits, size)(state.params)
+    exact = make_evaluate(cfg, bits, size, log=log)(state.params)
     per_model_long[str(bits)] = [float(e) for e in exact]
     solved = [e for e, s in zip(exact, steps_to_solve) if s is not None]
     length_generalization[str(bits)] = float(np.mean(solved if solved else exact))

@@ -5,6 +5,7 @@ classify texts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -24,12 +25,12 @@ def load_trained(workdir: str) -> tuple[ClassifyConfig, Classifier, Any, Optiona
     FileNotFoundError: no finished or interrupted run there.
     ValueError: the run there is not a classification run (or of an older layout).
   """
+  if not training.has_checkpoint(workdir):
+    raise FileNotFoundError(f"no finished checkpoint in {workdir}")
   cfg = ClassifyConfig.from_json(common.read_run(workdir, tuple(SOURCES))["config"])
-  ckpt = training.Checkpointer(workdir)
+  ckpt = training.Checkpointer(workdir, read_only=True)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state, extra = ckpt.restore(init_states(cfg, 1))
+    state, extra, _ = ckpt.restore_intact(init_states(cfg, 1), logging.warning)
   finally:
     ckpt.close()
   vocab = tuple(extra["vocab"]) if extra and "vocab" in extra else None

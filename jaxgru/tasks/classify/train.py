@@ -90,9 +90,8 @@ class ClassifyConfig:
     for name in ("seed", "eval_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-    if not self.learning_rates or not all(r > 0 for r in self.learning_rates):
-      raise ValueError(f"learning_rates must be positive numbers (at least one), got "
-                       f"{self.learning_rates!r}")
+    training.check_learning_rates(self.learning_rates)
+    training.check_seeds(self.seed, self.num_models)
     if self.initializer not in INITIALIZERS:
       raise ValueError(f"initializer must be one of {INITIALIZERS}, got {self.initializer!r}")
     features = self.data.num_features
@@ -105,6 +104,39 @@ class ClassifyConfig:
   @property
   def task(self) -> str:
     return self.data.task
+
+  def memory_needs(self) -> list[tuple[str, float, str]]:
+    """Rough peak memory of each part of a run, ``(setting, bytes, what)``, for
+    :func:`jaxgru.tasks.common.check_fits`, before any data is read or anything allocated.
+
+    The embedding and bigram tables 4 times over (value, gradient, two Adam moments) per model;
+    the encoded reviews (int32 ids, up to 25,000 per split, or ``subset``); a training batch's
+    backward pass (about 8 numbers per hidden unit, step, example, layer, direction and model,
+    twice); the evaluation batch.
+    """
+    size = np.dtype(self.rnn.cell.state_dtype).itemsize
+    n, hidden, layers = self.num_models, self.rnn.hidden_size, self.rnn.num_layers
+    dirs = self.rnn.num_directions
+    vocab = self.data.vocab_size or 0
+    embed = self.rnn.input_size
+    d = ClassifyConfig()
+    needs = [("vocab_size", n * vocab * embed * size * 4, "the embedding table"),
+             ("bigram_buckets", n * self.bigram_buckets * embed * size * 4,
+              "the word-pair table")]
+    steps = getattr(self.data, "max_length", None) or getattr(self.data, "seq_length", 1)
+    examples = (getattr(self.data, "train_size", 0) + getattr(self.data, "test_size", 0)
+                or 2 * (self.data.subset or 25000))
+    per_step = (4 if vocab else 4 * embed)
+    step_name = "max_length" if vocab else "seq_length"
+    needs.append((step_name, examples * steps * per_step, "the encoded examples"))
+    params = n * layers * dirs * 3 * hidden * (embed + hidden + 2) * size * 4
+    act = n * self.batch_size * steps * layers * dirs * hidden * 8 * size * 2
+    act += n * self.batch_size * steps * embed * size * 4
+    needs.append((common.largest_factor(
+        {step_name: (steps, 512), "batch_size": (self.batch_size, d.batch_size),
+         "hidden_size": (hidden, d.rnn.hidden_size), "num_layers": (layers, 1),
+         "num_models": (n, d.num_models)}), params + act, "a training step"))
+    return needs
 
   def model(self) -> Classifier:
     return Classifier(rnn=self.rnn, vocab_size=self.data.vocab_size, pooling=self.pooling,
@@ -273,13 +305,15 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
 
   ckpt = training.Checkpointer(workdir)
   state = init_states(cfg, total_steps)
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    state, extra = ckpt.restore(state)
+  resumed_from = None
+  writer = training.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  if ckpt.latest_step() is not None:
+    state, extra, resumed_from = ckpt.restore_intact(state, log)
     if data.vocab is not None and extra and tuple(extra.get("vocab", ())) != data.vocab:
       raise _imdb.DataError(f"the checkpoint in {ckpt.directory} was trained with another "
                             "vocabulary (different data or --vocab_size); use a new --workdir")
     log(f"resumed from the checkpoint at step {resumed_from} in {ckpt.directory}")
+  writer.cut_after(resumed_from or 0)  # the steps after it are taken (and logged) again
   # After the checks above (a refused resume leaves the stored run as it was), and before the
   # first checkpoint of a new run (a checkpoint always has its config beside it).
   training.write_json_atomic(os.path.join(workdir, "config.json"), record)
@@ -301,7 +335,7 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
   result = training.fit(
       state, train_step, total_steps=total_steps, log_every=cfg.log_every,
       checkpoint_every=cfg.checkpoint_every, checkpointer=ckpt,
-      writer=training.MetricsWriter(os.path.join(workdir, "metrics.jsonl")),
+      writer=writer,
       progress=training.Progress(total_steps, log, progress_stream), evaluate=evaluate_during,
       batch_fn=batches, checkpoint_extra=lambda: extra, shown=SHOWN_METRICS)
   ckpt.close()

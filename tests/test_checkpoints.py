@@ -1,0 +1,193 @@
+"""Damaged checkpoints, and a run killed during consolidation that resumes bit for bit.
+
+The library: a latest checkpoint that fails to restore (a truncated file, an emptied file, a
+step directory without orbax's commit marker, an empty step directory) is reported in one line
+and the newest intact one is used; when none restores, CheckpointError names the directory.
+Leftovers of a killed save are ignored and removed by the next save. run.py: the same for a
+resume and for --mode=add, and a kill during consolidation (log_every unlike checkpoint_every)
+followed by a resume gives exactly the parameters of an uninterrupted run.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgru import training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "run.py")
+
+
+def _files(path):
+  return [os.path.join(r, n) for r, _, fs in os.walk(path) for n in fs]
+
+
+def _truncate(step_dir):
+  for p in _files(os.path.join(step_dir, "state")):
+    size = os.path.getsize(p)
+    with open(p, "r+b") as f:
+      f.truncate(size // 2)
+
+
+def _empty(step_dir):
+  for p in _files(os.path.join(step_dir, "state")):
+    open(p, "w").close()
+
+
+def _unmark(step_dir):
+  os.remove(os.path.join(step_dir, training.checkpoints.COMMIT_MARKER))
+
+
+def _hollow(step_dir):
+  shutil.rmtree(step_dir)
+  os.makedirs(step_dir)
+
+
+DAMAGE = {"truncated files": _truncate, "emptied files": _empty,
+          "no commit marker": _unmark, "empty step directory": _hollow}
+
+
+def _state(value):
+  return training.init_state({"w": jnp.full((3,), value, jnp.float32)},
+                             training.make_optimizer(training.OptimizerConfig()), 0.1, seed=0)
+
+
+def _saved(work):
+  ckpt = training.Checkpointer(work)
+  ckpt.save(10, _state(1.0)._replace(step=jnp.int32(10)), {"n": 10})
+  ckpt.save(20, _state(2.0)._replace(step=jnp.int32(20)), {"n": 20})
+  ckpt.close()
+  return os.path.join(work, "checkpoints")
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage):
+  ckpts = _saved(str(tmp_path))
+  DAMAGE[damage](os.path.join(ckpts, "20"))
+  for read_only in (True, False):
+    lines = []
+    ckpt = training.Checkpointer(str(tmp_path), read_only=read_only)
+    state, extra, step = ckpt.restore_intact(_state(0.0), lines.append)
+    ckpt.close()
+    assert step == 10 and extra == {"n": 10}
+    np.testing.assert_array_equal(state.params["w"], np.ones(3, np.float32))
+    # Unmarked and empty step directories are not checkpoints: nothing to report.
+    assert len(lines) == (1 if damage in ("truncated files", "emptied files") else 0), lines
+    assert all("\n" not in l and "checkpoint 20" in l for l in lines)
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_only_damaged_checkpoints_is_one_error_naming_the_folder(tmp_path, damage):
+  ckpts = _saved(str(tmp_path))
+  for step in ("10", "20"):
+    DAMAGE[damage](os.path.join(ckpts, step))
+  ckpt = training.Checkpointer(str(tmp_path), read_only=True)
+  with pytest.raises(training.CheckpointError, match=ckpts):
+    ckpt.restore_intact(_state(0.0), lambda line: None)
+  ckpt.close()
+
+
+def test_leftovers_are_ignored_and_removed_by_the_next_save(tmp_path):
+  ckpts = _saved(str(tmp_path))
+  os.makedirs(os.path.join(ckpts, "30.orbax-checkpoint-tmp-1234", "state"))
+  os.makedirs(os.path.join(ckpts, "40"))  # a step directory without the commit marker
+  assert training.intact_steps(str(tmp_path)) == [10, 20]
+  ckpt = training.Checkpointer(str(tmp_path), read_only=True)
+  assert ckpt.latest_step() == 20
+  ckpt.close()
+  assert sorted(os.listdir(ckpts)) == ["10", "20", "30.orbax-checkpoint-tmp-1234", "40"]
+  ckpt = training.Checkpointer(str(tmp_path))
+  ckpt.save(30, _state(3.0)._replace(step=jnp.int32(30)))
+  ckpt.close()
+  assert sorted(os.listdir(ckpts)) == ["20", "30"]
+
+
+# == run.py: kill during consolidation, resume, compare bitwise ===================================
+
+ARGS = ["--bits=3", "--hidden_size=8", "--batch_size=32", "--steps=300", "--eval_bits=8",
+        "--log_every=7", "--checkpoint_every=10", "--consolidate_steps=40",
+        "--consolidate_bits=6", "--consolidate_batch_size=16"]
+
+
+def _run(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True, env=env,
+                        timeout=600, **kw)
+
+
+def _params(work):
+  from jaxgru.tasks import addition
+  _, state, steps = addition.load_trained(work)
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(state.params)], steps, int(state.step[0])
+
+
+@pytest.mark.slow
+def test_kill_during_consolidation_then_resume_equals_an_uninterrupted_run(tmp_path):
+  ref, work = str(tmp_path / "ref"), str(tmp_path / "killed")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  log_path = str(tmp_path / "killed.log")
+  with open(log_path, "w") as log:
+    p = subprocess.Popen([sys.executable, RUN, *ARGS, f"--workdir={work}"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=log)
+  # The reference runs meanwhile (two cores: one each).
+  done = _run(ARGS + [f"--workdir={ref}"])
+  assert done.returncode == 0, done.stderr[-3000:]
+  solve_end = json.load(open(os.path.join(ref, "summary.json")))["steps_to_solve"]
+  deadline, killed_at = time.time() + 300, None
+  while time.time() < deadline and p.poll() is None:
+    text = open(log_path).read()
+    if "consolidating" in text:
+      end = int(text.split("solved by step ")[1].split(";")[0])
+      later = [s for s in training.intact_steps(work) if s > end]
+      if later:
+        p.send_signal(signal.SIGKILL)
+        killed_at = later[-1]
+        break
+    time.sleep(0.02)
+  p.wait()
+  assert killed_at is not None, "the run ended before consolidation could be interrupted"
+  assert not os.path.exists(os.path.join(work, "summary.json"))
+  # What a kill can leave: a half-written save; both are ignored and then removed.
+  ckpts = os.path.join(work, "checkpoints")
+  os.makedirs(os.path.join(ckpts, f"{killed_at + 10}.orbax-checkpoint-tmp-99"))
+  os.makedirs(os.path.join(ckpts, str(killed_at + 20)))
+
+  resumed = _run(ARGS + [f"--workdir={work}"])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from the checkpoint at step {killed_at}" in resumed.stderr
+  assert "Traceback" not in resumed.stderr
+  got, got_solved, got_step = _params(work)
+  want, want_solved, want_step = _params(ref)
+  assert (got_step, got_solved) == (want_step, want_solved)
+  assert got_step > solve_end
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)  # bitwise on the CPU
+  steps = [json.loads(l)["step"] for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert steps == sorted(set(steps)), "a step was logged twice"
+  assert steps == [json.loads(l)["step"] for l in open(os.path.join(ref, "metrics.jsonl"))]
+  assert not any("tmp" in n for n in os.listdir(ckpts))
+
+  # A damaged latest checkpoint: --mode=add reports it in one line and uses the one before.
+  latest = training.intact_steps(work)[-1]
+  _truncate(os.path.join(ckpts, str(latest)))
+  added = _run(["--mode=add", "--a=5", "--b=2", f"--workdir={work}"])
+  assert added.returncode in (0, 1), added.stderr[-3000:]
+  assert "model   =" in added.stdout and "Traceback" not in added.stderr
+  warned = [l for l in added.stderr.splitlines() if f"checkpoint {latest} " in l]
+  assert len(warned) == 1 and "damaged" in warned[0], added.stderr[-3000:]
+  # And when every checkpoint is damaged: one line naming the folder, exit 2.
+  for step in training.intact_steps(work):
+    _truncate(os.path.join(ckpts, str(step)))
+  added = _run(["--mode=add", "--a=5", "--b=2", f"--workdir={work}"])
+  errors = [l for l in added.stderr.splitlines() if "error" in l]
+  assert added.returncode == 2 and "Traceback" not in added.stderr, added.stderr[-3000:]
+  assert len(errors) == 1 and ckpts in errors[0], added.stderr[-3000:]
