@@ -1,0 +1,232 @@
+"""Parallel-in-time evaluation (jaxgru._parallel.parallel_layer) against the sequential loop.
+
+Two parts:
+
+* ``convergence``: for random cells of each ``--conv_hiddens`` size (Keras initialization, and
+  "trained-like" ones with the recurrent kernel x3), ``--conv_steps`` steps, batch 1: Newton
+  iterations to reach the tolerance, whether it finished sequentially, the largest difference
+  from :func:`jaxgru.scan_layer`, and the sequential depth ``iterations x ceil(log2 T)``;
+* ``timing``: wall time of the forward pass (and with ``--train`` of a gradient, params and
+  inputs, of a loss over all outputs) of ``parallel_layer`` and of ``scan_layer`` (default
+  options) for every T x B x H of ``--steps``, ``--batches`` and ``--hiddens``; medians of
+  ``--repeats`` interleaved calls after one warm-up (compilation is not timed).
+
+Results go to ``--out`` + .json, .md and .png.
+
+  python -m benchmarks.parallel                      # the default grid (long)
+  python -m benchmarks.parallel --quick              # T <= 10000, a few repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+
+from benchmarks import _common as common
+
+
+def _ints(text):
+  return [int(v) for v in text.split(",") if v]
+
+
+def build(hidden, steps, batch, inputs, scale=1.0, seed=0):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jaxgru  # pylint: disable=import-outside-toplevel
+  cell = jaxgru.GRUConfig(inputs, hidden)
+  params = cell.init(jax.random.key(seed))
+  params = dict(params, w_h=params["w_h"] * scale)
+  rng = np.random.default_rng(seed)
+  xs = jnp.asarray(rng.normal(size=(steps, batch, inputs)).astype(np.float32))
+  return cell, params, xs
+
+
+def convergence(args, log):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jaxgru  # pylint: disable=import-outside-toplevel
+  from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
+  rows = []
+  steps = args.conv_steps
+  for scale in (1.0, 3.0):
+    for hidden in args.conv_hiddens:
+      cell, params, xs = build(hidden, steps, 1, args.inputs, scale)
+      ys_ref, _ = jax.jit(lambda p, x, cell=cell: jaxgru.scan_layer(cell, p, x))(params, xs)
+      for method in ("quasi", "elk", "full"):
+        if method == "full" and hidden > args.full_max_hidden:
+          continue
+        fn = jax.jit(lambda p, x, cell=cell, m=method: parallel_layer(
+            cell, p, x, method=m, max_iters=args.max_iters))
+        ys, _, info = fn(params, xs)
+        iters = int(info.iterations)
+        row = {"scale": scale, "hidden": hidden, "steps": steps, "method": method,
+               "iterations": iters, "converged": bool(info.converged),
+               "fell_back": bool(info.fell_back),
+               "first_unconverged": int(info.first_unconverged),
+               "max_abs_error": float(np.max(np.abs(np.asarray(ys) - np.asarray(ys_ref)))),
+               "parallel_depth": iters * math.ceil(math.log2(steps))}
+        rows.append(row)
+        log(f"convergence {row}")
+  return rows
+
+
+def timing(args, log):
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jaxgru  # pylint: disable=import-outside-toplevel
+  from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
+  rows = []
+  for steps in args.steps:
+    for batch in args.batches:
+      for hidden in args.hiddens:
+        cell, params, xs = build(hidden, steps, batch, args.inputs)
+        seq = lambda p, x, cell=cell: jaxgru.scan_layer(cell, p, x)[0]
+        par = lambda p, x, cell=cell: parallel_layer(cell, p, x, method=args.method,
+                                                     max_iters=args.max_iters)
+        fns = {"sequential_forward": jax.jit(seq),
+               "parallel_forward": jax.jit(lambda p, x, par=par: par(p, x)[0])}
+        if args.train and steps <= args.train_max_steps:
+          loss = lambda f: (lambda p, x: jnp.mean(f(p, x) ** 2))
+          fns["sequential_train"] = jax.jit(jax.grad(loss(seq), argnums=(0, 1)))
+          fns["parallel_train"] = jax.jit(jax.grad(loss(lambda p, x, par=par: par(p, x)[0]),
+                                                   argnums=(0, 1)))
+        row = {"steps": steps, "batch": batch, "hidden": hidden}
+        try:
+          t0 = time.perf_counter()
+          for f in fns.values():
+            jax.block_until_ready(f(params, xs))
+          row["compile_and_first_s"] = time.perf_counter() - t0
+          times = {k: [] for k in fns}
+          for _ in range(args.repeats):
+            for k, f in fns.items():
+              times[k] += common.time_calls(lambda f=f: f(params, xs), jax.block_until_ready,
+                                            1, warmup=0)
+          row.update({k: common.summary(v) for k, v in times.items()})
+          info = jax.jit(par)(params, xs)[2]
+          row["iterations"] = int(info.iterations)
+          row["fell_back"] = bool(info.fell_back)
+          row["parallel_depth"] = row["iterations"] * math.ceil(math.log2(steps))
+          for phase in ("forward", "train"):
+            if f"parallel_{phase}" in row:
+              row[f"speedup_{phase}"] = (row[f"sequential_{phase}"]["median_ms"]
+                                         / row[f"parallel_{phase}"]["median_ms"])
+        except Exception as e:  # pylint: disable=broad-except  (out of memory, mostly)
+          row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"timing {({k: (v['median_ms'] if isinstance(v, dict) else v) for k, v in row.items()})}")
+        rows.append(row)
+  return rows
+
+
+def report(record, out):
+  args, env = record["args"], record["environment"]
+  lines = [f"# Parallel-in-time GRU (quasi-DEER) vs the sequential loop, {env['platform']}\n",
+           f"`{env['command']}`; {common.describe(env)}\n",
+           "Tolerance: the default (largest per-step residual 1e-5, float32). The sequential "
+           "depth of a parallel run is iterations x ceil(log2 T) (associative scans); the "
+           "sequential loop's is T.\n"]
+  conv = record.get("convergence")
+  if conv:
+    lines.append(f"## Convergence, T={args['conv_steps']}, B=1, max_iters={args['max_iters']}\n")
+    lines.append("Random cells (Keras initialization; `w_h x 3` = trained-like, larger recurrent "
+                 "weights). Error: the largest |parallel - sequential| over all outputs.\n")
+    lines.append(common.table(
+        ["w_h scale", "H", "method", "iterations", "fell back (from step)", "max error",
+         "depth"],
+        [[r["scale"], r["hidden"], r["method"], r["iterations"],
+          f"yes ({r['first_unconverged']})" if r["fell_back"] else "no",
+          f"{r['max_abs_error']:.1e}", r["parallel_depth"]] for r in conv]))
+  tim = record.get("timing")
+  if tim:
+    lines.append(f"\n## Wall time, method={args['method']} (median ms of {args['repeats']} "
+                 "interleaved calls; speedup = sequential / parallel, > 1 means parallel is "
+                 "faster)\n")
+    fmt = lambda r, k: common.fmt_ms(r[k]["median_ms"]) if k in r else "-"
+    lines.append(common.table(
+        ["T", "B", "H", "iters", "depth", "seq fwd ms", "par fwd ms", "fwd speedup",
+         "seq train ms", "par train ms", "train speedup"],
+        [[r["steps"], r["batch"], r["hidden"], r.get("iterations", "-"),
+          r.get("parallel_depth", "-"), fmt(r, "sequential_forward"),
+          fmt(r, "parallel_forward"),
+          f"{r['speedup_forward']:.2f}" if "speedup_forward" in r else r.get("error", "-"),
+          fmt(r, "sequential_train"), fmt(r, "parallel_train"),
+          f"{r['speedup_train']:.2f}" if "speedup_train" in r else "-"] for r in tim]))
+  text = "\n".join(lines)
+  common.write_text(out + ".md", text)
+  return text
+
+
+def plot(record, out):
+  plt = common.pyplot()
+  if plt is None:
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  tim = [r for r in record.get("timing", []) if "speedup_forward" in r]
+  for batch in sorted({r["batch"] for r in tim}):
+    for hidden in sorted({r["hidden"] for r in tim}):
+      rs = sorted([r for r in tim if r["batch"] == batch and r["hidden"] == hidden],
+                  key=lambda r: r["steps"])
+      if rs:
+        axes[0].plot([r["steps"] for r in rs], [r["speedup_forward"] for r in rs], "o-",
+                     label=f"B={batch} H={hidden}")
+  axes[0].axhline(1.0, color="k", lw=0.8)
+  axes[0].set(xscale="log", yscale="log", xlabel="T", ylabel="sequential / parallel (forward)",
+              title="speedup of quasi-DEER on this CPU")
+  axes[0].legend(fontsize=7)
+  conv = record.get("convergence", [])
+  for scale in sorted({r["scale"] for r in conv}):
+    for method in ("quasi", "elk", "full"):
+      rs = [r for r in conv if r["scale"] == scale and r["method"] == method]
+      if rs:
+        axes[1].plot([r["hidden"] for r in rs], [r["iterations"] for r in rs], "o-",
+                     label=f"{method}, w_h x{scale:g}")
+  axes[1].set(xscale="log", xlabel="H", ylabel="Newton iterations",
+              title=f"iterations to tol, T={record['args']['conv_steps']}")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out + ".png", dpi=100)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--parts", default="convergence,timing")
+  ap.add_argument("--quick", action="store_true",
+                  help="T in 1000,10000 and 3 repeats (unless given)")
+  ap.add_argument("--steps", type=_ints, default=None, help="default 1000,10000,100000")
+  ap.add_argument("--batches", type=_ints, default=[1, 16])
+  ap.add_argument("--hiddens", type=_ints, default=[1, 16, 64])
+  ap.add_argument("--inputs", type=int, default=8)
+  ap.add_argument("--method", default="quasi")
+  ap.add_argument("--max_iters", type=int, default=100)
+  ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True)
+  ap.add_argument("--train_max_steps", type=int, default=10000)
+  ap.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
+  ap.add_argument("--conv_steps", type=int, default=1000)
+  ap.add_argument("--conv_hiddens", type=_ints, default=[1, 4, 16, 64, 256])
+  ap.add_argument("--full_max_hidden", type=int, default=16)
+  ap.add_argument("--out", default=os.path.join(common.RESULTS, "parallel_cpu"))
+  args = ap.parse_args(argv)
+  if args.steps is None:
+    args.steps = [1000, 10000] if args.quick else [1000, 10000, 100000]
+  if args.repeats is None:
+    args.repeats = 3 if args.quick else 5
+
+  log = lambda msg: print(msg, flush=True)
+  env = common.environment()
+  record = {"benchmark": "parallel", "args": vars(args), "environment": env}
+  parts = args.parts.split(",")
+  if "convergence" in parts:
+    record["convergence"] = convergence(args, log)
+    common.write_json(args.out + ".json", record)
+  if "timing" in parts:
+    record["timing"] = timing(args, log)
+  env["load_average_at_end"] = common.load_average()
+  common.write_json(args.out + ".json", record)
+  print(report(record, args.out))
+  plot(record, args.out)
+
+
+if __name__ == "__main__":
+  main()
