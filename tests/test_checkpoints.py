@@ -113,8 +113,8 @@ def test_leftovers_are_ignored_and_removed_by_the_next_save(tmp_path):
 # == run.py: kill during consolidation, resume, compare bitwise ===================================
 
 ARGS = ["--bits=3", "--hidden_size=8", "--batch_size=32", "--steps=300", "--eval_bits=8",
-        "--log_every=7", "--checkpoint_every=10", "--consolidate_steps=40",
-        "--consolidate_bits=6", "--consolidate_batch_size=16"]
+        "--log_every=7", "--checkpoint_every=10", "--consolidate_steps=150",
+        "--consolidate_bits=12", "--consolidate_batch_size=32"]
 
 
 def _run(args, **kw):
@@ -139,9 +139,8 @@ def test_kill_during_consolidation_then_resume_equals_an_uninterrupted_run(tmp_p
     p = subprocess.Popen([sys.executable, RUN, *ARGS, f"--workdir={work}"], env=env,
                          stdout=subprocess.DEVNULL, stderr=log)
   # The reference runs meanwhile (two cores: one each).
-  done = _run(ARGS + [f"--workdir={ref}"])
-  assert done.returncode == 0, done.stderr[-3000:]
-  solve_end = json.load(open(os.path.join(ref, "summary.json")))["steps_to_solve"]
+  ref_proc = subprocess.Popen([sys.executable, RUN, *ARGS, f"--workdir={ref}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline, killed_at = time.time() + 300, None
   while time.time() < deadline and p.poll() is None:
     text = open(log_path).read()
@@ -154,6 +153,9 @@ def test_kill_during_consolidation_then_resume_equals_an_uninterrupted_run(tmp_p
         break
     time.sleep(0.02)
   p.wait()
+  _, ref_err = ref_proc.communicate(timeout=600)
+  assert ref_proc.returncode == 0, ref_err[-3000:]
+  solve_end = json.load(open(os.path.join(ref, "summary.json")))["steps_to_solve"]
   assert killed_at is not None, "the run ended before consolidation could be interrupted"
   assert not os.path.exists(os.path.join(work, "summary.json"))
   # What a kill can leave: a half-written save; both are ignored and then removed.
