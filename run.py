@@ -480,7 +480,7 @@ def _raise_interrupt(signum, frame):
 
 def main(argv):
   tuned = malloc.tune_malloc(FLAGS.mallopt)  # before JAX allocates anything
-  logging.info("malloc: %s (%s)", "thresholds raised" if tuned["applied"] else "as it is",
+  logging.debug("malloc: %s (%s)", "thresholds raised" if tuned["applied"] else "as it is",
                tuned["reason"])
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

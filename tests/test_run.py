@@ -29,7 +29,7 @@ def _run(args, timeout=300, **kw):
     (["--optimizer=adamax"], "value should be one of"),
     (["--activation=swoosh"], "--activation=swoosh: value should be one of"),
     (["--recurrent_activation=nope"], "--recurrent_activation=nope: value should be one of"),
-    (["--learning_rate=-0.1"], "learning_rates must be positive numbers"),
+    (["--learning_rate=-0.1"], "learning_rates must be positive finite numbers"),
     (["--learning_rate=fast"], "--learning_rate must be a comma list of floats"),
     (["--eval_bits=16,x"], "--eval_bits must be a comma list"),
     (["--consolidate_mixed=1.5"], "consolidate_mixed must be a fraction in [0, 1], got 1.5"),
