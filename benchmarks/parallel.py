@@ -94,6 +94,11 @@ def timing(args, log):
           fns["parallel_train"] = jax.jit(jax.grad(loss(lambda p, x, par=par: par(p, x)[0]),
                                                    argnums=(0, 1)))
         row = {"steps": steps, "batch": batch, "hidden": hidden}
+        if steps * batch * hidden > args.max_elements:
+          row["error"] = f"skipped: T*B*H > --max_elements={args.max_elements:g}"
+          log(f"timing {row}")
+          rows.append(row)
+          continue
         try:
           t0 = time.perf_counter()
           for f in fns.values():
@@ -117,6 +122,36 @@ def timing(args, log):
           row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         log(f"timing {({k: (v['median_ms'] if isinstance(v, dict) else v) for k, v in row.items()})}")
         rows.append(row)
+  return rows
+
+
+def backward(args, log):
+  """Gradient wall time of parallel_layer with backward="adjoint" vs "rerun" (and scan_layer)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jaxgru  # pylint: disable=import-outside-toplevel
+  from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
+  rows = []
+  for steps, batch, hidden in args.backward_shapes:
+    cell, params, xs = build(hidden, steps, batch, args.inputs)
+    loss = lambda f: (lambda p, x: jnp.mean(f(p, x) ** 2))
+    fns = {"sequential": jax.jit(jax.grad(loss(lambda p, x: jaxgru.scan_layer(cell, p, x)[0]),
+                                          argnums=(0, 1)))}
+    for bwd in ("adjoint", "rerun"):
+      run = lambda p, x, bwd=bwd: parallel_layer(cell, p, x, method=args.method,
+                                                 max_iters=args.max_iters, backward=bwd)[0]
+      fns[bwd] = jax.jit(jax.grad(loss(run), argnums=(0, 1)))
+    for f in fns.values():
+      jax.block_until_ready(f(params, xs))
+    times = {k: [] for k in fns}
+    for _ in range(args.repeats):
+      for k, f in fns.items():
+        times[k] += common.time_calls(lambda f=f: f(params, xs), jax.block_until_ready, 1,
+                                      warmup=0)
+    row = {"steps": steps, "batch": batch, "hidden": hidden}
+    row.update({k: common.summary(v) for k, v in times.items()})
+    log(f"backward {({k: (v['median_ms'] if isinstance(v, dict) else v) for k, v in row.items()})}")
+    rows.append(row)
   return rows
 
 
@@ -153,6 +188,19 @@ def report(record, out):
           f"{r['speedup_forward']:.2f}" if "speedup_forward" in r else r.get("error", "-"),
           fmt(r, "sequential_train"), fmt(r, "parallel_train"),
           f"{r['speedup_train']:.2f}" if "speedup_train" in r else "-"] for r in tim]))
+  bwd = record.get("backward")
+  if bwd:
+    lines.append("\n## Gradient paths (train step: gradient of a loss over all outputs wrt params "
+                 "and inputs; median ms)\n")
+    lines.append("`adjoint`: parallel forward, then the adjoint recurrence as a reverse loop of "
+                 "step VJPs at the known states and one batched VJP for the weights; `rerun`: "
+                 "parallel forward, then the VJP of the sequential scan_layer (which reruns its "
+                 "forward); `sequential`: scan_layer alone.\n")
+    lines.append(common.table(
+        ["T", "B", "H", "sequential ms", "parallel + adjoint ms", "parallel + rerun ms"],
+        [[r["steps"], r["batch"], r["hidden"]] + [common.fmt_ms(r[k]["median_ms"])
+                                                   for k in ("sequential", "adjoint", "rerun")]
+         for r in bwd]))
   text = "\n".join(lines)
   common.write_text(out + ".md", text)
   return text
@@ -191,7 +239,10 @@ def plot(record, out):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--parts", default="convergence,timing")
+  ap.add_argument("--parts", default="convergence,timing,backward")
+  ap.add_argument("--backward_shapes", type=lambda t: [tuple(_ints(v.replace("x", ",")))
+                                                       for v in t.split(",") if v],
+                  default=[(1000, 16, 16), (10000, 16, 16)], help="TxBxH,...")
   ap.add_argument("--quick", action="store_true",
                   help="T in 1000,10000 and 3 repeats (unless given)")
   ap.add_argument("--steps", type=_ints, default=None, help="default 1000,10000,100000")
@@ -202,6 +253,8 @@ def main(argv=None):
   ap.add_argument("--max_iters", type=int, default=100)
   ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True)
   ap.add_argument("--train_max_steps", type=int, default=10000)
+  ap.add_argument("--max_elements", type=float, default=3e7,
+                  help="skip shapes with T*B*H above this (memory on a shared machine)")
   ap.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
   ap.add_argument("--conv_steps", type=int, default=1000)
   ap.add_argument("--conv_hiddens", type=_ints, default=[1, 4, 16, 64, 256])
@@ -222,6 +275,9 @@ def main(argv=None):
     common.write_json(args.out + ".json", record)
   if "timing" in parts:
     record["timing"] = timing(args, log)
+    common.write_json(args.out + ".json", record)
+  if "backward" in parts:
+    record["backward"] = backward(args, log)
   env["load_average_at_end"] = common.load_average()
   common.write_json(args.out + ".json", record)
   print(report(record, args.out))
