@@ -155,6 +155,44 @@ def backward(args, log):
   return rows
 
 
+def trained_addition(args, log):
+  """Convergence on the recurrent layer of a trained addition model (``--addition_workdir``, made
+  by ``python run.py --workdir=DIR``) over ``--addition_bits``-bit held-out problems."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jaxgru  # pylint: disable=import-outside-toplevel
+  from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
+  from jaxgru.tasks.addition import input_pipeline, predict  # pylint: disable=import-outside-toplevel
+  cfg, state, steps_to_solve = predict.load_trained(args.addition_workdir)
+  params = predict.best_model(state, steps_to_solve)
+  rnn = cfg.model().rnn
+  cell = rnn.layer_cell(0)
+  layer = params["gru"][0]
+  layer = layer[next(iter(layer))] if "w_h" not in layer else layer
+  x_BTI, _ = input_pipeline.eval_batch(cfg.seed, args.addition_bits, args.addition_batch)
+  xs_TBI = jnp.swapaxes(x_BTI, 0, 1).astype(cell.state_dtype)
+  ys_ref, _ = jax.jit(lambda p, x: jaxgru.scan_layer(cell, p, x))(layer, xs_TBI)
+  w = params["readout"]["w"]
+  rows = []
+  for method in ("quasi", "elk", "full"):
+    ys, _, info = jax.jit(lambda p, x, m=method: parallel_layer(
+        cell, p, x, method=m, max_iters=args.max_iters))(layer, xs_TBI)
+    same_bits = bool(jnp.all((jnp.matmul(ys, w) > -params["readout"]["b"][0])
+                             == (jnp.matmul(ys_ref, w) > -params["readout"]["b"][0])))
+    row = {"method": method, "bits": args.addition_bits, "steps": int(xs_TBI.shape[0]),
+           "batch": args.addition_batch, "hidden": cell.hidden_size,
+           "steps_to_solve": steps_to_solve, "iterations": int(info.iterations),
+           "converged": bool(info.converged), "fell_back": bool(info.fell_back),
+           "first_unconverged": int(info.first_unconverged),
+           "max_abs_error": float(np.max(np.abs(np.asarray(ys) - np.asarray(ys_ref)))),
+           "non_finite_outputs": int(np.sum(~np.isfinite(np.asarray(ys)))),
+           "same_predicted_bits": same_bits,
+           "max_abs_w_h": float(jnp.max(jnp.abs(layer["w_h"])))}
+    log(f"trained {row}")
+    rows.append(row)
+  return rows
+
+
 def report(record, out):
   args, env = record["args"], record["environment"]
   lines = [f"# Parallel-in-time GRU (quasi-DEER) vs the sequential loop, {env['platform']}\n",
@@ -188,6 +226,16 @@ def report(record, out):
           f"{r['speedup_forward']:.2f}" if "speedup_forward" in r else r.get("error", "-"),
           fmt(r, "sequential_train"), fmt(r, "parallel_train"),
           f"{r['speedup_train']:.2f}" if "speedup_train" in r else "-"] for r in tim]))
+  tr = record.get("trained_addition")
+  if tr:
+    lines.append(f"\n## A trained addition model (`python run.py --workdir=DIR`), "
+                 f"{tr[0]['bits']}-bit held-out problems, B={tr[0]['batch']}, "
+                 f"H={tr[0]['hidden']}, max_iters={args['max_iters']}\n")
+    lines.append(common.table(
+        ["method", "iterations", "fell back (from step)", "max error", "same predicted bits"],
+        [[r["method"], r["iterations"],
+          f"yes ({r['first_unconverged']})" if r["fell_back"] else "no",
+          f"{r['max_abs_error']:.1e}", r["same_predicted_bits"]] for r in tr]))
   bwd = record.get("backward")
   if bwd:
     lines.append("\n## Gradient paths (train step: gradient of a loss over all outputs wrt params "
@@ -259,6 +307,9 @@ def main(argv=None):
   ap.add_argument("--conv_steps", type=int, default=1000)
   ap.add_argument("--conv_hiddens", type=_ints, default=[1, 4, 16, 64, 256])
   ap.add_argument("--full_max_hidden", type=int, default=16)
+  ap.add_argument("--addition_workdir", default="runs/addition")
+  ap.add_argument("--addition_bits", type=int, default=10000)
+  ap.add_argument("--addition_batch", type=int, default=16)
   ap.add_argument("--out", default=os.path.join(common.RESULTS, "parallel_cpu"))
   args = ap.parse_args(argv)
   if args.steps is None:
@@ -275,6 +326,9 @@ def main(argv=None):
     common.write_json(args.out + ".json", record)
   if "timing" in parts:
     record["timing"] = timing(args, log)
+    common.write_json(args.out + ".json", record)
+  if "trained_addition" in parts:
+    record["trained_addition"] = trained_addition(args, log)
     common.write_json(args.out + ".json", record)
   if "backward" in parts:
     record["backward"] = backward(args, log)

@@ -56,9 +56,10 @@ carries; a reset before step t: ``F_t(h) = f(h0)``, J = 0, c = f(h0)), and a rev
 forward one over the time-flipped sequence.
 
 Stopping, and the guarantee. The iteration stops when the largest per-step residual
-``max_t |F_t(h_{t-1}) - h_t|`` is at most ``tol`` (for the undamped methods this residual equals
-the size of the next Newton update at step 0, and it bounds ``max |h^{k+1} - h^k|`` when the
-scan contracts), or after ``max_iters`` iterations. Then, if any step's residual still exceeds
+``max_t |F_t(h_{t-1}) - h_t|`` is at most ``tol``, or after ``max_iters`` iterations. (The
+residual, rather than the change ``max |h^{k+1} - h^k|`` between iterates, is what the
+guarantee below needs; the two agree at step 0 of an undamped iteration, and the residual costs
+nothing extra: the next iteration evaluates F at the iterate anyway.) Then, if any step's residual still exceeds
 ``tol`` (no convergence, or a non-finite iterate), the layer FINISHES SEQUENTIALLY: from the first
 step t* whose residual exceeds tol, with the converged prefix's state, a plain step-by-step loop
 computes steps t*..T-1. So the result is always the sequential one up to residuals of at most
@@ -326,8 +327,9 @@ def _newton(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB):
   evaluate = functools.partial(_evaluate, st, params, gx_TB3H, h0_BH, valid_TB, reset_TB)
 
   def residual(g_TBH, f_TBH):
-    r = jnp.max(jnp.abs(f_TBH - g_TBH), axis=(1, 2))  # (T,)
-    return jnp.where(jnp.isfinite(r), r, jnp.inf)
+    # NaN -> inf BEFORE the reduction: XLA's max need not propagate NaN.
+    d = jnp.abs(f_TBH - g_TBH)
+    return jnp.max(jnp.where(jnp.isnan(d), jnp.inf, d), axis=(1, 2))  # (T,)
 
   def update(g_TBH, f_TBH, jac, lam):
     prev_TBH = _shift(h0_BH, g_TBH)
