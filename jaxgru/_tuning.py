@@ -14,6 +14,7 @@ from typing import Optional, Union
 import jax
 
 from jaxgru import activations as _act
+from jaxgru._parallel import METHODS as NEWTON_METHODS
 from jaxgru.cell import GRUConfig
 
 # Per-backend defaults, measured with benchmarks/speed.py (see benchmarks/results/). On the CPU
@@ -37,12 +38,16 @@ _TUNED = {
             "custom_vjp_steps": 64,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
-            "diagonal_bytes": 2**24},
+            "diagonal_bytes": 2**24,
+            # benchmarks/parallel.py: the parallel method was slower at every size tried.
+            "method": "sequential"},
     "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
-            "diagonal_bytes": None},
+            "diagonal_bytes": None,
+            "method": "sequential"},  # the parallel method is not measured here yet
 }
 REMAT = ("none", "products", "full")
+SCAN_METHODS = ("sequential", "parallel")
 # Arrays of (B, H) floats a step keeps for the backward pass without rematerialization (the
 # state, gate inputs and products, their cotangents, the outputs and theirs), about.
 _RESIDUALS_PER_STEP = 16
@@ -50,7 +55,8 @@ _RESIDUALS_PER_STEP = 16
 
 @dataclasses.dataclass(frozen=True)
 class ScanOptions:
-  """How :func:`scan_layer` runs the time loop; none of it changes the results.
+  """How :func:`scan_layer` runs the time loop; none of it changes the results, except that
+  ``method="parallel"`` gives them within its tolerance.
 
   Every None picks the default measured for the backend (``jax.default_backend()``; TPUs take
   the GPU's) and the shape.
@@ -80,6 +86,18 @@ class ScanOptions:
       any other takes the per-step VJP whatever this says. None: True off the CPU; on the CPU,
       True while one (T, B, H) array is at most 16 MB (beyond, its larger per-chunk arrays cost
       more than it saves).
+    method: ``"sequential"`` (the loop above) or ``"parallel"``: Newton iterations over the
+      whole sequence whose linear steps are associative scans, O(log T) deep each (DEER and its
+      quasi/damped forms; :func:`jaxgru._parallel.parallel_layer`). Equal to the sequential
+      result within ``tol`` per step: it finishes sequentially from the first unconverged step
+      when ``max_iters`` is reached. None: ``"sequential"`` everywhere, since the parallel
+      method was measured slower on the CPU at every size tried (docs/parallel.md) and has not
+      been measured on an accelerator.
+    newton: the parallel method's Jacobian: ``"quasi"`` (its diagonal), ``"elk"`` (diagonal,
+      damped) or ``"full"`` (dense, memory T*B*H*H).
+    tol: the parallel method's largest accepted per-step residual; None: 1e-5 (float32),
+      1e-10 (float64).
+    max_iters: the parallel method's Newton iterations at most, before it finishes sequentially.
   """
 
   unroll: Optional[int] = None
@@ -88,8 +106,21 @@ class ScanOptions:
   hoist_projection: Optional[bool] = None
   custom_vjp: Optional[bool] = None
   diagonal_backward: Optional[bool] = None
+  method: Optional[str] = None
+  newton: str = "quasi"
+  tol: Optional[float] = None
+  max_iters: int = 100
 
   def __post_init__(self):
+    if self.method is not None and self.method not in SCAN_METHODS:
+      raise ValueError(f"method must be one of {SCAN_METHODS} or None, got {self.method!r}")
+    if self.newton not in NEWTON_METHODS:
+      raise ValueError(f"newton must be one of {NEWTON_METHODS}, got {self.newton!r}")
+    if self.tol is not None and (isinstance(self.tol, bool) or not self.tol > 0):
+      raise ValueError(f"tol must be a positive number or None, got {self.tol!r}")
+    if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int) \
+        or self.max_iters < 0:
+      raise ValueError(f"max_iters must be a non-negative integer, got {self.max_iters!r}")
     for name in ("unroll", "chunk"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -138,7 +169,8 @@ class ScanOptions:
     return dataclasses.replace(
         self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
         remat=remat, hoist_projection=hoist,
-        custom_vjp=custom_vjp, diagonal_backward=diagonal)
+        custom_vjp=custom_vjp, diagonal_backward=diagonal,
+        method=pick(self.method, "method"))
 
 
 def diagonal_backward_applies(cell: GRUConfig) -> bool:

@@ -6,7 +6,9 @@ tasks. The loop is split by concern into private modules:
 
 * :mod:`jaxgru._tuning`: :class:`ScanOptions` and the measured per-backend defaults;
 * :mod:`jaxgru._loop`: the forward loop, its chunks and the length masking;
-* :mod:`jaxgru._vjp`: the custom VJP (weight gradients as one product per chunk).
+* :mod:`jaxgru._vjp`: the custom VJP (weight gradients as one product per chunk);
+* :mod:`jaxgru._parallel`: the parallel-in-time method (``ScanOptions(method="parallel")``):
+  Newton iterations over the whole sequence, each an associative scan.
 
 :func:`scan_layer` runs :meth:`GRUConfig._recur_with` (the GRU math, kept in :mod:`jaxgru.cell`)
 over a time-major batch. What it adds is only how the loop is run and differentiated:
@@ -52,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgru._loop import _Static, _layer
+from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import REMAT, ScanOptions, diagonal_backward_applies
 from jaxgru._vjp import _layer_vjp
 from jaxgru.cell import GRUConfig, Params
@@ -127,6 +130,11 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   if steps == 0:
     return jnp.zeros((0, batch, cell.hidden_size), dtype), h0_BH
   opts = options.resolved(steps, batch, cell.hidden_size, inputs=xs_TBI.shape[-1])
+  if opts.method == "parallel":
+    ys_TBH, h_last_BH, _ = parallel_layer(
+        cell, params, xs_TBI, h0_BH, lengths_B, resets_BT, reverse=reverse, method=opts.newton,
+        tol=opts.tol, max_iters=opts.max_iters)
+    return ys_TBH, h_last_BH
   chunk = opts.chunk
   num_chunks = -(-steps // chunk)
   pad = num_chunks * chunk - steps
