@@ -142,7 +142,9 @@ def run_part(part: Part, out: str, quick: bool, limit_s: float) -> dict:
     return {**rec, "status": "skipped", "reason": "no time left in the suite's budget"}
   args = part.quick_args if quick else part.args
   if part.module is None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    # -o addopts=: the repository's defaults (two xdist workers) need pytest-xdist, which a
+    # prepared GPU machine may lack; one process is what the device wants anyway.
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *args]
   else:
     cmd = [sys.executable, "-m", part.module, *args]
   rec["command"] = " ".join(cmd)

@@ -39,7 +39,8 @@ def _project(cell: GRUConfig, params: Params, x: jax.Array) -> tuple[jax.Array, 
 
 
 def _step(cell: GRUConfig, h, g, t, lengths, product):
-  """One step, masked as in :meth:`the reference loop of tests/reference.py`: returns (carry, output)."""
+  """One step, masked by lengths (as the plain reference loop of tests/reference.py): returns
+  (carry, output)."""
   h_new = cell._recur_with(h, g, product)
   if lengths is None:
     return h_new, h_new

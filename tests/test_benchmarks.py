@@ -32,6 +32,7 @@ def suite(tmp_path_factory):
     return out, json.load(f), proc.stdout
 
 
+@pytest.mark.slow
 def test_every_part_ran(suite):
   out, summary, stdout = suite
   names = [p["part"] for p in summary["parts"]]
@@ -49,6 +50,7 @@ def test_every_part_ran(suite):
   assert "speed_f32" in stdout
 
 
+@pytest.mark.slow
 def test_speed_parts_hold_numbers(suite):
   out, summary, _ = suite
   for name in ("speed_f32", "speed_stacks", "speed_bf16"):
@@ -69,6 +71,7 @@ def test_speed_parts_hold_numbers(suite):
     assert "torch" not in impls
 
 
+@pytest.mark.slow
 def test_models_and_long_sequence_hold_numbers(suite):
   out, _, _ = suite
   with open(out / "models.json") as f:

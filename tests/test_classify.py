@@ -193,6 +193,7 @@ TINY_IMDB = dict(rnn=RNNConfig(GRUConfig(8, 8), bidirectional=True), batch_size=
                  learning_rates=(0.05,), eval_batch_size=8)
 
 
+@pytest.mark.slow
 def test_tiny_imdb_trains_saves_its_vocabulary_and_predicts(tmp_path):
   root = str(tmp_path / "data")
   make_layout(root)
