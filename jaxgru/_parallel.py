@@ -72,6 +72,10 @@ states, which are known), then takes the gradients of params, inputs and h0 as O
 steps at once against the adjoints. ``backward="rerun"`` is the plain alternative: the VJP of
 the sequential :func:`jaxgru.scan_layer` from h0. Both give the sequential gradients; which is
 faster is measured in benchmarks/parallel.py and docs/parallel.md.
+
+Length: this module is longer than the project's 400-line guide because it holds one algorithm
+whose parts only make sense together (the Jacobian diagonals, the three solvers, the sequential
+finish and the custom VJP); splitting it would scatter one derivation over several files.
 """
 
 from __future__ import annotations
