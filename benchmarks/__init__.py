@@ -4,5 +4,5 @@
 
 They import the installed ``jaxgru`` (``pip install -e .[bench]``, or ``PYTHONPATH=.`` from the
 repository root) and never edit the import path; helpers they share live in
-:mod:`benchmarks._common`, the malloc tuning in :mod:`benchmarks._malloc`.
+:mod:`benchmarks._common`, the malloc tuning in :mod:`jaxgru.training.malloc`.
 """

@@ -1,7 +1,7 @@
 """Helpers the benchmarks share: the machine and revision, timing medians, writing results.
 
 Nothing here imports JAX at module level, so an entry point can set process-wide things (the
-malloc thresholds of :mod:`benchmarks._malloc`, environment variables) before JAX starts.
+malloc thresholds of :mod:`jaxgru.training.malloc`, environment variables) before JAX starts.
 """
 
 from __future__ import annotations
@@ -253,6 +253,6 @@ def define_mallopt_flag(default: bool):
   from absl import flags  # pylint: disable=import-outside-toplevel
   return flags.DEFINE_bool(
       "mallopt", default,
-      "Raise glibc's malloc thresholds at start (benchmarks/_malloc.py: XLA:CPU's temporaries "
+      "Raise glibc's malloc thresholds at start (jaxgru/training/malloc.py: XLA:CPU's temporaries "
       "stay in the heap instead of being mapped and faulted in at every call). "
       "JAXGRU_NO_MALLOPT=1 in the environment turns it off too.")

@@ -14,7 +14,7 @@ interleaved, round by round, in the same process: a round is one call of each. I
 * models x steps per second: N / time of the N-model step.
 
 ``--malloc`` picks glibc's malloc settings: ``on`` raises the mmap and trim thresholds first
-(:mod:`benchmarks._malloc`), ``off`` leaves them as they are (``JAXGRU_NO_MALLOPT=1``), ``both``
+(:mod:`jaxgru.training.malloc`), ``off`` leaves them as they are (``JAXGRU_NO_MALLOPT=1``), ``both``
 runs each in its own process (the setting has to precede JAX's allocations); with one setting
 the measurement runs in this process, after setting it. XLA:CPU takes
 temporaries above the mmap threshold fresh from the kernel at every call, and at large N those
@@ -34,7 +34,7 @@ from absl import flags
 import numpy as np
 
 from benchmarks import _common
-from benchmarks import _malloc
+from jaxgru.training import malloc as _malloc
 
 PHASES = {
     # phase -> (bits, batch size, fraction of problems with long carry chains, optimizer)
@@ -154,7 +154,7 @@ def markdown(result: dict) -> str:
          "times the time of the 1-model step, both measured interleaved in the same process; "
          "below 1, one program is cheaper than N single steps. Models x steps per second: N over "
          f"the N-model step's time. Hidden size {HIDDEN}. Medians. `malloc on`: glibc's mmap "
-         "and trim thresholds raised (`benchmarks/_malloc.py`).\n"]
+         "and trim thresholds raised (`jaxgru/training/malloc.py`).\n"]
   for phase, spec in PHASES.items():
     recs = [r for r in result["records"] if r["phase"] == phase]
     if not recs:

@@ -33,7 +33,7 @@ from absl import flags
 import numpy as np
 
 from benchmarks import _common
-from benchmarks import _malloc
+from jaxgru.training import malloc as _malloc
 from benchmarks import speed_impls
 from benchmarks import speed_report
 

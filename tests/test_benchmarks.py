@@ -97,7 +97,7 @@ def test_models_ratio_arithmetic():
 
 
 def test_malloc_opt_out(monkeypatch):
-  from benchmarks import _malloc  # pylint: disable=import-outside-toplevel
+  from jaxgru.training import malloc as _malloc  # pylint: disable=import-outside-toplevel
   assert not _malloc.tune_malloc(enable=False)["applied"]
   monkeypatch.setenv(_malloc.ENV_OPT_OUT, "1")
   done = _malloc.tune_malloc()
@@ -105,7 +105,7 @@ def test_malloc_opt_out(monkeypatch):
 
 
 def test_malloc_applies_on_glibc():
-  code = ("import platform; from benchmarks import _malloc; d = _malloc.tune_malloc(); "
+  code = ("import platform; from jaxgru.training import malloc as _malloc; d = _malloc.tune_malloc(); "
           "print(d['applied'], platform.libc_ver()[0] == 'glibc')")
   env = {k: v for k, v in os.environ.items() if k != "JAXGRU_NO_MALLOPT"}
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
