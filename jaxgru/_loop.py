@@ -5,7 +5,7 @@ place where ``lengths`` act on the state), the reset of a state to its initial v
 boundaries (:func:`_reset`, the only place where ``resets`` act on the state), the loop over one chunk's steps (:func:`_forward`,
 which can also record what the backward pass needs), the loop over chunks, and
 :func:`_layer`, the layer as JAX differentiates it by itself. The GRU math is the cell's
-(:meth:`GRUConfig._recur_with`); the custom VJP lives in :mod:`jaxgru._vjp`.
+(:meth:`GRUConfig._recur_with`); its custom derivative lives in :mod:`jaxgru._jvp`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jaxgru.cell import GRUConfig, Params, split_gates
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Everything static about one layer's loop (a nondiff argument of the custom VJP)."""
+  """Everything static about one layer's loop (a nondiff argument of the custom JVP)."""
   cell: GRUConfig
   reverse: bool
   unroll: int

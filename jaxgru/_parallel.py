@@ -65,17 +65,20 @@ step t* whose residual exceeds tol, with the converged prefix's state, a plain s
 computes steps t*..T-1. So the result is always the sequential one up to residuals of at most
 ``tol`` per step (and rounding), whether or not Newton converged.
 
-Gradients: a custom VJP. At the converged states the adjoint of the recurrence is linear,
-``lambda_t = dy_t + J_{t+1}^T lambda_{t+1}`` with the TRUE (dense) Jacobians; ``backward=
-"adjoint"`` runs it as a reverse loop of one step VJP each (no forward recomputation of the
-states, which are known), then takes the gradients of params, inputs and h0 as ONE VJP of all T
-steps at once against the adjoints. ``backward="rerun"`` is the plain alternative: the VJP of
-the sequential :func:`jaxgru.scan_layer` from h0. Both give the sequential gradients; which is
-faster is measured in benchmarks/parallel.py and docs/parallel.md.
+Derivatives: a custom JVP, so forward mode (``jax.jvp``, ``jax.jacfwd``) and reverse mode both
+work. At the solution the states' tangents obey the linear recurrence ``ds_t = J_t ds_{t-1} +
+u_t`` with the TRUE (dense) Jacobians, where ``u_t`` is step t's tangent with its starting state
+held (one JVP of all T steps at once); ``backward="adjoint"`` runs that recurrence as a loop of
+one step JVP each at the known states (no Newton iterations are differentiated), and JAX
+transposes it, for reverse mode, into the adjoint loop ``lambda_t = dy_t + J_{t+1}^T
+lambda_{t+1}`` followed by ONE VJP of all T steps against the adjoints. ``backward="rerun"`` is
+the plain alternative: the derivative of the sequential :func:`jaxgru.scan_layer` from h0. Both
+give the sequential derivatives; which is faster is measured in benchmarks/parallel.py and
+docs/parallel.md.
 
 Length: this module is longer than the project's 400-line guide because it holds one algorithm
 whose parts only make sense together (the Jacobian diagonals, the three solvers, the sequential
-finish and the custom VJP); splitting it would scatter one derivation over several files.
+finish and the custom JVP); splitting it would scatter one derivation over several files.
 """
 
 from __future__ import annotations
@@ -396,7 +399,7 @@ def _finish(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB, g_TBH, firs
   return out
 
 
-# -- the custom VJP -------------------------------------------------------------------------------
+# -- the custom JVP -------------------------------------------------------------------------------
 
 
 def _steps_of(st: _Static, params, xs_TBI, h0_BH, valid_TB, reset_TB, prev_TBH):
@@ -407,53 +410,64 @@ def _steps_of(st: _Static, params, xs_TBI, h0_BH, valid_TB, reset_TB, prev_TBH):
   return jnp.where(valid_TB[:, :, None], cell._recur(params, a, gx), a)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _solve(st: _Static, params, xs_TBI, h0_BH, valid_TB, reset_TB):
   """States (T, B, H) in processing order, and the info."""
   gx = st.cell._project_inputs(params, xs_TBI)
   return _newton(st, params, gx, h0_BH, valid_TB, reset_TB)
 
 
-def _solve_fwd(st, params, xs_TBI, h0_BH, valid_TB, reset_TB):
-  out = _solve(st, params, xs_TBI, h0_BH, valid_TB, reset_TB)
-  return out, (params, xs_TBI, h0_BH, valid_TB, reset_TB, out[0])
-
-
-def _solve_bwd(st, res, cts):
-  params, xs_TBI, h0_BH, valid_TB, reset_TB, states_TBH = res
-  dstates_TBH = cts[0]
+@_solve.defjvp
+def _solve_jvp(st, primals, tangents):
+  params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
+  dparams, dxs_TBI, dh0_BH = tangents[:3]
+  states_TBH, info = _solve(st, *primals)
   if st.backward == "rerun":
     from jaxgru.scan import scan_layer  # pylint: disable=import-outside-toplevel
-    return _rerun_bwd(st, scan_layer, params, xs_TBI, h0_BH, valid_TB, reset_TB, dstates_TBH)
+    dstates_TBH = _rerun_tangent(st, scan_layer, primals, (dparams, dxs_TBI, dh0_BH))
+  else:
+    dstates_TBH = _adjoint_tangent(st, primals, (dparams, dxs_TBI, dh0_BH), states_TBH)
+  info_tangent = jax.tree.map(
+      lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact)
+                 else np.zeros(a.shape, jax.dtypes.float0)), info)
+  return (states_TBH, info), (dstates_TBH, info_tangent)
+
+
+def _adjoint_tangent(st, primals, tangents, states_TBH):
+  """The states' tangents at the solution: ``ds_t = J_t ds_{t-1} + u_t`` from ``ds_{-1} = dh0``.
+
+  ``u_t`` is the tangent of step t with its starting state held (params, inputs, and h0 where a
+  segment starts), one JVP of all T steps at once; the loop applies each step's TRUE Jacobian
+  ``J_t`` at the known states. Linear in the tangents, so JAX transposes it into the adjoint
+  recurrence ``lambda_t = dy_t + J_{t+1}^T lambda_{t+1}`` for reverse mode.
+  """
+  params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
   cell = st.cell
   prev_TBH = _shift(h0_BH, states_TBH)
+  _, u_TBH = jax.jvp(lambda p, x, h0: _steps_of(st, p, x, h0, valid_TB, reset_TB, prev_TBH),
+                     (params, xs_TBI, h0_BH), tangents)
+  gx_TB3H = cell._project_inputs(params, xs_TBI)
 
-  def one_step(h, x, valid, reset):
-    a = jnp.where(reset[:, None], h0_BH, h)
-    return jnp.where(valid[:, None], cell._recur(params, a, cell._project_inputs(params, x)), a)
+  # Checkpointed: a reverse pass recomputes each step inside its own loop.
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(dprev, inp):
+    h, gx, valid, reset, u = inp
 
-  # lambda_t = dy_t + J_{t+1}^T lambda_{t+1}: a reverse loop over t = T-2 .. 0 of step VJPs at
-  # the known states (step t+1 starts from h_t = states[t]).
-  def body(lam_next, inp):
-    dy, h, x, valid, reset = inp
-    _, vjp = jax.vjp(lambda h: one_step(h, x, valid, reset), h)
-    lam = dy + vjp(lam_next)[0]
-    return lam, lam
+    def one_step(h):
+      a = jnp.where(reset[:, None], jnp.zeros_like(h), h)  # h0's share is in u
+      return jnp.where(valid[:, None], cell._recur(params, a, gx), a)
 
-  lam_last = dstates_TBH[-1]
-  _, lams = jax.lax.scan(body, lam_last,
-                         (dstates_TBH[:-1], states_TBH[:-1], xs_TBI[1:], valid_TB[1:],
-                          reset_TB[1:]), reverse=True)
-  lam_TBH = jnp.concatenate([lams, lam_last[None]])
-  _, vjp = jax.vjp(lambda p, x, h0, prev: _steps_of(st, p, x, h0, valid_TB, reset_TB, prev),
-                   params, xs_TBI, h0_BH, prev_TBH)
-  dparams, dxs, dh0, dprev = vjp(lam_TBH)
-  dh0 = dh0 + dprev[0]  # step 0 starts from h0
-  return dparams, dxs, dh0, None, None
+    _, d = jax.jvp(one_step, (h,), (dprev,))
+    return d + u, d + u
+
+  _, ds_TBH = jax.lax.scan(body, tangents[2], (prev_TBH, gx_TB3H, valid_TB, reset_TB, u_TBH))
+  return ds_TBH
 
 
-def _rerun_bwd(st, scan_layer, params, xs_TBI, h0_BH, valid_TB, reset_TB, dstates_TBH):
-  """The VJP of the sequential :func:`jaxgru.scan_layer` from h0, mapped to processing order."""
+def _rerun_tangent(st, scan_layer, primals, tangents):
+  """The states' tangents from the JVP of the sequential :func:`jaxgru.scan_layer` from h0,
+  mapped to processing order."""
+  params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
   flip = (lambda a: a[::-1]) if st.reverse else (lambda a: a)
   lengths_B = jnp.sum(valid_TB, axis=0).astype(jnp.int32)
   # Back to the caller's time order; a reverse loop's mask at t is the flag of step t+1.
@@ -467,20 +481,17 @@ def _rerun_bwd(st, scan_layer, params, xs_TBI, h0_BH, valid_TB, reset_TB, dstate
                        resets_BT=resets_BT)
     return flip(ys)
 
-  _, vjp = jax.vjp(run, params, xs_TBI, h0_BH)
+  _, dys_TBH = jax.jvp(run, (params, xs_TBI, h0_BH), tangents)
 
-  # The outputs are zero at masked steps, whose state is the one before them: move a masked
-  # step's cotangent back to the last valid step before it (or to h0).
-  def carry_back(acc, inp):
+  # The outputs are zero at masked steps, whose state is the one before them: carry the last
+  # valid step's tangent (or h0's) forward over them.
+  def carry(acc, inp):
     d, valid = inp
-    acc = acc + d
-    keep = valid[:, None]
-    return jnp.where(keep, jnp.zeros_like(acc), acc), jnp.where(keep, acc, jnp.zeros_like(acc))
+    acc = jnp.where(valid[:, None], d, acc)
+    return acc, acc
 
-  acc, dys = jax.lax.scan(carry_back, jnp.zeros_like(dstates_TBH[0]),
-                          (dstates_TBH, valid_TB), reverse=True)
-  dparams, dxs, dh0 = vjp(dys)
-  return dparams, dxs, dh0 + acc, None, None
+  _, ds_TBH = jax.lax.scan(carry, tangents[2], (dys_TBH, valid_TB))
+  return ds_TBH
 
 
-_solve.defvjp(_solve_fwd, _solve_bwd)
+

@@ -1,8 +1,8 @@
 """The tuning policy of the time loop: :class:`ScanOptions` and its measured per-backend defaults.
 
 This module owns only decisions: how long a chunk is, what the forward pass keeps for the
-backward pass, whether the input projection is hoisted out of the loop, whether the custom VJP
-and its diagonal backward are used. It runs no loop; :mod:`jaxgru._loop` and :mod:`jaxgru._vjp`
+backward pass, whether the input projection is hoisted out of the loop, whether the custom
+derivative rule and its diagonal form are used. It runs no loop; :mod:`jaxgru._loop` and :mod:`jaxgru._jvp`
 act on what it decides. None of its choices changes a result, only speed and memory.
 """
 
@@ -34,7 +34,7 @@ _TUNED = {
             # ...or, when one (T, B, H) array alone exceeds this (the step cannot avoid fresh
             # memory anyway), of about this many rows (C*B), for efficient weight products.
             "big_bytes": 2**24, "chunk_rows": 2048,
-            # The custom VJP's products over all steps pay off from this many steps on.
+            # The custom rule's products over all steps pay off from this many steps on.
             "custom_vjp_steps": 64,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
@@ -77,13 +77,17 @@ class ScanOptions:
     hoist_projection: project a chunk's inputs in one product before its loop (True) or each
       step's inside it (False). None: True off the CPU; on the CPU, True when a step's input
       product has at least 2**20 multiply-adds (B*I*3H) and a (T, B, H) array is at most 16 MB.
-    custom_vjp: differentiate with the custom VJP (one weight-gradient product per chunk) or,
-      False, with JAX's autodiff of the loop (``jax.checkpoint`` per chunk unless remat is
-      ``"none"``). None: the custom VJP, except on the CPU for sequences shorter than 64 steps.
-    diagonal_backward: in the custom VJP, compute the gates' derivatives of a chunk before its
-      backward loop, in bulk (True), or take the VJP of each step inside the loop (False).
+    custom_vjp: differentiate with jaxgru's own derivative rule (True) or with JAX's autodiff
+      of the loop (False; ``jax.checkpoint`` per chunk unless remat is ``"none"``). The rule is
+      a custom JVP (:mod:`jaxgru._jvp`; the option keeps its older name) that serves forward
+      mode as it stands and reverse mode through JAX's transposition, with the weights' share
+      as one product per chunk. Both settings support ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``
+      and ``jax.linearize``. None: the custom rule, except on the CPU for sequences shorter
+      than 64 steps.
+    diagonal_backward: in the custom rule, compute the step Jacobians' diagonals of a chunk in
+      bulk before its loop (True), or take the JVP of each step inside the loop (False).
       Only a cell that acts on each unit alone allows it (:func:`diagonal_backward_applies`);
-      any other takes the per-step VJP whatever this says. None: True off the CPU; on the CPU,
+      any other takes the per-step form whatever this says. None: True off the CPU; on the CPU,
       True while one (T, B, H) array is at most 16 MB (beyond, its larger per-chunk arrays cost
       more than it saves).
     method: ``"sequential"`` (the loop above) or ``"parallel"``: Newton iterations over the

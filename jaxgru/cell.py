@@ -224,8 +224,8 @@ class GRUConfig:
     return self._recur_with(h, gx, lambda k, a: self._recurrent_product(params, k, a))
 
   # The recurrent matrix products, named so that a time loop can replay or record them: the
-  # custom VJP in jaxgru.scan differentiates the gates step by step but takes the weight
-  # gradient of these products once, over all steps, as one large matrix product.
+  # loop's derivative (jaxgru._jvp) differentiates the gates step by step but takes the weights'
+  # share of these products once, over all steps, as one large matrix product.
 
   @property
   def _num_recurrent_products(self) -> int:

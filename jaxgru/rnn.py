@@ -142,7 +142,7 @@ class RNNConfig:
         ``options.unroll``.
       time_major: inputs and outputs are (T, B, ...), which saves two transposes.
       options: how the time loops run (:class:`jaxgru.ScanOptions`: chunks, rematerialization,
-        the custom VJP); None means the backend's defaults. Never changes the results.
+        the custom derivative rule); None means the backend's defaults. Never changes the results.
       resets: optional episode boundaries, (B, T) booleans ((T, B) when ``time_major``): where
         ``resets[b, t]`` is set, step t starts a new segment of sequence b, and every cell's
         state is replaced by its initial state (its row of ``h0``, zeros by default) before it;

@@ -6,7 +6,8 @@ tasks. The loop is split by concern into private modules:
 
 * :mod:`jaxgru._tuning`: :class:`ScanOptions` and the measured per-backend defaults;
 * :mod:`jaxgru._loop`: the forward loop, its chunks and the length masking;
-* :mod:`jaxgru._vjp`: the custom VJP (weight gradients as one product per chunk);
+* :mod:`jaxgru._jvp`: the loop's derivative, a custom JVP that JAX transposes for reverse mode
+  (the weights' share as one product per chunk);
 * :mod:`jaxgru._parallel`: the parallel-in-time method (``ScanOptions(method="parallel")``):
   Newton iterations over the whole sequence, each an associative scan.
 
@@ -20,17 +21,19 @@ over a time-major batch. What it adds is only how the loop is run and differenti
   loop, and whatever a chunk needs for the backward pass is C steps long, not T;
 * the projected inputs and the saved products kept as separate gate arrays (C, B, H): XLA:CPU
   turns column slices of a wide (C, B, 3H) array inside a loop into slow element loops;
-* a custom VJP. The backward loop differentiates the gates step by step but leaves the weights
-  alone. Where the cell acts on each hidden unit alone once its products are known (reset_after
-  with elementwise activations), the gates' derivatives are computed for a whole chunk before the
-  loop, as ONE vector-Jacobian product of the cell against a cotangent of ones (which yields the
-  diagonal of each step's Jacobian), and a step of the loop is then only ``s = dh + dy``,
-  ``dgh = s * dF/dgh`` and ``dh_prev = s * dF/dh + dgh @ w_h^T``. Otherwise the loop takes the
-  VJP of each step. Either way the loop it stacks, for every step, the input ``a`` and the output cotangent ``dy`` of each
-  recurrent product, and the weight gradient is then ONE product per chunk, e.g.
-  ``dw_h = h_prev^T @ dgh`` as (H, C*B) x (C*B, 3H), instead of C small ones added into an
-  accumulator. The input projection's gradient is likewise one product per chunk; gradients
-  nobody asked for (the inputs' of a first layer, the initial state's) are skipped;
+* a custom derivative, in both modes from ONE rule: a custom JVP whose tangent loop carries only
+  the (B, H) state's tangent, with the weights' and inputs' tangents formed before the loop for
+  a whole chunk, ``x @ dw_x + dx @ w_x`` and ``h_prev @ dw_h`` as one (C*B, .) product each.
+  ``jax.jvp``/``jax.jacfwd``/``jax.linearize`` run it forward; ``jax.grad`` gets the reverse
+  pass from JAX's transposition of the same linear loop, in which those bulk products become the
+  weight gradients, one product per chunk (e.g. ``dw_h = h_prev^T @ dgh`` as (H, C*B) x
+  (C*B, 3H)) instead of C small ones added into an accumulator. Where the cell acts on each
+  hidden unit alone once its products are known (reset_after with elementwise activations), the
+  step's Jacobian is diagonal per unit and its coefficients for a whole chunk come from ONE
+  vector-Jacobian product of the cell against ones, so a step of the loop is
+  ``dh' = c_h * dh + c_gh * (dh @ w_h) + u`` (summed over gates); otherwise the loop takes the
+  JVP of each step. Gradients nobody asked for (the inputs' of a first layer, the initial
+  state's) are never formed: their tangents are symbolic zeros;
 * episode resets (``resets_BT``): where a flag is set, the state is replaced by its initial
   state before that step (forward) or before the segment's last step (reverse), so a sequence
   holds independent segments, each run as if alone (see docs/resets.md). One ``jnp.where`` per
@@ -42,8 +45,8 @@ over a time-major batch. What it adds is only how the loop is run and differenti
   initial state only and reruns the chunk's loop, so that training memory grows with T no more
   than the inputs and outputs themselves do.
 
-The custom VJP computes the same gradients as ``jax.grad`` of the plain loop, up to the order of
-floating-point additions (tests/test_fast_path.py checks this).
+The custom derivative gives the same derivatives as JAX's autodiff of the plain loop, up to the
+order of floating-point additions (tests/test_fast_path.py checks this).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import jax.numpy as jnp
 from jaxgru._loop import _Static, _layer
 from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import REMAT, ScanOptions, diagonal_backward_applies
-from jaxgru._vjp import _layer_vjp
+from jaxgru._jvp import _layer_jvp
 from jaxgru.cell import GRUConfig, Params
 
 __all__ = ("REMAT", "ScanOptions", "diagonal_backward_applies", "scan_layer")
@@ -155,7 +158,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   xs_NCBI = xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
   st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
                opts.diagonal_backward and diagonal_backward_applies(cell))
-  run = _layer_vjp if opts.custom_vjp else _layer
+  run = _layer_jvp if opts.custom_vjp else _layer
   ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
   return ys_NCBH.reshape((num_chunks * chunk,) + ys_NCBH.shape[2:])[:steps], h_last
 

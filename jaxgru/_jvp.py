@@ -1,0 +1,335 @@
+"""The custom derivative of one layer's time loop: a JVP whose tangent loop JAX transposes.
+
+This module owns how a layer is differentiated when ``ScanOptions.custom_vjp`` is on (the name
+predates this design: the option selects these custom derivative rules). One rule serves both
+modes: :func:`_layer_jvp` is a ``jax.custom_jvp`` whose tangent computation is LINEAR in the
+tangents and built from transposable operations, so ``jax.jvp``, ``jax.jacfwd`` and
+``jax.linearize`` run it forward, and ``jax.grad``/``jax.vjp`` get the reverse pass by JAX's
+transposition of the same computation. No custom VJP is involved, which is what lets forward mode
+work at every length.
+
+The tangent of a step, with ``gx = x @ w_x + b_x`` and ``gh_k = a_k @ w_k + b_k`` the input
+projection and the recurrent products (``a_0 = h``; reset_before has ``a_1 = r * h``), is
+
+  dgx   = dx @ w_x + x @ dw_x + db_x          for all steps of a chunk: ONE product each
+  eps_k = a_k @ dw_k + db_k                   likewise, from the saved (or recomputed) a_k
+  dh'   = dF(h, gx, gh; dh, dgx, da_k @ w_k + eps_k)     in the loop
+
+so the loop carries only ``dh`` and the weights' tangents enter it as bulk inputs. Transposed by
+JAX, the bulk products become the weight gradients as one (C*B rows) product per chunk, and the
+loop becomes the backward recurrence: what the earlier hand-written VJP did.
+
+Where the cell acts on each unit alone once its products are known (reset_after with
+elementwise activations: :func:`jaxgru._tuning.diagonal_backward_applies`), F's Jacobian is
+diagonal per unit. Its coefficients ``dF/dh``, ``dF/dgx``, ``dF/dgh`` for a whole chunk come from
+ONE vector-Jacobian product of F against ones, before the loop, and a step of the tangent loop is
+
+  dh' = c_h * dh + sum_gates(c_gh * (dh @ w_h)) + u,   u = sum_gates(c_gx * dgx + c_gh * eps_0)
+
+Otherwise the loop takes the JVP of each step, with each product's output replayed from the
+saved values (:func:`_given`).
+
+Residuals follow ``ScanOptions.remat``: ``"none"`` keeps every step's state, gate inputs and
+products; ``"products"`` only the states (a chunk's products are recomputed from them as one
+product each, under ``jax.checkpoint``, so the reverse pass recomputes them too); ``"full"``
+only each chunk's first state (the chunk's loop is rerun). Gradients nobody asked for (a first
+layer's inputs, a zero initial state) are never formed: their tangents are symbolic zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jaxgru.cell import split_gates
+from jaxgru._loop import _Static, _flat, _forward, _layer, _over_chunks, _reset, _starts, _step
+
+
+def _is_zero(t) -> bool:
+  return t is None or isinstance(t, SymbolicZero)
+
+
+def _instantiate(t, like):
+  return jnp.zeros(like.shape, like.dtype) if isinstance(t, SymbolicZero) else t
+
+
+# -- within a step: no recurrence, so a chunk's steps can be computed at once ---------------------
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _given(cell, k: int, params, a, out, eps):
+  """The k-th recurrent product of a step, ``a @ w_k + b_k``, already known as ``out``.
+
+  Its tangent is ``da @ w_k + deps``: the product's own derivative in its input, plus ``eps``,
+  the weights' share, computed in bulk before the loop. The primal is not recomputed.
+  """
+  del cell, k, params, a, eps
+  return out
+
+
+@_given.defjvp
+def _given_jvp(cell, k, primals, tangents):
+  params, a, out, _ = primals
+  _, da, _, deps = tangents
+  size = cell.hidden_size
+  _, dy = jax.jvp(lambda a: cell._recurrent_product(params, k, a), (a,), (da,))
+  dy = split_gates(dy, dy.shape[-1] // size)
+  return out, tuple(d + e for d, e in zip(dy, deps))
+
+
+def _within_steps(cell, params, hs, gs, outs):
+  """Each step's gate inputs, product outputs and product inputs for a whole chunk.
+
+  ``hs`` (C, B, H) are the states before each step (after any reset), ``gs`` the gate inputs
+  (3 x (C, B, H) or (C, B, 3H)), ``outs`` the saved products (per product, its gates) or None
+  (they are then computed here, each one (C*B, H) x (H, .) product). Returns ``(gs, outs, ins)``
+  with every array (C, B, ...) and split by gate.
+  """
+  lead = hs.shape[:2]
+  rows = lambda a: a.reshape((-1,) + a.shape[2:])
+  unrows = lambda a: a.reshape(lead + a.shape[1:])
+  size = cell.hidden_size
+  ins, got = [], []
+
+  def product(k, a):
+    ins.append(unrows(a))
+    if outs is not None and k < len(outs):
+      y = tuple(rows(o) for o in outs[k])
+    else:
+      y = cell._recurrent_product(params, k, a)
+      y = split_gates(y, y.shape[-1] // size)
+    got.append(tuple(unrows(o) for o in y))
+    return y
+
+  gs = split_gates(gs, 3)
+  cell._recur_with(rows(hs), tuple(rows(g) for g in gs), product)
+  return gs, tuple(got), tuple(ins)
+
+
+def _bulk_tangents(cell, params, x, ins, dparams, dx):
+  """The tangents that do not recur, for a whole chunk: ``dgx`` (the input projection's, split
+  by gate, or None) and ``eps`` (per product, the weights' share ``a_k @ dw_k + db_k``, split by
+  gate, or None when the weights' tangents are zero)."""
+  size = cell.hidden_size
+  lead = x.shape[:2]
+  rows = lambda a: a.reshape((-1,) + a.shape[2:])
+  unrows = lambda a: a.reshape(lead + a.shape[1:])
+  dgx = None
+  if dparams is not None or dx is not None:
+    if dparams is None:
+      _, dgx = jax.jvp(lambda x: cell._project_inputs(params, x), (rows(x),), (rows(dx),))
+    elif dx is None:
+      _, dgx = jax.jvp(lambda p: cell._project_inputs(p, rows(x)), (params,), (dparams,))
+    else:
+      _, dgx = jax.jvp(lambda p, x: cell._project_inputs(p, x), (params, rows(x)),
+                       (dparams, rows(dx)))
+    dgx = tuple(unrows(g) for g in split_gates(dgx, 3))
+  eps = None
+  if dparams is not None:
+    eps = []
+    for k, a in enumerate(ins):
+      _, e = jax.jvp(lambda p, a=a, k=k: cell._recurrent_product(p, k, rows(a)), (params,),
+                     (dparams,))
+      eps.append(tuple(unrows(g) for g in split_gates(e, e.shape[-1] // size)))
+    eps = tuple(eps)
+  return dgx, eps
+
+
+# -- the tangent loop of one chunk ----------------------------------------------------------------
+
+
+def _masked(s, dh, t, lengths):
+  """The tangent state and output of a step whose new state's tangent is ``s``."""
+  if lengths is None:
+    return s, s
+  valid = (t < lengths)[:, None]
+  return jnp.where(valid, s, dh), jnp.where(valid, s, jnp.zeros_like(s))
+
+
+def _diagonal_loop(st: _Static, params, hs, gs, outs, dgx, eps, dh, dh_init, lengths, ts,
+                   resets_CB):
+  """The tangent loop of a chunk whose cell acts on each unit alone (``st.diagonal``)."""
+  cell = st.cell
+  (out,) = outs
+  gate_major = lambda parts: jnp.stack(parts, axis=2)  # 3 x (C, B, H) -> (C, B, 3, H)
+  gates = lambda a: tuple(a[:, :, i] for i in range(3))
+
+  def cell_fn(h, g, o):
+    return cell._recur_with(h, gates(g), lambda k, a: gates(o))
+
+  # The diagonal of each step's Jacobian, for all steps at once: F against ones.
+  _, vjp_cell = jax.vjp(cell_fn, hs, gate_major(gs), gate_major(out))
+  c_h, c_g, c_o = vjp_cell(jnp.ones_like(hs))
+  u = None
+  if dgx is not None:
+    u = jnp.sum(c_g * gate_major(dgx), axis=2)
+  if eps is not None:
+    e = jnp.sum(c_o * gate_major(eps[0]), axis=2)
+    u = e if u is None else u + e
+  if u is None:
+    u = jnp.zeros_like(hs)
+  # The recurrent product's own derivative in its input (it is affine: any point will do).
+  _, lin = jax.linearize(lambda a: cell._recurrent_product(params, 0, a), hs[0])
+  batch, size = hs.shape[1], cell.hidden_size
+
+  def body(dh, inp):
+    c_h_t, c_o_t, u_t, t, r = inp
+    dh = _reset(dh, dh_init, r)
+    s = c_h_t * dh + jnp.sum(c_o_t * lin(dh).reshape((batch, 3, size)), axis=1) + u_t
+    return _masked(s, dh, t, lengths)
+
+  return jax.lax.scan(body, dh, (c_h, c_o, u, ts, resets_CB), reverse=st.reverse,
+                      unroll=st.unroll)
+
+
+def _per_step_loop(st: _Static, params, hs, gs, outs, dgx, eps, dh, dh_init, lengths, ts,
+                   resets_CB):
+  """The tangent loop of any cell: the JVP of each step, its products replayed."""
+  cell = st.cell
+  zero_gates = lambda o: tuple(jnp.zeros_like(p) for p in o)
+  if dgx is None:
+    dgx = zero_gates(gs)
+  if eps is None:
+    eps = tuple(zero_gates(o) for o in outs)
+
+  # Checkpointed, so that a reverse pass recomputes each step's primal values inside its own
+  # loop (one loop, as a per-step VJP would be) instead of in a loop of their own beforehand.
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(dh, inp):
+    h, g, out, dg, de, t, r = inp
+    dh = _reset(dh, dh_init, r)
+
+    def step(h, g, e):
+      product = lambda k, a: _given(cell, k, params, a, out[k], e[k])
+      return _step(cell, h, g, t, lengths, product)
+
+    _, tangents = jax.jvp(step, (h, g, jax.tree.map(jnp.zeros_like, de)), (dh, dg, de))
+    return tangents
+
+  return jax.lax.scan(body, dh, (hs, gs, outs, dgx, eps, ts, resets_CB), reverse=st.reverse,
+                      unroll=st.unroll)
+
+
+def _chunk_tangent(st: _Static, params, x, h_start, saved, y, lengths, t0, resets_CB, h_init,
+                   dparams, dx, dh, dh_init):
+  """One chunk's tangents ``(dh at the chunk's end, dys)``, linear in ``(dparams, dx, dh,
+  dh_init)``. ``saved`` and ``y`` are what the forward pass kept (see :func:`_primal`)."""
+  cell = st.cell
+  if st.remat == "full":
+    _, _, (hs, gs, outs) = _forward(st, params, x, h_start, lengths, t0, save="all",
+                                    resets_CB=resets_CB, h_init=h_init)
+  elif st.remat == "products":
+    hs = saved
+    if hs is None:  # the states are the outputs shifted by one step
+      first = h_start[None]
+      hs = (jnp.concatenate([y[1:], first]) if st.reverse else
+            jnp.concatenate([first, y[:-1]]))
+      if resets_CB is not None:
+        hs = jnp.where(resets_CB[:, :, None], h_init[None], hs)
+    gs, outs = cell._project_inputs(params, x), None
+  else:
+    hs, gs, outs = saved
+  gs, outs, ins = _within_steps(cell, params, hs, gs, outs)
+  dgx, eps = _bulk_tangents(cell, params, x, ins, dparams, dx)
+  ts = t0 + jnp.arange(x.shape[0], dtype=jnp.int32)
+  loop = _diagonal_loop if st.diagonal else _per_step_loop
+  return loop(st, params, hs, gs, outs, dgx, eps, dh, dh_init, lengths, ts, resets_CB)
+
+
+# -- the layer ------------------------------------------------------------------------------------
+
+
+def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
+  """The forward pass, keeping what the tangents need: ``(ys, h_last, h_starts, saved)``.
+
+  Per chunk, ``h_starts`` is its first state (remat "full"; remat "products" without lengths,
+  where the states are the outputs shifted by one step) and ``saved`` what else it keeps:
+  (states, gate inputs, products) per step for remat "none", the states per step for remat
+  "products" with lengths, else None.
+  """
+  n, c = xs_NCBI.shape[:2]
+  chunks = (xs_NCBI, _starts(xs_NCBI), resets_NCB)
+  if st.remat == "full":
+    def chunk(h, inp):
+      x, t0, rs = inp
+      ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None, resets_CB=rs,
+                               h_init=h0)
+      return h_last, (ys, h)
+
+    h_last, (ys, h_starts) = _over_chunks(chunk, h0, chunks, st.reverse)
+    return ys, h_last, h_starts, None
+  save = "all" if st.remat == "none" else "states"
+  if st.hoist:  # the projection is made (and kept) chunk by chunk
+    def chunk(h, inp):
+      x, t0, rs = inp
+      ys, h_last, r = _forward(st, params, x, h, lengths, t0, save=save, resets_CB=rs,
+                               h_init=h0)
+      return h_last, (ys, r)
+
+    h_last, (ys, saved) = _over_chunks(chunk, h0, chunks, st.reverse)
+  else:
+    ys, h_last, saved = _forward(st, params, _flat(xs_NCBI), h0, lengths, 0, save=save,
+                                 resets_CB=_flat(resets_NCB), h_init=h0)
+    ys, saved = jax.tree.map(lambda a: a.reshape((n, c) + a.shape[1:]), (ys, saved))
+  if saved is not None and st.remat == "none":
+    hs, gs, outs = saved
+    saved = (hs, split_gates(gs, 3), outs)
+  if st.remat == "products" and saved is None:
+    if st.reverse:
+      h_starts = jnp.concatenate([ys[1:, 0], h0[None]])
+    else:
+      h_starts = jnp.concatenate([h0[None], ys[:-1, -1]])
+  else:
+    h_starts = jnp.zeros((n, 0), h0.dtype)  # unused: the saved states hold every state
+  return ys, h_last, h_starts, saved
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _layer_jvp(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
+  """The layer over (N, C, B, I) chunks, differentiated by the rules of this module."""
+  return _layer(dataclasses.replace(st, remat="none"), params, xs_NCBI, h0, lengths, resets_NCB)
+
+
+def _layer_jvp_rule(st: _Static, primals, tangents):
+  params, xs_NCBI, h0, lengths, resets_NCB = primals
+  dparams, dxs, dh0 = tangents[:3]
+  leaves = jax.tree.leaves(dparams, is_leaf=lambda t: isinstance(t, SymbolicZero))
+  dparams = (None if all(_is_zero(t) for t in leaves) else
+             jax.tree.map(_instantiate, dparams, params,
+                          is_leaf=lambda t: isinstance(t, SymbolicZero)))
+  dxs = None if _is_zero(dxs) else dxs
+  dh0 = None if _is_zero(dh0) else dh0
+  ys, h_last, h_starts, saved = _primal(st, params, xs_NCBI, h0, lengths, resets_NCB)
+  if dparams is None and dxs is None and dh0 is None:
+    return (ys, h_last), (jnp.zeros_like(ys), jnp.zeros_like(h_last))
+  # What reaches a reset step is the initial state's tangent; none when h0 has no tangent.
+  dh_init = None
+  if resets_NCB is not None:
+    dh_init = jnp.zeros_like(h0) if dh0 is None else dh0
+  h_init = None if resets_NCB is None else h0
+  ys_kept = ys if st.remat == "products" and saved is None else None
+
+  tangent = functools.partial(_chunk_tangent, st)
+  if st.remat != "none":
+    # The reverse pass recomputes a chunk's residuals from what the forward pass kept.
+    tangent = jax.checkpoint(tangent, prevent_cse=False)
+
+  def chunk(dh, inp):
+    x, t0, h_start, sv, y, rs, dx = inp
+    dh, dys = tangent(params, x, h_start, sv, y, lengths, t0, rs, h_init, dparams, dx, dh,
+                      dh_init)
+    return dh, dys
+
+  dh = jnp.zeros_like(h_last) if dh0 is None else dh0
+  dh_last, dys = _over_chunks(
+      chunk, dh, (xs_NCBI, _starts(xs_NCBI), h_starts, saved, ys_kept, resets_NCB, dxs),
+      st.reverse)
+  return (ys, h_last), (dys, dh_last)
+
+
+_layer_jvp.defjvp(_layer_jvp_rule, symbolic_zeros=True)
