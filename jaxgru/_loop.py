@@ -87,10 +87,19 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
   size = cell.hidden_size
   ts = t0 + jnp.arange(x_CBI.shape[0], dtype=jnp.int32)
   seq = _project(cell, params, x_CBI) if st.hoist else x_CBI
+  resets_next = None
+  if resets_CB is not None:
+    # The reset before the chunk's first step (in processing order) is made here; every other
+    # one at the end of the step before it, in the elementwise pass that makes that step's
+    # state (a select there costs no pass of its own). The chunk's last step resets nothing,
+    # so its carry, the chunk's final state, is the state itself.
+    h0 = _reset(h0, h_init, resets_CB[-1 if st.reverse else 0])
+    none = jnp.zeros_like(resets_CB[:1])
+    resets_next = (jnp.concatenate([none, resets_CB[:-1]]) if st.reverse else
+                   jnp.concatenate([resets_CB[1:], none]))
 
   def body(h, inp):
-    x_or_g, t, r = inp
-    h = _reset(h, h_init, r)
+    x_or_g, t, r_next = inp
     g = x_or_g if st.hoist else _project(cell, params, x_or_g)
     outs = []
 
@@ -107,9 +116,10 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
       res = h
     else:
       res = None
-    return h_new, (y, res)
+    return _reset(h_new, h_init, r_next), (y, res)
 
-  h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts, resets_CB), reverse=st.reverse, unroll=st.unroll)
+  h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts, resets_next), reverse=st.reverse,
+                                   unroll=st.unroll)
   if save == "all" and st.hoist:
     res = (res[0], seq, res[2])
   return ys, h_last, res
