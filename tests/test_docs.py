@@ -91,6 +91,13 @@ def test_readme_api_tour_runs():
   leaves = jax.tree_util.tree_leaves(ns["grads"])
   assert len(leaves) == len(jax.tree_util.tree_leaves(ns["stack"]))
   assert all(np.any(np.asarray(g) != 0) for g in leaves)
+  # The forward-mode tangent equals a finite difference of the stack along the same direction.
+  rnn_apply = lambda x: np.asarray(rnn.apply(ns["stack"], x, ns["lengths_B"])[0], np.float64)
+  xs = ns["xs_BTI"]
+  eps = 1e-2
+  diff = (rnn_apply(xs + eps) - rnn_apply(xs - eps)) / (2 * eps)
+  assert np.shape(ns["ys_dot_BTF"]) == (batch, steps, 2 * hidden)
+  np.testing.assert_allclose(ns["ys_dot_BTF"], diff, atol=2e-3)
   # The torch state dict round trip gives back the same stack, and the linen module the same
   # kind of output as the stack it wraps.
   torch_cfg = ns["torch_cfg"]
