@@ -1,6 +1,6 @@
 """Parallel-in-time evaluation (jaxgru._parallel.parallel_layer) against the sequential loop.
 
-Two parts:
+Parts (``--parts``, comma-separated):
 
 * ``convergence``: for random cells of each ``--conv_hiddens`` size (Keras initialization, and
   "trained-like" ones with the recurrent kernel x3), ``--conv_steps`` steps, batch 1: Newton
@@ -9,12 +9,20 @@ Two parts:
 * ``timing``: wall time of the forward pass (and with ``--train`` of a gradient, params and
   inputs, of a loss over all outputs) of ``parallel_layer`` and of ``scan_layer`` (default
   options) for every T x B x H of ``--steps``, ``--batches`` and ``--hiddens``; medians of
-  ``--repeats`` interleaved calls after one warm-up (compilation is not timed).
+  ``--repeats`` interleaved calls after one warm-up (compilation is not timed);
+* ``backward``: gradient wall time of the two gradient paths (``--backward_shapes``);
+* ``trained_addition``: convergence on a trained addition model (``--addition_workdir``);
+* ``trained_imdb``: convergence on every layer and direction of a trained IMDB classifier
+  (``--imdb_workdir``, made by ``python run.py --task=imdb``) over ``--imdb_reviews`` real test
+  reviews of ``--imdb_data``, encoded as the task encodes them, and whether the classifier's
+  logits and labels stay the same with every loop parallel; skipped, with a line saying why,
+  without those two flags.
 
 Results go to ``--out`` + .json, .md and .png.
 
   python -m benchmarks.parallel                      # the default grid (long)
   python -m benchmarks.parallel --quick              # T <= 10000, a few repeats
+  python -m benchmarks.parallel --parts=trained_imdb --imdb_workdir=DIR --imdb_data=TARBALL
 """
 
 from __future__ import annotations
@@ -193,6 +201,155 @@ def trained_addition(args, log):
   return rows
 
 
+class _GruInputs(Exception):
+  """Raised by a tapped stack's ``apply``: what the classifier hands its GRU stack."""
+
+  def __init__(self, xs, lengths):
+    super().__init__("the GRU stack's inputs")
+    self.xs, self.lengths = xs, lengths
+
+
+def _imdb_reviews(args):
+  """The trained IMDB run and ``--imdb_reviews`` of its test reviews encoded as it encodes them.
+
+  Returns ``(cfg, model, params, ids_BT, lengths_B, labels_B)``, or a string saying why the part
+  is skipped.
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from jaxgru.tasks import classify  # pylint: disable=import-outside-toplevel
+  if not args.imdb_workdir or not args.imdb_data:
+    return "skipped: needs --imdb_workdir (a finished run.py --task=imdb run) and --imdb_data " \
+           "(the labeled IMDB tarball)"
+  try:
+    cfg, model, params, vocab = classify.load_trained(args.imdb_workdir)
+  except (FileNotFoundError, ValueError) as e:
+    return f"skipped: cannot load --imdb_workdir={args.imdb_workdir}: {e}"
+  if cfg.task != "imdb" or vocab is None:
+    return f"skipped: --imdb_workdir={args.imdb_workdir} is a {cfg.task!r} run, not an IMDB one"
+  data = dataclasses.replace(cfg.data, data_path=args.imdb_data,
+                             max_length=args.imdb_max_length or cfg.data.max_length)
+  try:  # the task's own reading, tokenizing and encoding, with the run's vocabulary
+    test = data.test_split(cfg.seed, vocab)
+  except (OSError, ValueError) as e:  # imdb.DataError is a ValueError
+    return f"skipped: cannot read --imdb_data={args.imdb_data}: {e}"
+  sample = classify.eval_sample(test, args.imdb_reviews, cfg.seed)
+  steps = max(int(sample.lengths.max()), 1)  # as predict does: no steps past the longest
+  return cfg, model, params, sample.inputs[:, :steps], sample.lengths, sample.labels
+
+
+def trained_imdb(args, log):
+  """Convergence on the recurrent layers of a trained IMDB classifier (``--imdb_workdir``, made by
+  ``python run.py --task=imdb``) over ``--imdb_reviews`` real test reviews of ``--imdb_data``.
+
+  Every model of the run (an ensemble stacks them), every layer and direction: the inputs are
+  the ones the classifier's own code hands its GRU stack (its embeddings, and hashed word pairs
+  where it has them; layers after the first read the SEQUENTIAL outputs of the layers before),
+  with the reviews' lengths. Then the whole classifier once more with every loop parallel
+  (``ScanOptions(method="parallel")``): are its logits and labels the sequential ones?
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from typing import Any  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jaxgru  # pylint: disable=import-outside-toplevel
+  from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
+  loaded = _imdb_reviews(args)
+  if isinstance(loaded, str):
+    log(f"trained_imdb {loaded}")
+    return {"skipped": loaded}
+  cfg, model, params, ids_BT, lengths_np, labels_np = loaded
+  rnn = model.rnn
+
+  @dataclasses.dataclass(frozen=True)
+  class Stack(type(rnn)):
+    """The model's stack, run with ``options``; with ``tap``, stops at its inputs instead."""
+    options: Any = None
+    tap: bool = False
+
+    def apply(self, params, xs, lengths=None, h0=None, **kw):  # pylint: disable=arguments-differ
+      if self.tap:
+        raise _GruInputs(xs, lengths)
+      return super().apply(params, xs, lengths, h0, **dict(kw, options=self.options))
+
+  def with_stack(**extra):
+    fields = {f.name: getattr(rnn, f.name) for f in dataclasses.fields(rnn)}
+    return dataclasses.replace(model, rnn=Stack(**fields, **extra))
+
+  num_models = jax.tree.leaves(params)[0].shape[0]
+  lengths_B = jnp.asarray(lengths_np)
+  steps, batch = int(ids_BT.shape[1]), int(ids_BT.shape[0])
+  valid_TB = np.arange(steps)[:, None] < lengths_np[None, :]
+  methods = [m for m in ("quasi", "elk", "full")
+             if m != "full" or rnn.hidden_size <= args.full_max_hidden]
+  seq = jax.jit(lambda cell, p, x, n, rev: jaxgru.scan_layer(cell, p, x, None, n, reverse=rev),
+                static_argnums=(0, 4))
+  par = jax.jit(lambda cell, p, x, n, rev, m: parallel_layer(
+      cell, p, x, None, n, reverse=rev, method=m, max_iters=args.max_iters),
+                static_argnums=(0, 4, 5))
+  tapped = with_stack(tap=True)
+  rows = []
+  for k in range(num_models):
+    p_k = jax.tree.map(lambda a, k=k: a[k], params)
+    try:
+      tapped.pooled(p_k, ids_BT, lengths_B)  # eager: embeds, then stops at the stack
+      raise RuntimeError("the classifier did not call its GRU stack")
+    except _GruInputs as got:
+      x_BTI, n_B = got.xs, got.lengths
+    for l in range(rnn.num_layers):
+      if l == 0:
+        xs_TBF = jnp.swapaxes(x_BTI, 0, 1)
+      else:  # the sequential outputs of layers 0..l-1, by the stack's own code
+        xs_TBF = dataclasses.replace(rnn, num_layers=l).apply(p_k["gru"][:l], x_BTI, n_B)[0]
+        xs_TBF = jnp.swapaxes(xs_TBF, 0, 1)
+      cell = rnn.layer_cell(l)
+      for d in rnn.directions:
+        layer = p_k["gru"][l][d]
+        ys_ref, h_ref = seq(cell, layer, xs_TBF, n_B, d == "bwd")
+        ys_ref, h_ref = np.asarray(ys_ref), np.asarray(h_ref)
+        for method in methods:
+          ys, h_last, info = par(cell, layer, xs_TBF, n_B, d == "bwd", method)
+          ys, iters = np.asarray(ys), int(info.iterations)
+          row = {"model": k, "layer": l, "direction": d, "method": method, "steps": steps,
+                 "batch": batch, "hidden": cell.hidden_size, "inputs": cell.input_size,
+                 "iterations": iters, "converged": bool(info.converged),
+                 "fell_back": bool(info.fell_back),
+                 "first_unconverged": int(info.first_unconverged),
+                 "max_abs_error": float(np.max(np.abs(ys - ys_ref)[valid_TB], initial=0.0)),
+                 "max_abs_error_h_last": float(np.max(np.abs(np.asarray(h_last) - h_ref))),
+                 "non_finite_outputs": int(np.sum(~np.isfinite(ys))),
+                 "parallel_depth": iters * math.ceil(math.log2(max(steps, 2))),
+                 "max_abs_w_h": float(jnp.max(jnp.abs(layer["w_h"])))}
+          log(f"trained_imdb {row}")
+          rows.append(row)
+
+  logits = lambda m: jax.jit(jax.vmap(m.logits, in_axes=(0, None, None)))
+  ref_NB = np.asarray(logits(model)(params, ids_BT, lengths_B))
+  ensemble = lambda l_NB: jax.nn.sigmoid(jnp.asarray(l_NB)).mean(axis=0) > 0.5
+  positive = labels_np > 0
+  predictions = []
+  for method in methods:
+    options = jaxgru.ScanOptions(method="parallel", newton=method, max_iters=args.max_iters)
+    par_NB = np.asarray(logits(with_stack(options=options))(params, ids_BT, lengths_B))
+    row = {"method": method,
+           "max_abs_logit_difference": float(np.max(np.abs(par_NB - ref_NB))),
+           "labels_changed": int(np.sum((par_NB > 0) != (ref_NB > 0))),
+           "labels": int(ref_NB.size),
+           "same_ensemble_labels": bool(np.all(ensemble(par_NB) == ensemble(ref_NB))),
+           "accuracy_sequential": float(np.mean(np.asarray(ensemble(ref_NB)) == positive)),
+           "accuracy_parallel": float(np.mean(np.asarray(ensemble(par_NB)) == positive))}
+    log(f"trained_imdb predictions {row}")
+    predictions.append(row)
+  return {"workdir": args.imdb_workdir, "reviews": batch, "steps": steps,
+          "lengths": {"min": int(lengths_np.min()), "mean": float(lengths_np.mean()),
+                      "max": int(lengths_np.max())},
+          "max_length": int(args.imdb_max_length or cfg.data.max_length),
+          "truncate": cfg.data.truncate, "num_models": num_models, "num_layers": rnn.num_layers,
+          "directions": list(rnn.directions), "hidden": rnn.hidden_size,
+          "embed": rnn.input_size, "bigram_buckets": model.bigram_buckets,
+          "pooling": model.pooling, "methods": methods, "layers": rows,
+          "predictions": predictions}
+
+
 def report(record, out):
   args, env = record["args"], record["environment"]
   lines = [f"# Parallel-in-time GRU (quasi-DEER) vs the sequential loop, {env['platform']}\n",
@@ -236,6 +393,41 @@ def report(record, out):
         [[r["method"], r["iterations"],
           f"yes ({r['first_unconverged']})" if r["fell_back"] else "no",
           f"{r['max_abs_error']:.1e}", r["same_predicted_bits"]] for r in tr]))
+  im = record.get("trained_imdb")
+  if im and "skipped" in im:
+    lines.append(f"\n## A trained IMDB model: {im['skipped']}\n")
+  elif im:
+    lens = im["lengths"]
+    lines.append(f"\n## A trained IMDB model (`python run.py --task=imdb`), {im['reviews']} real "
+                 f"test reviews of {lens['min']}-{lens['max']} words (mean {lens['mean']:.0f}; "
+                 f"T={im['steps']}, max_length={im['max_length']}), {im['num_models']} model(s) x "
+                 f"{im['num_layers']} layer(s) x {len(im['directions'])} direction(s), "
+                 f"H={im['hidden']}, inputs {im['embed']}, max_iters={args['max_iters']}\n")
+    lines.append("Each layer and direction of each model, run on the inputs the classifier hands "
+                 "its GRU (its embeddings" + (" plus hashed word pairs" if im["bigram_buckets"]
+                                               else "") +
+                 ", the reviews' lengths; layers after the first read the sequential outputs of "
+                 "the layer before). Errors: the largest |parallel - sequential| over the valid "
+                 "steps, and of the final states. `full` only when H <= "
+                 f"--full_max_hidden={args['full_max_hidden']}.\n")
+    lines.append(common.table(
+        ["model", "layer", "direction", "method", "iterations", "fell back (from step)",
+         "max error", "h_last error", "depth"],
+        [[r["model"], r["layer"], r["direction"], r["method"], r["iterations"],
+          f"yes ({r['first_unconverged']})" if r["fell_back"] else "no",
+          f"{r['max_abs_error']:.1e}", f"{r['max_abs_error_h_last']:.1e}", r["parallel_depth"]]
+         for r in im["layers"]]))
+    lines.append("\nThe whole classifier with every loop parallel "
+                 "(`ScanOptions(method=\"parallel\", newton=method)`) against the sequential one, "
+                 "on the same reviews (accuracy: of the models' averaged probabilities, against "
+                 "the reviews' labels):\n")
+    lines.append(common.table(
+        ["method", "max abs logit difference", "labels changed (of models x reviews)",
+         "same ensemble labels", "accuracy sequential", "accuracy parallel"],
+        [[r["method"], f"{r['max_abs_logit_difference']:.1e}",
+          f"{r['labels_changed']} of {r['labels']}", r["same_ensemble_labels"],
+          f"{r['accuracy_sequential']:.3f}", f"{r['accuracy_parallel']:.3f}"]
+         for r in im["predictions"]]))
   bwd = record.get("backward")
   if bwd:
     lines.append("\n## Gradient paths (train step: gradient of a loss over all outputs wrt params "
@@ -256,8 +448,8 @@ def report(record, out):
 
 def plot(record, out):
   plt = common.pyplot()
-  if plt is None:
-    return
+  if plt is None or not (record.get("timing") or record.get("convergence")):
+    return  # nothing to draw
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   tim = [r for r in record.get("timing", []) if "speedup_forward" in r]
   for batch in sorted({r["batch"] for r in tim}):
@@ -310,6 +502,14 @@ def main(argv=None):
   ap.add_argument("--addition_workdir", default="runs/addition")
   ap.add_argument("--addition_bits", type=int, default=10000)
   ap.add_argument("--addition_batch", type=int, default=16)
+  ap.add_argument("--imdb_workdir", default=None,
+                  help="trained_imdb: a finished run.py --task=imdb --workdir (skipped without)")
+  ap.add_argument("--imdb_data", default=None,
+                  help="trained_imdb: the labeled IMDB tarball (or folder) for its test reviews")
+  ap.add_argument("--imdb_reviews", type=int, default=16,
+                  help="trained_imdb: test reviews drawn (one batch)")
+  ap.add_argument("--imdb_max_length", type=int, default=None,
+                  help="trained_imdb: words kept per review; default the run's max_length")
   ap.add_argument("--out", default=os.path.join(common.RESULTS, "parallel_cpu"))
   args = ap.parse_args(argv)
   if args.steps is None:
@@ -329,6 +529,9 @@ def main(argv=None):
     common.write_json(args.out + ".json", record)
   if "trained_addition" in parts:
     record["trained_addition"] = trained_addition(args, log)
+    common.write_json(args.out + ".json", record)
+  if "trained_imdb" in parts:
+    record["trained_imdb"] = trained_imdb(args, log)
     common.write_json(args.out + ".json", record)
   if "backward" in parts:
     record["backward"] = backward(args, log)

@@ -3,7 +3,8 @@
 The suite runs every part (tests, speed grids, many models, long sequences, run.py) at tiny sizes
 in processes of their own; parts whose peer library (PyTorch, Keras) is missing run without it.
 This checks that each part finished and wrote its files, with numbers in them. It also checks the
-arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX.
+arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX, and that
+benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run.
 """
 
 import json
@@ -111,3 +112,19 @@ def test_malloc_applies_on_glibc():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, check=True).stdout.split()
   assert out[0] == out[1]  # applied exactly where the C library is glibc
+
+
+def test_parallel_trained_imdb_skips_without_its_flags(tmp_path, capsys):
+  # Without --imdb_workdir/--imdb_data the part says why in one line and the run finishes.
+  from benchmarks import parallel  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "par")
+  parallel.main(["--parts=trained_imdb", f"--out={out}"])
+  with open(out + ".json") as f:
+    skipped = json.load(f)["trained_imdb"]["skipped"]
+  assert "--imdb_workdir" in skipped and "--imdb_data" in skipped
+  assert f"trained_imdb {skipped}\n" in capsys.readouterr().out
+  assert f"## A trained IMDB model: {skipped}" in open(out + ".md").read()
+  parallel.main(["--parts=trained_imdb", f"--out={out}", f"--imdb_workdir={tmp_path}",
+                 f"--imdb_data={tmp_path}/none.tar.gz"])
+  with open(out + ".json") as f:
+    assert "no finished checkpoint" in json.load(f)["trained_imdb"]["skipped"]
