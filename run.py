@@ -469,12 +469,19 @@ def _check_workdir(workdir: str) -> None:
         pass
 
 
+# Set once _main has the run's outcome in hand (its one line is being printed, the process is
+# exiting): a SIGTERM or SIGINT from then on is ignored, so that a second signal cannot break
+# into the report or into the interpreter's exit as a traceback.
+_ending = False
+
+
 def _raise_interrupt(signum, frame):
-  """SIGTERM outside the training loop (compiling, evaluating, reading data) stops the run as
-  Ctrl-C does; while a checkpoint is written the loop's own handler defers it."""
+  """SIGTERM or SIGINT outside the training loop (compiling, evaluating, reading data) stops the
+  run; while a checkpoint is written the loop's own handler defers it, and once the run is ending
+  it is ignored."""
   del frame
   from jaxgru.training.checkpoints import saving
-  if not saving():
+  if not (saving() or _ending):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -484,7 +491,8 @@ def main(argv):
                tuned["reason"])
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  signal.signal(signal.SIGTERM, _raise_interrupt)
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _raise_interrupt)
   if FLAGS.mode == "predict" and FLAGS.task == "addition":  # predict needs no --task=imdb
     workdir = FLAGS.workdir or os.path.join("runs", "imdb")
   else:
@@ -525,22 +533,44 @@ def _parse_flags(argv):
 
 
 def _main(argv):
+  global _ending
   from jaxgru import training
   try:
-    sys.exit(main(argv))
-  except (UsageError, training.ConfigMismatch, training.CheckpointError) as e:
+    status = main(argv)
+  except BaseException as e:  # noqa: BLE001  (anything not reported below is re-raised)
+    _ending = True  # first, before any call: a signal that is pending now is ignored
+    status = _report(e, training)
+    if status is None:
+      raise
+  _ending = True
+  if status == 130:
+    # Stopped by a signal: leave at once. A signal can stop JAX half-way through compiling, and
+    # the interpreter's teardown then crashes (SIGSEGV) in XLA's destructors; the checkpoint and
+    # the run's files are written and closed by now, and nothing else needs the teardown.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
+
+
+def _report(e: BaseException, training) -> int | None:
+  """Prints the one line for how ``main`` ended with ``e``; returns the exit status (None: not a
+  user-facing outcome, re-raised)."""
+  if isinstance(e, (UsageError, training.ConfigMismatch, training.CheckpointError)):
     print(f"run.py: error: {_one_line(e)}", file=sys.stderr)
-    sys.exit(2)
-  except training.Diverged as e:
+    return 2
+  if isinstance(e, training.Diverged):
     print(f"run.py: {e}", file=sys.stderr)
-    sys.exit(1)
-  except training.Interrupted as e:
+    return 1
+  if isinstance(e, training.Interrupted):
     print(f"run.py: {e}", file=sys.stderr)
-    sys.exit(130)
-  except KeyboardInterrupt:
+    return 130
+  if isinstance(e, KeyboardInterrupt):
     print("run.py: interrupted; a training run resumes from its last checkpoint when run again",
           file=sys.stderr)
-    sys.exit(130)
+    return 130
+  return None
 
 
 def _one_line(e: BaseException) -> str:

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgru import GRUConfig, RNNConfig
+import reference as plain
+from jaxgru import GRUConfig, RNNConfig, ScanOptions
 from jaxgru.tasks import addition
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +131,31 @@ def test_evaluate_against_python_reference():
     want = np.mean([np.array_equal(np.asarray(logits[i]) > 0, np.asarray(y[i]) > 0)
                     for i in range(30)])
     assert got[m] == pytest.approx(want)
+
+
+def test_loss_and_gradient_at_70_steps_equal_the_plain_loop():
+  """Past the custom VJP's threshold (64 steps on the CPU): on 69-bit problems (T = 70) the
+  task's loss and its gradient through jaxgru's loop equal those of the same model whose stack
+  runs the plain loop of tests/reference.py, from the same parameters."""
+  bits, batch, hidden = 69, 16, 12
+  rnn = RNNConfig(GRUConfig(input_size=2, hidden_size=hidden), num_layers=2)
+  assert ScanOptions().resolved(bits + 1, batch, hidden).custom_vjp  # the path under test
+  model, reference = addition.AdditionModel(rnn), addition.AdditionModel(plain.plain_rnn(rnn))
+  params = model.init(jax.random.PRNGKey(0), "pytorch")  # larger weights than keras's: h moves
+  x, y = addition.random_batch(jax.random.PRNGKey(1), batch, bits, mixed=0.5)
+
+  def loss_and_grad(m):
+    loss = lambda p: addition.loss_and_metrics(m, p, x, y)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss, metrics), grads = loss_and_grad(model)
+  (want_loss, want_metrics), want_grads = loss_and_grad(reference)
+  assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+  assert float(metrics["bit_accuracy"]) == float(want_metrics["bit_accuracy"])
+  for path, g, w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
+                        jax.tree.leaves(want_grads)):
+    assert np.abs(np.asarray(w)).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 def test_many_models_equal_separate_runs():

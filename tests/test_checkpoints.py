@@ -5,7 +5,9 @@ step directory without orbax's commit marker, an empty step directory) is report
 and the newest intact one is used; when none restores, CheckpointError names the directory.
 Leftovers of a killed save are ignored and removed by the next save. run.py: the same for a
 resume and for --mode=add, and a kill during consolidation (log_every unlike checkpoint_every)
-followed by a resume gives exactly the parameters of an uninterrupted run.
+followed by a resume gives exactly the parameters of an uninterrupted run. Two SIGTERMs 20 ms
+apart, while compiling, during a save or as the run exits, end it with one line and status 130,
+leave no half-written save, and the resume again ends with exactly the uninterrupted run's state.
 """
 
 import json
@@ -193,3 +195,105 @@ def test_kill_during_consolidation_then_resume_equals_an_uninterrupted_run(tmp_p
   errors = [l for l in added.stderr.splitlines() if "error" in l]
   assert added.returncode == 2 and "Traceback" not in added.stderr, added.stderr[-3000:]
   assert len(errors) == 1 and ckpts in errors[0], added.stderr[-3000:]
+
+
+# == run.py: two SIGTERMs 20 ms apart, while compiling, saving or exiting =========================
+
+# Tiny and never solved (the rate is too small), so every run takes all its steps; a checkpoint
+# every step keeps a save going much of the time.
+TERM_ARGS = ["--bits=3", "--hidden_size=8", "--batch_size=32", "--steps=30", "--eval_bits=8",
+             "--log_every=1", "--checkpoint_every=1", "--consolidate_steps=0",
+             "--learning_rate=1e-5"]
+
+
+def _state_leaves(work):
+  from jaxgru.tasks import addition
+  _, state, _ = addition.load_trained(work)
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(state)], int(np.asarray(state.step).reshape(-1)[0])
+
+
+def _leftovers(work):
+  ckpts = os.path.join(work, "checkpoints")
+  return sorted(n for n in os.listdir(ckpts) if ".orbax-checkpoint-tmp" in n) \
+      if os.path.isdir(ckpts) else []
+
+
+def _double_term(work, log_path, moment, timeout=240):
+  """Starts run.py in ``work`` and sends it SIGTERM twice, 20 ms apart, at ``moment``:
+  ``"compiling"`` (1 s after config.json is written, before the first step), ``"saving"`` (as
+  soon as orbax's temporary directory of a new checkpoint appears), ``"training"`` (30 ms after a
+  new checkpoint is finished) or ``"exiting"`` (the first as ``"training"``, the second once the
+  run has printed that it stops, or 20 ms after the first if that is later). Returns (exit
+  status, stderr, the newest intact step when the first signal went)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  before = set(training.intact_steps(work))
+  config = os.path.join(work, "config.json")
+  config_time = os.path.getmtime(config) if os.path.exists(config) else None
+  with open(log_path, "w") as log:
+    p = subprocess.Popen([sys.executable, RUN, *TERM_ARGS, f"--workdir={work}"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=log)
+  deadline, ready = time.time() + timeout, False
+  while time.time() < deadline and p.poll() is None and not ready:
+    if moment == "compiling":
+      ready = os.path.exists(config) and os.path.getmtime(config) != config_time
+      if ready:
+        time.sleep(1.0)
+    elif moment == "saving":
+      ready = bool(_leftovers(work))
+    else:  # training, exiting
+      ready = bool(set(training.intact_steps(work)) - before)
+      if ready:
+        time.sleep(0.03)
+    if not ready:
+      time.sleep(0.002)
+  assert p.poll() is None, f"the run ended before the signals ({moment})"
+  at = (training.intact_steps(work) or [None])[-1]
+  p.send_signal(signal.SIGTERM)
+  time.sleep(0.02)
+  while moment == "exiting" and p.poll() is None and "run.py:" not in open(log_path).read():
+    time.sleep(0.001)  # the second one once the run has said it stops: during its exit
+  if p.poll() is None:
+    p.send_signal(signal.SIGTERM)
+  p.wait(timeout=120)
+  return p.returncode, open(log_path).read(), at
+
+
+@pytest.mark.slow
+def test_two_sigterms_while_compiling_saving_or_exiting_then_resume_equals_one_run(tmp_path):
+  ref, work = str(tmp_path / "ref"), str(tmp_path / "term")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  ref_proc = subprocess.Popen([sys.executable, RUN, *TERM_ARGS, f"--workdir={ref}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  for i, moment in enumerate(("compiling", "saving", "exiting")):
+    code, err, at = _double_term(work, str(tmp_path / f"term{i}.log"), moment)
+    # One line and status 130: no traceback (a second signal used to break into the interpreter's
+    # exit) and no crash (a signal during compiling used to end in SIGSEGV at the exit).
+    assert code == 130, (moment, code, err[-3000:])
+    assert "Traceback" not in err and "Fatal Python error" not in err, (moment, err[-3000:])
+    assert "Exception ignored" not in err, (moment, err[-3000:])
+    ours = [l for l in err.splitlines() if l.startswith("run.py:")]
+    assert len(ours) == 1 and ("checkpoint saved" in ours[0] or "interrupted" in ours[0]), \
+        (moment, err[-3000:])
+    # Saves are never cut short: nothing half-written is left for the resume to trip on.
+    assert _leftovers(work) == [], moment
+    assert not os.path.exists(os.path.join(work, "summary.json"))
+    if moment == "saving":  # the save under way was finished, not cut short
+      assert (training.intact_steps(work) or [0])[-1] > (at or 0), (at, os.listdir(work))
+  last = training.intact_steps(work)[-1]
+  resumed = _run(TERM_ARGS + [f"--workdir={work}"])
+  _, ref_err = ref_proc.communicate(timeout=600)
+  assert ref_proc.returncode == 0, ref_err[-3000:]
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Traceback" not in resumed.stderr
+  assert f"resumed from the checkpoint at step {last}" in resumed.stderr
+  (got, got_step), (want, want_step) = _state_leaves(work), _state_leaves(ref)
+  assert got_step == want_step == 30
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)  # params, optimizer state, rates: bitwise on the CPU
+  summary, ref_summary = (json.load(open(os.path.join(w, "summary.json"))) for w in (work, ref))
+  assert summary["steps"] == ref_summary["steps"] == 30
+  assert summary["length_generalization"] == ref_summary["length_generalization"]
+  steps = [json.loads(l)["step"] for l in open(os.path.join(work, "metrics.jsonl"))]
+  assert steps == list(range(1, 31)), "a step was logged twice or not at all"

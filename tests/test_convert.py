@@ -1,9 +1,11 @@
 """Parity with PyTorch nn.GRU and Keras 3 GRU through the converters, from committed fixtures.
 
-The fixtures are outputs of the real frameworks (tests/fixtures/make_fixtures.py); these tests
-import neither torch nor keras.
+The fixtures are outputs of the real frameworks (tests/fixtures/make_fixtures.py); those tests
+import neither torch nor keras. The tests at the end, past the custom VJP's threshold (T = 70), run
+PyTorch and Flax themselves, values and gradients, and skip where they are not installed.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -117,3 +119,116 @@ def test_to_keras_round_trips(name):
 def test_fixtures_are_small():
   for name in TORCH_FIXTURES + KERAS_FIXTURES:
     assert os.path.getsize(os.path.join(FIXTURES, f"{name}.npz")) < 100_000, name
+
+
+# -- Past the custom VJP's threshold: values and gradients, with lengths ---------------------------
+# The committed fixtures are 6 steps long, where the CPU differentiates the loop with JAX's own
+# autodiff; from 64 steps on it takes the custom VJP (ScanOptions: custom_vjp_steps). These run the
+# real frameworks at T = 70 and compare every gradient too; they skip where a framework is absent.
+
+LONG_T, LONG_B, LONG_I, LONG_H = 70, 4, 5, 7
+LONG_LENGTHS = [70, 64, 33, 1]
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)  # float32 sums over 70 steps (measured: within 0.07 of it)
+
+
+def _long_inputs(seed, num_cells, width):
+  """Inputs, initial states and cotangents (zero past each length) for a T = 70 batch."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(LONG_B, LONG_T, LONG_I)).astype(np.float32)
+  h0 = rng.normal(size=(num_cells, LONG_B, LONG_H)).astype(np.float32)
+  valid = np.arange(LONG_T)[None, :, None] < np.array(LONG_LENGTHS)[:, None, None]
+  gy = (rng.normal(size=(LONG_B, LONG_T, width)) * valid).astype(np.float32)
+  gh = rng.normal(size=(num_cells, LONG_B, LONG_H)).astype(np.float32)
+  return x, h0, gy, gh
+
+
+def _jaxgru_value_and_grads(cfg, params, x, h0, gy, gh):
+  """(ys, h_n) and the gradients of sum(ys * gy) + sum(h_n * gh) w.r.t. (params, x, h0), through
+  jaxgru's default options, which at T = 70 on every backend differentiate with the custom VJP."""
+  assert jaxgru.ScanOptions().resolved(LONG_T, LONG_B, LONG_H).custom_vjp
+  lengths = np.array(LONG_LENGTHS, np.int32)
+
+  def loss(params, x, h0):
+    ys, h_n = cfg.apply(params, x, lengths, h0)
+    return jax.numpy.sum(ys * gy) + jax.numpy.sum(h_n * gh), (ys, h_n)
+
+  (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      params, x, h0)
+  return outs, grads
+
+
+def test_from_torch_at_70_steps_values_and_gradients_with_lengths():
+  torch = pytest.importorskip("torch")
+  from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+  torch.manual_seed(0)
+  gru = torch.nn.GRU(LONG_I, LONG_H, num_layers=2, bidirectional=True, batch_first=True)
+  x, h0, gy, gh = _long_inputs(0, 4, 2 * LONG_H)
+  x_t = torch.tensor(x, requires_grad=True)
+  h0_t = torch.tensor(h0, requires_grad=True)
+  packed = pack_padded_sequence(x_t, torch.tensor(LONG_LENGTHS), batch_first=True,
+                                enforce_sorted=False)
+  out, h_n_t = gru(packed, h0_t)
+  y_t, _ = pad_packed_sequence(out, batch_first=True, total_length=LONG_T)
+  ((y_t * torch.tensor(gy)).sum() + (h_n_t * torch.tensor(gh)).sum()).backward()
+
+  cfg, params = jaxgru.from_torch(gru.state_dict())
+  (ys, h_n), (g_params, g_x, g_h0) = _jaxgru_value_and_grads(cfg, params, x, h0, gy, gh)
+  assert max_err(ys, y_t.detach().numpy()) <= PARITY_ATOL  # zeros past each length, as torch's
+  assert max_err(h_n, h_n_t.detach().numpy()) <= PARITY_ATOL
+  np.testing.assert_allclose(g_x, x_t.grad.numpy(), **GRAD_TOL)
+  np.testing.assert_allclose(g_h0, h0_t.grad.numpy(), **GRAD_TOL)
+  # Weight gradients mapped back through the converter (to_torch only reorders and transposes).
+  g_torch = jaxgru.to_torch(cfg, g_params)
+  named = dict(gru.named_parameters())
+  assert set(g_torch) == set(named)
+  for k, p in named.items():
+    np.testing.assert_allclose(g_torch[k], p.grad.numpy(), err_msg=k, **GRAD_TOL)
+
+
+def test_from_flax_bidirectional_at_70_steps_values_and_gradients_with_lengths():
+  pytest.importorskip("flax")
+  import flax.linen as nn
+  lengths = np.array(LONG_LENGTHS, np.int32)
+  x, h0, gy, gh = _long_inputs(1, 2, 2 * LONG_H)
+  layer = nn.Bidirectional(nn.RNN(nn.GRUCell(LONG_H), return_carry=True),
+                           nn.RNN(nn.GRUCell(LONG_H), return_carry=True, reverse=True,
+                                  keep_order=True), return_carry=True)
+  variables = layer.init(jax.random.key(0), x, seq_lengths=lengths)
+  # Random biases too (Flax starts them at zero), so every bias gradient is exercised.
+  leaves, tree = jax.tree.flatten(variables["params"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  flax_params = jax.tree.unflatten(tree, [0.4 * jax.random.normal(k, l.shape, l.dtype)
+                                          for k, l in zip(keys, leaves)])
+
+  def flax_loss(p, x, h0):
+    (h_f, h_b), ys = layer.apply({"params": p}, x, seq_lengths=lengths,
+                                 initial_carry=(h0[0], h0[1]))
+    h_n = jax.numpy.stack([h_f, h_b])
+    # Flax leaves its outputs past a length as they come; gy is zero there.
+    return jax.numpy.sum(ys * gy) + jax.numpy.sum(h_n * gh), (ys, h_n)
+
+  (_, (want_ys, want_h_n)), (gf, gf_x, gf_h0) = jax.jit(
+      jax.value_and_grad(flax_loss, argnums=(0, 1, 2), has_aux=True))(flax_params, x, h0)
+
+  cfg, fwd = jaxgru.from_flax(flax_params["forward_rnn"]["cell"])
+  _, bwd = jaxgru.from_flax(flax_params["backward_rnn"]["cell"])
+  cfg = dataclasses.replace(cfg, bidirectional=True)
+  params = [{"fwd": fwd[0]["fwd"], "bwd": bwd[0]["fwd"]}]
+  (ys, h_n), (g_params, g_x, g_h0) = _jaxgru_value_and_grads(cfg, params, x, h0, gy, gh)
+  valid = gy != 0
+  assert max_err(np.where(valid, ys, 0), np.where(valid, want_ys, 0)) <= PARITY_ATOL
+  assert max_err(h_n, want_h_n) <= PARITY_ATOL
+  np.testing.assert_allclose(g_x, gf_x, **GRAD_TOL)
+  np.testing.assert_allclose(g_h0, gf_h0, **GRAD_TOL)
+  # Flax's gradients through the converter: its cell has no recurrent z and r biases, so ours,
+  # which enter where the input biases do, equal those of the input biases.
+  for d, name in (("fwd", "forward_rnn"), ("bwd", "backward_rnn")):
+    _, mapped = jaxgru.from_flax(gf[name]["cell"])
+    want, got = mapped[0]["fwd"], g_params[0][d]
+    for k in ("w_x", "w_h", "b_x"):
+      np.testing.assert_allclose(got[k], want[k], err_msg=f"{d} {k}", **GRAD_TOL)
+    h = LONG_H
+    np.testing.assert_allclose(got["b_h"][2 * h:], want["b_h"][2 * h:], err_msg=f"{d} b_h n",
+                               **GRAD_TOL)
+    np.testing.assert_allclose(got["b_h"][:2 * h], got["b_x"][:2 * h], err_msg=f"{d} b_h zr",
+                               **GRAD_TOL)

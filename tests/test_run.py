@@ -1,7 +1,9 @@
-"""run.py end to end, as a user runs it: bad input, --mode=add, and resume after a kill."""
+"""run.py end to end, as a user runs it: bad input, --mode=add, resume after a kill, and whether
+a finished run is shown or trained on."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,3 +159,95 @@ def test_resume_with_other_settings_exits_2_and_keeps_the_run(trained):
   assert len(errors) == 1, proc.stderr
   assert "hidden_size=8 there, 16 now" in errors[0]
   assert open(config_path).read() == before
+
+
+# == Show a finished run, or train on: decided by the settings and steps, not by the typed flags ==
+
+SHOW_ARGS = ["--bits=3", "--hidden_size=8", "--batch_size=32", "--eval_bits=8",
+             "--consolidate_steps=0", "--learning_rate=1e-5", "--log_every=5",
+             "--checkpoint_every=5"]  # never solved (the rate is too small): every step is taken
+# The same settings with defaults typed out too (and --steps first): the same command.
+TYPED = ["--task=addition", "--mode=train", "--seed=0", "--num_models=1", "--optimizer=adam",
+         "--schedule=constant", "--warmup_steps=0", "--clip_norm=1.0", "--weight_decay=0.0001",
+         "--variant=reset_after", "--activation=tanh", "--recurrent_activation=sigmoid",
+         "--num_layers=1", "--dtype=float32"]
+N = 10
+
+
+def _spellings(steps, work):
+  """The two spellings of one command: the settings as typed for the run, and the same with the
+  defaults typed out as well, in another order."""
+  return ([*SHOW_ARGS, f"--steps={steps}", f"--workdir={work}"],
+          [f"--steps={steps}", *TYPED, *reversed(SHOW_ARGS), f"--workdir={work}"])
+
+
+def _snapshot(work):
+  """What training changes: the run's files and its checkpoint steps."""
+  files = {n: open(os.path.join(work, n), "rb").read()
+           for n in ("summary.json", "metrics.jsonl", "config.json")}
+  sys.path.insert(0, ROOT)
+  from jaxgru import training
+  return files, training.intact_steps(work)
+
+
+def _parallel(arg_lists):
+  """run.py with each argument list, two at a time (one per core)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, RUN, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for args in arg_lists]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    results.append((p.returncode, out, err))
+  return results
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_shown_or_trained_on_by_its_settings_and_steps(tmp_path):
+  work = str(tmp_path / "run")
+  first = _run(_spellings(N, work)[0])
+  assert first.returncode == 0, first.stderr[-3000:]
+  done = _snapshot(work)
+  assert done[1][-1] == N and json.load(open(os.path.join(work, "summary.json")))["steps"] == N
+  copies = [str(tmp_path / f"copy{i}") for i in range(2)]
+  for c in copies:
+    shutil.copytree(work, c)
+
+  # (a) The same settings and step count, typed either way: shown, not trained.
+  for code, out, err in _parallel(_spellings(N, work)):
+    assert code == 0, err[-3000:]
+    assert "a finished run with these settings" in err and "showing it" in err, err[-3000:]
+    assert "resumed" not in err and f"step 5/{N}" not in err, err[-3000:]
+    assert "model   =" in out and "a + b   =" in out
+  assert _snapshot(work) == done  # no step taken, no file rewritten
+
+  # (b) More steps, typed either way: both train on from step N to 2N, to the same result.
+  results = _parallel([_spellings(2 * N, copies[0])[0], _spellings(2 * N, copies[1])[1]])
+  for (code, out, err), c in zip(results, copies):
+    assert code == 0, err[-3000:]
+    assert f"resumed from the checkpoint at step {N} " in err and "showing it" not in err, \
+        err[-3000:]
+    assert [json.loads(l)["step"] for l in open(os.path.join(c, "metrics.jsonl"))] == \
+        [5, 10, 15, 20]
+  (a, a_solved, a_step), (b, b_solved, b_step) = (_final_params(c) for c in copies)
+  assert a_step == b_step == 2 * N and a_solved == b_solved
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  first_params = _final_params(work)[0]
+  assert any(not np.array_equal(x, y) for x, y in zip(a, first_params)), "no step was taken"
+  sa, sb = (json.load(open(os.path.join(c, "summary.json"))) for c in copies)
+  for key in ("steps", "steps_to_solve", "solved_fraction", "length_generalization", "config"):
+    assert sa[key] == sb[key], key
+  assert sa["steps"] == 2 * N and sa["resumed_from_step"] == N
+
+  # (c) Asked again for 2N steps, the run is shown as it is. (d) --steps alone asks for the
+  # default settings (8 bits, 16 units, ...), which are not this run's: one line, exit 2, the run
+  # left as it was.
+  done = _snapshot(copies[1])
+  again, alone = _parallel([_spellings(2 * N, copies[0])[1],
+                            ["--task=addition", f"--steps={2 * N}", f"--workdir={copies[1]}"]])
+  assert again[0] == 0 and "showing it" in again[2], again[2][-3000:]
+  assert alone[0] == 2 and "Traceback" not in alone[2], alone[2][-3000:]
+  errors = [l for l in alone[2].splitlines() if "error" in l]
+  assert len(errors) == 1 and "other settings" in errors[0] and "bits=3 there, 8 now" in errors[0]
+  assert _snapshot(copies[1]) == done
