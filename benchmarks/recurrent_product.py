@@ -4,11 +4,14 @@ Times T steps of ``tanh(h_t @ W)`` with h_t (B, H) and W (H, 3H), which is the s
 forward pass; the same with the state kept feature-major, ``tanh(W^T @ h_t^T)`` with h_t^T
 (H, B) and W^T made once outside the loop; and the backward loop's product ``tanh(dy_t @ W^T)``
 in two forms: contracting against the stored (H, 3H) matrix, and against a copy transposed once
-outside the loop. Each loop's output is (T, 3H or B, B or 3H) floats. It also
+outside the loop. Each loop's output is (T, 3H or B, B or 3H) floats. With ``--inputs=I``
+it also times jaxgru's forward pass at the same shape (``scan_layer`` of one layer over (T, B,
+I) inputs, the backend's default options) in the same interleaved rounds, and prints its ratio
+to the forward product loop: how close the whole GRU step comes to its product alone. It also
 measures the float32 matrix-product peak (a 2048 x 2048 product), so the per-step rate can be
 read as a fraction of it. Medians of interleaved runs.
 
-  python -m benchmarks.recurrent_product --batch=64 --hidden=256 --steps=128
+  python -m benchmarks.recurrent_product --batch=64 --hidden=256 --steps=128 --inputs=32
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ flags.DEFINE_integer("batch", 64, "B.")
 flags.DEFINE_integer("hidden", 256, "H.")
 flags.DEFINE_integer("steps", 128, "T.")
 flags.DEFINE_integer("repeats", 30, "Timed runs of each loop.")
+flags.DEFINE_integer("inputs", 0, "I: also time jaxgru's forward pass with I input features "
+                     "(0: not).")
 FLAGS = flags.FLAGS
 
 
@@ -50,6 +55,13 @@ def main(argv):
       "backward: dy_t @ W^T, W as stored": (loop(contract_1_1), (w, dys)),
       "backward: dy_t @ W^T, W^T made once": (loop(jnp.matmul), (w_t, dys)),
   }
+  jaxgru_name = "jaxgru forward: scan_layer"
+  if FLAGS.inputs > 0:
+    import jaxgru  # pylint: disable=import-outside-toplevel
+    cell = jaxgru.GRUConfig(FLAGS.inputs, h)
+    xs = jax.random.normal(jax.random.key(4), (t, b, FLAGS.inputs))
+    loops[jaxgru_name] = (jax.jit(lambda p, x: jaxgru.scan_layer(cell, p, x)[0]),
+                          (cell.init(jax.random.key(5)), xs))
   for fn, args in loops.values():
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in loops}
@@ -74,7 +86,10 @@ def main(argv):
   for name, ts in times.items():
     rate = flops / np.median(ts) / 1e9
     print(f"{name:40s} {np.median(ts) * 1e3:8.2f} ms  {rate:6.0f} GFLOP/s  {rate / peak:5.0%} "
-          "of peak")
+          "of peak" + (" (the product's FLOPs)" if name == jaxgru_name else ""))
+  if FLAGS.inputs > 0:
+    ratio = np.median(times[jaxgru_name]) / np.median(times["forward: h_t @ W"])
+    print(f"jaxgru forward / forward product loop: {ratio:.2f} (I={FLAGS.inputs})")
 
 
 if __name__ == "__main__":
