@@ -142,7 +142,14 @@ def check(got, want, rtol=1e-5, atol=1e-6):
 ALL_CASES = ("default", "products_whole", "remat", "per_step_vjp_whole")
 
 
-@pytest.mark.parametrize("options", list(OPTIONS))
+# Each path once: one chunk and many, remat none/products/full, the diagonal and per-step forms,
+# the projection hoisted, one step per chunk, autodiff. (test_fast_path runs every option
+# without resets.)
+SEGMENT_OPTIONS = ("default", "products_whole", "remat", "per_step_vjp_whole", "chunks",
+                   "one_step", "autodiff_remat")
+
+
+@pytest.mark.parametrize("options", SEGMENT_OPTIONS)
 def test_segments_equal_separate_runs(options):
   cell = GRUConfig(I, H)
   cases = tuple(CASES) if options in ALL_CASES else ((False, False), (True, True))
@@ -164,8 +171,7 @@ def test_long_sequences_take_the_custom_vjp(options):
     check(got[case], expected(LONG)[case], rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("options", ["default", "products_whole", "chunks", "per_step_vjp",
-                                     "autodiff"])
+@pytest.mark.parametrize("options", ["default", "chunks", "per_step_vjp"])
 def test_no_resets_is_bitwise_none(options):
   cell = GRUConfig(I, H)
   args = data(cell, SHORT)
