@@ -158,9 +158,16 @@ def test_loss_and_gradient_at_70_steps_equal_the_plain_loop():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-def test_many_models_equal_separate_runs():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_many_models_equal_separate_runs(grouped, monkeypatch):
+  """All models vmapped at once, or (grouped) in groups of two, one group after another."""
   steps = 5
   many = _small_cfg(num_models=3, seed=10, learning_rates=(0.01, 0.03))
+  if grouped:
+    from jaxgru.tasks.addition import train as addition_train
+    per_model = (many.batch_size * (many.bits + 1) * many.rnn.num_layers * many.rnn.hidden_size
+                 * addition_train._RESIDUAL_BYTES_PER_UNIT)
+    monkeypatch.setattr(addition_train, "_GROUP_BYTES", 2 * per_model)
   state = addition.init_states(many)
   step = addition.make_train_step(many)
   for _ in range(steps):

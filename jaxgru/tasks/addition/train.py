@@ -187,6 +187,15 @@ def consolidate_optimizer_config(cfg: AdditionConfig) -> training.OptimizerConfi
                              total_steps=max(cfg.consolidate_steps, 1))
 
 
+# Many models in one step: the models are vmapped in groups whose training-step working set
+# (about _RESIDUAL_BYTES_PER_UNIT bytes per model, problem, time step, layer and hidden unit) is
+# at most _GROUP_BYTES; more models run as a loop over such groups. On the CPU a larger vmapped
+# group became memory-bound: 256 models at the consolidation shape cost as much as 256 separate
+# steps, against 0.5-0.7 of them for 64 (benchmarks/models.py; docs/benchmarks.md).
+_GROUP_BYTES = 2**29
+_RESIDUAL_BYTES_PER_UNIT = 4 * 16
+
+
 def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = None,
                     bits: Optional[int] = None,
                     optimizer: Optional[training.OptimizerConfig] = None,
@@ -209,7 +218,17 @@ def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = Non
     x_BTI, y_BT = parallel.shard_batch((x_BTI, y_BT), mesh)
     return loss_and_metrics(model, params, x_BTI, y_BT)
 
-  step = jax.vmap(training.make_train_step(loss_fn, opt))
+  one = training.make_train_step(loss_fn, opt)
+  per_model = (batch_size * (bits + 1) * cfg.rnn.num_layers * cfg.rnn.hidden_size
+               * _RESIDUAL_BYTES_PER_UNIT)
+  group = max(1, _GROUP_BYTES // per_model)
+
+  def step(states):
+    if jax.tree.leaves(states)[0].shape[0] <= group:
+      return jax.vmap(one)(states)
+    # Groups of `group` models, each vmapped, one after another in the same program.
+    return jax.lax.map(one, states, batch_size=group)
+
   return jax.jit(step, donate_argnums=0)
 
 
