@@ -477,12 +477,16 @@ _ending = False
 
 def _raise_interrupt(signum, frame):
   """SIGTERM or SIGINT outside the training loop (compiling, evaluating, reading data) stops the
-  run; while a checkpoint is written the loop's own handler defers it, and once the run is ending
-  it is ignored."""
+  run; while a checkpoint is written it is put off until the save is done (a signal then never
+  goes missing), and once the run is ending it is ignored."""
   del frame
-  from jaxgru.training.checkpoints import saving
-  if not (saving() or _ending):
-    raise KeyboardInterrupt(f"signal {signum}")
+  from jaxgru.training.checkpoints import defer_signal, saving
+  if _ending:
+    return
+  if saving():  # raised again once the save is done, so that it is not lost
+    defer_signal(signum)
+    return
+  raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv):

@@ -297,3 +297,29 @@ def test_two_sigterms_while_compiling_saving_or_exiting_then_resume_equals_one_r
   assert summary["length_generalization"] == ref_summary["length_generalization"]
   steps = [json.loads(l)["step"] for l in open(os.path.join(work, "metrics.jsonl"))]
   assert steps == list(range(1, 31)), "a step was logged twice or not at all"
+
+
+def test_a_signal_put_off_during_a_save_is_delivered_once_after_it():
+  """A handler that runs while a checkpoint is written (run.py's, outside the training loop)
+  puts the signal off; it is raised again, once, when the save is done, and not lost."""
+  import signal
+  from jaxgru.training import checkpoints
+  seen = []
+
+  def handler(signum, frame):
+    del frame
+    if checkpoints.saving():
+      seen.append("put off")
+      checkpoints.defer_signal(signum)
+    else:
+      seen.append("delivered")
+
+  old = signal.signal(signal.SIGUSR1, handler)
+  try:
+    with checkpoints._DeferSignals():
+      signal.raise_signal(signal.SIGUSR1)
+      signal.raise_signal(signal.SIGUSR1)
+      assert seen == ["put off", "put off"]
+    assert seen == ["put off", "put off", "delivered"]
+  finally:
+    signal.signal(signal.SIGUSR1, old)

@@ -59,6 +59,7 @@ class _DeferSignals:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
   depth = 0  # > 0 while a save runs; Python-level handlers ask :func:`saving`
+  pending: Optional[int] = None  # a signal a handler put off (:func:`defer_signal`)
 
   def __enter__(self):
     _DeferSignals.depth += 1
@@ -73,7 +74,18 @@ class _DeferSignals:
     _DeferSignals.depth -= 1
     if self._old is not None:
       signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+    if _DeferSignals.depth == 0 and _DeferSignals.pending is not None:
+      # The save is done: deliver the signal a handler put off, to whatever handles it now.
+      signum, _DeferSignals.pending = _DeferSignals.pending, None
+      signal.raise_signal(signum)
     return False
+
+
+def defer_signal(signum: int) -> None:
+  """For a signal handler that runs while :func:`saving`: the signal is raised again as soon as
+  the save is done (once, however many arrived), instead of being lost."""
+  if _DeferSignals.pending is None:
+    _DeferSignals.pending = signum
 
 
 def saving() -> bool:
