@@ -521,20 +521,12 @@ def main(argv=None):
   env = common.environment()
   record = {"benchmark": "parallel", "args": vars(args), "environment": env}
   parts = args.parts.split(",")
-  if "convergence" in parts:
-    record["convergence"] = convergence(args, log)
-    common.write_json(args.out + ".json", record)
-  if "timing" in parts:
-    record["timing"] = timing(args, log)
-    common.write_json(args.out + ".json", record)
-  if "trained_addition" in parts:
-    record["trained_addition"] = trained_addition(args, log)
-    common.write_json(args.out + ".json", record)
-  if "trained_imdb" in parts:
-    record["trained_imdb"] = trained_imdb(args, log)
-    common.write_json(args.out + ".json", record)
-  if "backward" in parts:
-    record["backward"] = backward(args, log)
+  for name, part in (("convergence", convergence), ("timing", timing),
+                     ("trained_addition", trained_addition), ("trained_imdb", trained_imdb),
+                     ("backward", backward)):
+    if name in parts:
+      record[name] = part(args, log)
+      common.write_json(args.out + ".json", record)  # what is done so far survives a crash
   env["load_average_at_end"] = common.load_average()
   common.write_json(args.out + ".json", record)
   print(report(record, args.out))

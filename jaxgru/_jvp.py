@@ -254,24 +254,18 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
   """
   n, c = xs_NCBI.shape[:2]
   chunks = (xs_NCBI, _starts(xs_NCBI), resets_NCB)
-  if st.remat == "full":
-    def chunk(h, inp):
-      x, t0, rs = inp
-      ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None, resets_CB=rs,
-                               h_init=h0)
-      return h_last, (ys, h)
+  save = {"full": None, "none": "all"}.get(st.remat, "states")
 
-    h_last, (ys, h_starts) = _over_chunks(chunk, h0, chunks, st.reverse)
-    return ys, h_last, h_starts, None
-  save = "all" if st.remat == "none" else "states"
-  if st.hoist:  # the projection is made (and kept) chunk by chunk
-    def chunk(h, inp):
-      x, t0, rs = inp
-      ys, h_last, r = _forward(st, params, x, h, lengths, t0, save=save, resets_CB=rs,
-                               h_init=h0)
-      return h_last, (ys, r)
+  def chunk(h, inp):
+    x, t0, rs = inp
+    ys, h_last, r = _forward(st, params, x, h, lengths, t0, save=save, resets_CB=rs, h_init=h0)
+    return h_last, (ys, h if st.remat == "full" else r)
 
-    h_last, (ys, saved) = _over_chunks(chunk, h0, chunks, st.reverse)
+  if st.remat == "full" or st.hoist:  # chunk by chunk (a hoisted projection is made per chunk)
+    h_last, (ys, kept) = _over_chunks(chunk, h0, chunks, st.reverse)
+    if st.remat == "full":
+      return ys, h_last, kept, None
+    saved = kept
   else:
     ys, h_last, saved = _forward(st, params, _flat(xs_NCBI), h0, lengths, 0, save=save,
                                  resets_CB=_flat(resets_NCB), h_init=h0)
