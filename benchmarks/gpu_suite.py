@@ -5,18 +5,24 @@ r"""Everything to measure on a GPU machine, in one command of at most 8 minutes.
 
 Meant for an NVIDIA GPU machine without network that has JAX (CUDA) >= 0.11, PyTorch with
 cuDNN, Flax, optax, orbax, absl, Equinox and matplotlib installed; run it from the repository
-root (``PYTHONPATH=.``: no ``pip install`` needed). The parts, each in its own process with its
-own time limit, so that a failure or an overrun of one is recorded and the others still run:
+root (``PYTHONPATH=.``: no ``pip install`` needed). The parts, each in its own process group
+with its own time limit (see the comment above ``parts``), so that a failure or an overrun of
+one is recorded and the others still run. At its limit a part is interrupted (SIGINT), then
+killed with everything it started a few seconds later; its output so far is kept in its log,
+and the summary names the part's last line of output:
 
-* ``tests``: the parity and fast-path tests (tests/test_convert.py, test_fast_path.py,
-  test_rnn.py) on the device; pytest's output goes to ``DIR/tests.txt``;
+* ``tests``: the parity and fast-path tests (tests/test_convert.py, test_fast_path.py; 80 tests,
+  test_rnn.py left out for time) on the device. ``pytest -v --tb=line -rfE``: a line per test as
+  it finishes, so a run cut short still names every test it ran, and a closing line per
+  failure with its reason; all of it goes to ``DIR/tests.txt``, and the summary gives the
+  counts and the failures. With pytest-timeout installed, a test over 30 s fails alone;
 * ``speed_f32``: benchmarks/speed.py's grid against the peers (PyTorch's cuDNN GRU, Flax, Keras,
-  Equinox), float32;
+  Equinox), float32, on the four plain shapes;
 * ``speed_stacks``: the same for 2-layer stacks and bidirectional GRUs, with variable lengths;
 * ``speed_bf16``: jaxgru with bfloat16 products against PyTorch under bfloat16 autocast and the
-  float32 peers;
-* ``models``: benchmarks/models.py, N addition models in one program;
-* ``long_sequence``: benchmarks/long_sequence.py at T = 100,000;
+  float32 peers, on two shapes (64x128x32x256, 128x256x128x512);
+* ``models``: benchmarks/models.py, N = 64 and 256 addition models in one program, both phases;
+* ``long_sequence``: benchmarks/long_sequence.py at T = 100,000 (remat products and full);
 * ``run_py``: ``python run.py``'s addition job, timed by benchmarks/addition.py.
 
 Each part writes its JSON and markdown (and PNG where it has a plot) into ``DIR``; the suite
@@ -32,6 +38,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -63,49 +70,61 @@ class Part:
   needs: tuple = ()            # libraries without which it cannot run
 
 
+# Limits, from the first full run on an NVIDIA H200 (JAX 0.11.2, fresh machine, no compile
+# cache; total_s=392 then): tests reached 67 of 94 tests (test_convert, test_fast_path,
+# test_rnn) in 90 s, about 1.3 s a test with the start and the first imports of the peers;
+# speed_f32 took 79.9 s and speed_stacks 71.3 s at --budget_s=2 --repeats=10 (mostly compiling:
+# budget_s=1 saves at most one second per shape and mode, about 8 and 10 s); speed_bf16 did 2 of
+# its 3 shapes in 60 s; models compiled 11-12 s per N and phase (the single model too) and did
+# the solve phase's N=1,4,16 in 50 s; long_sequence took 20.3 s; run_py got the 19 s left and
+# was killed, so its 50 s is untested on a GPU. So: tests 110 s for the 80 tests of
+# test_convert + test_fast_path; speed_f32 75, speed_stacks 65; speed_bf16 50 for 2 shapes;
+# models 85 for N=64,256 in both phases (6 compiles, about 72 s); long_sequence 30 (two
+# configurations, each given up after 14 s); run_py 50. Sum 465 <= the 470 of --total_s.
 def parts(out: str) -> list[Part]:
   j = lambda name: os.path.join(out, name)
   stacks = "64x256x64x64:l2,64x256x64x64:bi,64x256x64x64:bi:l2,64x256x64x64:bi:var,64x256x64x64:bi:l2:var"
-  speed_common = ["--budget_s=2", "--repeats=10", "--min_repeats=3", "--warmup=2",
+  speed_common = ["--budget_s=1", "--repeats=7", "--min_repeats=3", "--warmup=2",
                   "--compile_t="]
   speed_quick = ["--budget_s=0.2", "--repeats=3", "--min_repeats=2", "--warmup=1",
                  "--compile_t=", "--memory=false", "--peak_sizes=256", "--plot=true"]
   return [
       Part("tests", None,
-           ["tests/test_convert.py", "tests/test_fast_path.py", "tests/test_rnn.py"],
+           ["tests/test_convert.py", "tests/test_fast_path.py"],
            ["tests/test_rnn.py", "-k", "output_size or h0_defaults"],
-           90, ["tests.txt"], ("pytest",)),
+           110, ["tests.txt"], ("pytest",)),
       Part("speed_f32", "benchmarks.speed",
            [f"--out={j('speed_f32.json')}", f"--impls=jaxgru,{SPEED_PEERS}",
             "--shapes=256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512", *speed_common],
            [f"--out={j('speed_f32.json')}", "--shapes=2x4x2x3",
             "--impls=jaxgru,torch,keras", *speed_quick],
-           100, ["speed_f32.json", "speed_f32.md", "speed_f32.png"]),
+           75, ["speed_f32.json", "speed_f32.md", "speed_f32.png"]),
       Part("speed_stacks", "benchmarks.speed",
            [f"--out={j('speed_stacks.json')}", f"--shapes={stacks}",
             "--impls=jaxgru,flax_linen,keras,torch,equinox", *speed_common],
            [f"--out={j('speed_stacks.json')}", "--shapes=2x4x2x3:bi:l2:var",
             "--impls=jaxgru,torch", "--modes=forward", *speed_quick],
-           90, ["speed_stacks.json", "speed_stacks.md", "speed_stacks.png"]),
+           65, ["speed_stacks.json", "speed_stacks.md", "speed_stacks.png"]),
       Part("speed_bf16", "benchmarks.speed",
-           [f"--out={j('speed_bf16.json')}", "--shapes=64x128x32x256,128x256x128x512,"
-            "64x256x64x64:bi:l2", "--impls=jaxgru[dtype=bfloat16],jaxgru,torch[dtype=bfloat16],"
-            "torch,flax_linen", *speed_common],
+           [f"--out={j('speed_bf16.json')}", "--shapes=64x128x32x256,128x256x128x512",
+            "--impls=jaxgru[dtype=bfloat16],jaxgru,torch[dtype=bfloat16],torch,flax_linen",
+            *speed_common],
            [f"--out={j('speed_bf16.json')}", "--shapes=2x4x2x3",
             "--impls=jaxgru[dtype=bfloat16],torch[dtype=bfloat16]", "--modes=forward", *speed_quick],
-           60, ["speed_bf16.json", "speed_bf16.md", "speed_bf16.png"]),
+           50, ["speed_bf16.json", "speed_bf16.md", "speed_bf16.png"]),
       Part("models", "benchmarks.models",
-           [f"--out={j('models.json')}", "--malloc=on", "--repeats=10", "--warmup=2",
-            "--max_seconds_per_n=3"],  # N = 1 ... 1024, both phases
+           [f"--out={j('models.json')}", "--malloc=on", "--n_list=64,256",
+            "--phases=solve,consolidate", "--repeats=10", "--warmup=2",
+            "--max_seconds_per_n=2"],
            [f"--out={j('models.json')}", "--malloc=on", "--n_list=2", "--phases=solve",
             "--repeats=3", "--warmup=1"],
-           50, ["models.json", "models.md", "models.png"]),
+           85, ["models.json", "models.md", "models.png"]),
       Part("long_sequence", "benchmarks.long_sequence",
            [f"--out={j('long_sequence.json')}", "--times=100000",
-            "--configs=products,full", "--steps=2", "--timeout_s=32"],
+            "--configs=products,full", "--steps=2", "--timeout_s=14"],
            [f"--out={j('long_sequence.json')}", "--times=32", "--configs=products",
             "--steps=1", "--timeout_s=60"],
-           70, ["long_sequence.json", "long_sequence.md"]),
+           30, ["long_sequence.json", "long_sequence.md"]),
       Part("run_py", "benchmarks.addition",
            ["--part=run_py", "--run_py_repeats=1", f"--out_dir={out}"],
            ["--part=run_py", "--run_py_repeats=1", f"--out_dir={out}",
@@ -126,10 +145,61 @@ def _child_env(quick: bool) -> dict:
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_common.ROOT, env.get("PYTHONPATH")) if p)
   env.setdefault("KERAS_BACKEND", "jax")
   env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  # Output reaches the log as it is written, so a part killed at its limit still shows how far
+  # it got (a pipe would otherwise hold back the last few kilobytes).
+  env["PYTHONUNBUFFERED"] = "1"
   if quick:
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
   return env
+
+
+# Seconds between the interrupt (SIGINT) sent to a part at its limit and the kill (SIGKILL):
+# pytest then writes its summary, with a line for every failure so far.
+GRACE_S = 5.0
+
+
+def tests_command(args: list) -> list:
+  """The tests part's command: a line per test as it finishes (-v), so that a run killed at its
+  limit still names every test it ran and how it went; one line per failure (--tb=line) and a
+  closing summary with the reason of each failure and error (-rfE)."""
+  # -o addopts=: the repository's defaults (two xdist workers, slow tests left out) need
+  # pytest-xdist, which a prepared GPU machine may lack; one process is what the device wants.
+  cmd = [sys.executable, "-m", "pytest", "-v", "--tb=line", "-rfE", "-p", "no:cacheprovider",
+         "-o", "addopts="]
+  if _installed("pytest_timeout"):  # optional: one hung test then fails alone
+    cmd.append("--timeout=30")
+  return [*cmd, *args]
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+  try:
+    os.killpg(proc.pid, sig)
+  except (ProcessLookupError, PermissionError):
+    pass
+
+
+def run_limited(cmd: list, limit_s: float, env: dict) -> tuple[str, Optional[int]]:
+  """Runs ``cmd`` in a process group of its own; (stdout and stderr, exit code or None if it
+  was stopped at ``limit_s``). At the limit (less GRACE_S) the group gets SIGINT, then SIGKILL
+  GRACE_S later: the children it started (long_sequence's configurations, run.py) go with it
+  instead of holding the device and the output pipe."""
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace", cwd=_common.ROOT, env=env, start_new_session=True)
+  grace = min(GRACE_S, limit_s / 4)
+  try:
+    output, _ = proc.communicate(timeout=limit_s - grace)
+    return output, proc.returncode
+  except subprocess.TimeoutExpired:
+    pass
+  _signal_group(proc, signal.SIGINT)
+  try:
+    output, _ = proc.communicate(timeout=grace)
+  except subprocess.TimeoutExpired:
+    _signal_group(proc, signal.SIGKILL)
+    output, _ = proc.communicate()
+  _signal_group(proc, signal.SIGKILL)  # whatever the interrupt left behind
+  return output, None
 
 
 def run_part(part: Part, out: str, quick: bool, limit_s: float) -> dict:
@@ -142,25 +212,24 @@ def run_part(part: Part, out: str, quick: bool, limit_s: float) -> dict:
     return {**rec, "status": "skipped", "reason": "no time left in the suite's budget"}
   args = part.quick_args if quick else part.args
   if part.module is None:
-    # -o addopts=: the repository's defaults (two xdist workers) need pytest-xdist, which a
-    # prepared GPU machine may lack; one process is what the device wants anyway.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *args]
+    cmd = tests_command(args)
   else:
     cmd = [sys.executable, "-m", part.module, *args]
   rec["command"] = " ".join(cmd)
   log_path = os.path.join(out, f"{part.name}.log" if part.module else "tests.txt")
   t0 = time.perf_counter()
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s,
-                          cwd=_common.ROOT, env=_child_env(quick))
-    output, code = proc.stdout + proc.stderr, proc.returncode
+    output, code = run_limited(cmd, limit_s, _child_env(quick))
+  except OSError as e:
+    output, code = f"could not start: {e}\n", -1
+  rec["seconds"] = round(time.perf_counter() - t0, 1)
+  if code is None:
+    rec["status"] = "failed"
+    rec["error"] = f"over its limit of {limit_s:.0f} s; last output: {_last_line(output)}"
+  else:
     rec["status"] = "ok" if code == 0 else "failed"
     if code != 0:
-      rec["error"] = f"exit {code}: " + _last_line(proc.stderr or proc.stdout)
-  except subprocess.TimeoutExpired as e:
-    output = _text(e.stdout) + _text(e.stderr)
-    rec["status"], rec["error"] = "failed", f"over its limit of {limit_s:.0f} s"
-  rec["seconds"] = round(time.perf_counter() - t0, 1)
+      rec["error"] = f"exit {code}: " + _last_line(output)
   _common.write_text(log_path, output)
   rec["log"] = os.path.basename(log_path)
   rec["outputs"] = [f for f in part.outputs if os.path.exists(os.path.join(out, f))]
@@ -171,13 +240,44 @@ def run_part(part: Part, out: str, quick: bool, limit_s: float) -> dict:
   return rec
 
 
-def _text(b) -> str:
-  return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-
-
 def _last_line(text: str) -> str:
   lines = [l for l in (text or "").strip().splitlines() if l.strip()]
   return lines[-1][:300] if lines else ""
+
+
+# pytest -v: "tests/test_x.py::test_y[a-b] PASSED   [ 12%]"; -rfE: "FAILED tests/...::... - why".
+_TEST_LINE = re.compile(r"^(\S+\.py::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
+_SUMMARY_LINE = re.compile(r"^(FAILED|ERROR) (\S+\.py::\S.*?)(?: - (.*))?$", re.M)
+_MAX_FAILURES_SHOWN = 40
+
+
+def tests_figures(output: str) -> dict:
+  """Counts of the tests run (from pytest -v's lines, so also for a run cut short), whether
+  pytest finished, and each failure or error with its reason where pytest gave one."""
+  counts = {}
+  bad = {}  # test id -> reason
+  for test, status in _TEST_LINE.findall(output):
+    key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
+           "XFAIL": "xfailed", "XPASS": "xpassed"}[status]
+    counts[key] = counts.get(key, 0) + 1
+    if status in ("FAILED", "ERROR"):
+      bad.setdefault(test, "")
+  for status, test, reason in _SUMMARY_LINE.findall(output):
+    bad[test] = (reason or "").strip()[:200]
+  interrupted = "KeyboardInterrupt" in output
+  finished = not interrupted and re.search(r"^=+ .* in [\d.]+s.* =+$", output, re.M) is not None
+  figs = {**counts, "finished": finished}
+  if not finished:  # the test that was running when the part was stopped: named, no status
+    started = [l.strip() for l in output.splitlines()
+               if re.match(r"^\S+\.py::\S", l) and not _TEST_LINE.match(l)]
+    if started:
+      figs["stopped_in"] = started[-1]
+  if bad:
+    items = [f"{t}: {r}" if r else t for t, r in bad.items()]
+    figs["failures"] = items[:_MAX_FAILURES_SHOWN]
+    if len(items) > _MAX_FAILURES_SHOWN:
+      figs["failures"].append(f"... and {len(items) - _MAX_FAILURES_SHOWN} more (see tests.txt)")
+  return figs
 
 
 def _load(out, name) -> Optional[dict]:
@@ -191,8 +291,7 @@ def _load(out, name) -> Optional[dict]:
 def headline(name: str, out: str, output: str) -> dict:
   """The few numbers of a part that the summary shows."""
   if name == "tests":
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
-    return counts
+    return tests_figures(output)
   if name.startswith("speed"):
     res = _load(out, f"{name}.json")
     if not res:
@@ -240,7 +339,8 @@ def markdown(summary: dict) -> str:
   if summary["missing_peers"]:
     out.append(f"Peer libraries not installed (left out of the speed parts): "
                f"{', '.join(summary['missing_peers'])}.\n")
-  rows = [[p["part"], p["status"], p.get("seconds", "-"), p.get("error") or p.get("reason", ""),
+  rows = [[p["part"], p["status"], p.get("seconds", "-"),
+           (p.get("error") or p.get("reason", "")).replace("|", "\\|"),  # a cell of the table
            ", ".join(p.get("outputs", []))] for p in summary["parts"]]
   out.append(_common.table(["part", "status", "seconds", "note", "files"], rows))
   for p in summary["parts"]:
