@@ -271,7 +271,7 @@ def _step_and_diag(cell: GRUConfig, params: Params, a_NH, gx_N3H, diagonal: bool
     pre_n = gx_n + gh_n
     # sum_k a_k ract'_k W_r[j, k] W_n[k, j]: (a * ract') @ (W_r^T * W_n)
     cross = w_h[:, size:2 * size].T * w_h[:, 2 * size:]
-    dn_pre = r * diag_w[2] + (a * dr_pre) @ cross
+    dn_pre = r * diag_w[2] + jnp.matmul(a * dr_pre, cross, precision=cell.precision)
   n = act(pre_n)
   dn = _deriv(act, pre_n) * dn_pre
   return f, z + (a - n) * dz + (1.0 - z) * dn
@@ -308,13 +308,15 @@ def _shift(h0_BH, states_TBH):
   return jnp.concatenate([h0_BH[None], states_TBH[:-1]])
 
 
-def _linear_scan(jac, c_TBH, full: bool):
-  """Solves ``h_t = J_t h_{t-1} + c_t`` from ``h_{-1} = 0`` by an associative scan over t."""
+def _linear_scan(jac, c_TBH, full: bool, precision=None):
+  """Solves ``h_t = J_t h_{t-1} + c_t`` from ``h_{-1} = 0`` by an associative scan over t
+  (``precision``: of the dense Jacobians' products, the cell's)."""
   if full:
     def combine(first, second):
       a1, b1 = first
       a2, b2 = second
-      return a2 @ a1, jnp.einsum("...ij,...j->...i", a2, b1) + b2
+      return (jnp.matmul(a2, a1, precision=precision),
+              jnp.einsum("...ij,...j->...i", a2, b1, precision=precision) + b2)
   else:
     def combine(first, second):
       a1, b1 = first
@@ -323,14 +325,15 @@ def _linear_scan(jac, c_TBH, full: bool):
   return jax.lax.associative_scan(combine, (jac, c_TBH))[1]
 
 
-def _apply(jac, h, full: bool):
-  return jnp.einsum("...ij,...j->...i", jac, h) if full else jac * h
+def _apply(jac, h, full: bool, precision=None):
+  return jnp.einsum("...ij,...j->...i", jac, h, precision=precision) if full else jac * h
 
 
 def _newton(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB):
   """The Newton iterations, then the sequential finish: (states_TBH, info)."""
   full = st.method == "full"
   adaptive = st.method == "elk"
+  prec = st.cell.precision
   evaluate = functools.partial(_evaluate, st, params, gx_TB3H, h0_BH, valid_TB, reset_TB)
 
   def residual(g_TBH, f_TBH):
@@ -340,13 +343,13 @@ def _newton(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB):
 
   def update(g_TBH, f_TBH, jac, lam):
     prev_TBH = _shift(h0_BH, g_TBH)
-    c_TBH = f_TBH - _apply(jac, prev_TBH, full)
+    c_TBH = f_TBH - _apply(jac, prev_TBH, full, prec)
     scale = 1.0 / (1.0 + lam)
     c_TBH = (c_TBH + lam * g_TBH) * scale
     jac = jac * scale
     # h_{-1} = h0 folded into step 0's offset.
-    c_TBH = c_TBH.at[0].add(_apply(jac[0], h0_BH, full))
-    return _linear_scan(jac, c_TBH, full)
+    c_TBH = c_TBH.at[0].add(_apply(jac[0], h0_BH, full, prec))
+    return _linear_scan(jac, c_TBH, full, prec)
 
   g0 = jnp.broadcast_to(h0_BH[None], gx_TB3H.shape[:2] + h0_BH.shape[1:])
   f0, j0 = evaluate(_shift(h0_BH, g0))

@@ -47,6 +47,8 @@ Params = dict[str, jax.Array]
 
 VARIANTS = ("reset_after", "reset_before")
 INITIALIZERS = ("keras", "pytorch")  # the first is the default of every ``init``
+# Levels of jax.lax.Precision, most exact first; the first is GRUConfig's default.
+PRECISIONS = ("highest", "high", "default")
 
 
 def field_default(cls: type, name: str) -> Any:
@@ -85,6 +87,21 @@ def _as_dtype(name: str, value: Any) -> Optional[np.dtype]:
   return dtype
 
 
+def _as_precision(value: Any) -> Optional[str]:
+  """A ``jax.lax.Precision`` level (or one of its names and aliases) as its lowercase name."""
+  if value is None:
+    return None
+  if isinstance(value, jax.lax.Precision):
+    return value.name.lower()
+  if isinstance(value, str):
+    try:
+      return jax.lax.Precision(value.lower()).name.lower()
+    except ValueError:
+      pass
+  raise ValueError(f"precision must be one of {PRECISIONS} (or a jax.lax.Precision, or None), "
+                   f"got {value!r}")
+
+
 def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
   """``y + b`` with ``b`` broadcast over the leading axes of ``y`` explicitly."""
   return y + jnp.reshape(b, (1,) * (y.ndim - b.ndim) + b.shape)
@@ -115,6 +132,14 @@ class GRUConfig:
       mode).
     dtype: dtype of the matrix products (for instance bfloat16, accumulated in ``param_dtype``);
       None means ``param_dtype``.
+    precision: how exactly accelerators compute the matrix products, a ``jax.lax.Precision``
+      level. ``"highest"`` (the default): in the full precision of ``dtype`` on every backend,
+      so float32 parameters give float32 products on a GPU as on the CPU. ``"high"`` or
+      ``"default"``: faster and less exact where the hardware offers it (TensorFloat-32, a
+      10-bit mantissa, on NVIDIA GPUs since Ampere; bfloat16 passes on TPUs). None: whatever
+      ``jax.default_matmul_precision`` says (JAX's own default is ``"default"``). The CPU
+      computes float32 products in float32 at every level. Aliases (``"float32"``,
+      ``"tensorfloat32"``, ``"bfloat16"``) are stored as the level they name.
   """
 
   input_size: int
@@ -125,6 +150,7 @@ class GRUConfig:
   use_bias: bool = True
   param_dtype: Any = None
   dtype: Any = None
+  precision: Optional[str] = PRECISIONS[0]
 
   def __post_init__(self):
     _positive_int("input_size", self.input_size)
@@ -135,6 +161,7 @@ class GRUConfig:
     _act.resolve(self.recurrent_activation)
     object.__setattr__(self, "param_dtype", _as_dtype("param_dtype", self.param_dtype))
     object.__setattr__(self, "dtype", _as_dtype("dtype", self.dtype))
+    object.__setattr__(self, "precision", _as_precision(self.precision))
 
   # -- dtypes -------------------------------------------------------------------------------------
 
@@ -150,7 +177,8 @@ class GRUConfig:
 
   def _dot(self, a: jax.Array, w: jax.Array) -> jax.Array:
     cd = self.compute_dtype
-    return jnp.matmul(a.astype(cd), w.astype(cd), preferred_element_type=self.state_dtype)
+    return jnp.matmul(a.astype(cd), w.astype(cd), precision=self.precision,
+                      preferred_element_type=self.state_dtype)
 
   # -- parameters ---------------------------------------------------------------------------------
 

@@ -128,7 +128,7 @@ class GRU(eqx.Module):
   :class:`jaxgru.GRUConfig` and :class:`jaxgru.RNNConfig`, with their defaults.
 
   ``GRU(in_features, hidden_size, *, num_layers, bidirectional, merge, dropout, variant,
-  activation, recurrent_activation, use_bias, param_dtype, dtype, initializer="keras",
+  activation, recurrent_activation, use_bias, param_dtype, dtype, precision, initializer="keras",
   unroll=None, inference=False, key)``. ``initializer`` is as :meth:`GRUConfig.init` and
   ``unroll`` the ``lax.scan`` unroll factor (None: the backend's default); the parameters are
   ``config.init(key, initializer)``.
@@ -160,13 +160,15 @@ class GRU(eqx.Module):
                use_bias: bool = _cell("use_bias"),
                param_dtype: Any = _cell("param_dtype"),
                dtype: Any = _cell("dtype"),
+               precision: Optional[str] = _cell("precision"),
                initializer: str = INITIALIZERS[0],
                unroll: Optional[int] = None,
                inference: bool = False,
                key: jax.Array):
     cell = GRUConfig(input_size=in_features, hidden_size=hidden_size, variant=variant,
                      activation=activation, recurrent_activation=recurrent_activation,
-                     use_bias=use_bias, param_dtype=param_dtype, dtype=dtype)
+                     use_bias=use_bias, param_dtype=param_dtype, dtype=dtype,
+                     precision=precision)
     self.config = RNNConfig(cell, num_layers=num_layers, bidirectional=bidirectional,
                             merge=merge, dropout=dropout)
     self.params = self.config.init(key, initializer)
@@ -186,7 +188,7 @@ class GRU(eqx.Module):
         cls, c.input_size, c.hidden_size, num_layers=cfg.num_layers,
         bidirectional=cfg.bidirectional, merge=cfg.merge, dropout=cfg.dropout,
         variant=c.variant, activation=c.activation, recurrent_activation=c.recurrent_activation,
-        use_bias=c.use_bias, param_dtype=c.param_dtype, dtype=c.dtype, unroll=unroll,
+        use_bias=c.use_bias, param_dtype=c.param_dtype, dtype=c.dtype, precision=c.precision, unroll=unroll,
         inference=inference, key=jax.random.key(0))
     values = [{d: {n: jnp.asarray(v, cfg.layer_cell(l).state_dtype) for n, v in layer[d].items()}
                for d in cfg.directions} for l, layer in enumerate(params)]

@@ -54,6 +54,7 @@ class GRU(nn.Module):
   use_bias: bool = _cell("use_bias")
   param_dtype: Any = _cell("param_dtype")
   dtype: Any = _cell("dtype")
+  precision: Optional[str] = _cell("precision")
   initializer: str = INITIALIZERS[0]
   unroll: Optional[int] = None  # None: the backend's default (jaxgru.ScanOptions)
 
@@ -62,7 +63,8 @@ class GRU(nn.Module):
     cell = GRUConfig(
         input_size=input_size, hidden_size=self.hidden_size, variant=self.variant,
         activation=self.activation, recurrent_activation=self.recurrent_activation,
-        use_bias=self.use_bias, param_dtype=self.param_dtype, dtype=self.dtype)
+        use_bias=self.use_bias, param_dtype=self.param_dtype, dtype=self.dtype,
+        precision=self.precision)
     return RNNConfig(cell, num_layers=self.num_layers, bidirectional=self.bidirectional,
                      merge=self.merge, dropout=self.dropout)
 

@@ -60,8 +60,8 @@ class GRU(nnx.Module):
     in_features: I, features per time step.
     hidden_size: H, the state size of every cell.
     num_layers, bidirectional, merge, dropout: as :class:`jaxgru.RNNConfig`.
-    variant, activation, recurrent_activation, use_bias, param_dtype, dtype: as
-      :class:`jaxgru.GRUConfig`.
+    variant, activation, recurrent_activation, use_bias, param_dtype, dtype, precision:
+      as :class:`jaxgru.GRUConfig`.
     initializer: ``"keras"`` or ``"pytorch"``, as :meth:`GRUConfig.init`.
     unroll: the ``lax.scan`` unroll factor; None picks the backend's default.
     deterministic: turn dropout off (NNX's convention: False, training, until ``model.eval()``).
@@ -86,13 +86,15 @@ class GRU(nnx.Module):
                use_bias: bool = _cell("use_bias"),
                param_dtype: Any = _cell("param_dtype"),
                dtype: Any = _cell("dtype"),
+               precision: Optional[str] = _cell("precision"),
                initializer: str = INITIALIZERS[0],
                unroll: Optional[int] = None,
                deterministic: bool = False,
                rngs: Any):
     cell = GRUConfig(input_size=in_features, hidden_size=hidden_size, variant=variant,
                      activation=activation, recurrent_activation=recurrent_activation,
-                     use_bias=use_bias, param_dtype=param_dtype, dtype=dtype)
+                     use_bias=use_bias, param_dtype=param_dtype, dtype=dtype,
+                     precision=precision)
     self.config = RNNConfig(cell, num_layers=num_layers, bidirectional=bidirectional,
                             merge=merge, dropout=dropout)
     self.unroll = unroll
@@ -124,7 +126,7 @@ class GRU(nnx.Module):
                 bidirectional=cfg.bidirectional, merge=cfg.merge, dropout=cfg.dropout,
                 variant=c.variant, activation=c.activation,
                 recurrent_activation=c.recurrent_activation, use_bias=c.use_bias,
-                param_dtype=c.param_dtype, dtype=c.dtype, unroll=unroll,
+                param_dtype=c.param_dtype, dtype=c.dtype, precision=c.precision, unroll=unroll,
                 deterministic=deterministic, rngs=rngs)
     model.load_params(params)
     return model
