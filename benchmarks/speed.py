@@ -52,7 +52,8 @@ _SHAPES = flags.DEFINE_list(
 _IMPLS = flags.DEFINE_list(
     "impls", DEFAULT_IMPLS,
     "Implementations: jaxgru, flax_linen, flax_nnx, keras, torch, equinox, jax_scan; jaxgru "
-    "variants as jaxgru[key=value;...] with the keys of jaxgru.ScanOptions and dtype, vmap "
+    "variants as jaxgru[key=value;...] with the keys of jaxgru.ScanOptions and dtype, vmap, "
+    "precision "
     "(use ';' between keys inside brackets, as ',' separates implementations); "
     "torch[dtype=bfloat16] runs PyTorch under bfloat16 autocast. flax_nnx and jax_scan run the "
     "plain shapes (one layer, one direction, full lengths) only.")
@@ -201,7 +202,10 @@ def _arguments():
     if name == "jaxgru":
       import jaxgru  # pylint: disable=import-outside-toplevel
       try:
-        jaxgru.ScanOptions(**{k: v for k, v in options.items() if k not in ("dtype", "vmap")})
+        jaxgru.ScanOptions(**{k: v for k, v in options.items()
+                              if k not in ("dtype", "vmap", "precision")})
+        if "precision" in options:
+          jaxgru.GRUConfig(1, 1, precision=options["precision"])
       except (TypeError, ValueError) as e:
         raise ValueError(f"{spec}: {e}") from None
   modes = tuple(_MODES.value)

@@ -15,7 +15,9 @@ implementation whose library is not installed raises :class:`Unavailable`.
 
 jaxgru itself comes in variants named ``jaxgru[key=value,...]``: the keys are those of
 :class:`jaxgru.ScanOptions` (``unroll``, ``chunk``, ``remat``, ``hoist_projection``,
-``custom_vjp``, ``diagonal_backward``) plus ``dtype`` (``bfloat16``: products in bfloat16, accumulated in float32) and
+``custom_vjp``, ``diagonal_backward``) plus ``dtype`` (``bfloat16``: products in bfloat16, accumulated in float32),
+``precision`` (:class:`jaxgru.GRUConfig`'s; ``default`` lets a GPU compute float32 products in
+TensorFloat-32, as the JAX peers do by default) and
 ``vmap`` (``vmap=True``: the old path, ``jax.vmap`` of ``GRUConfig.sequence``). ``torch`` takes
 ``dtype=bfloat16``: the model under ``torch.autocast`` to bfloat16 (cuDNN's bfloat16 GRU on a GPU).
 """
@@ -255,11 +257,12 @@ def _planned_bytes(compiled) -> Optional[int]:
 
 
 def _jaxgru(shape: Shape, seed: int, dtype: Optional[str] = None, vmap: bool = False,
-            **options):
+            precision: Optional[str] = None, **options):
   import jax
   import jaxgru
 
-  cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(shape.input, shape.hidden, dtype=dtype),
+  cell_options = {} if precision is None else {"precision": precision}  # None: GRUConfig's
+  cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(shape.input, shape.hidden, dtype=dtype, **cell_options),
                          num_layers=shape.layers, bidirectional=shape.bidirectional)
   params = cfg.init(jax.random.key(seed))
   if vmap:
