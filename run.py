@@ -323,8 +323,12 @@ def _finished(workdir: str, config: dict) -> bool:
   except (OSError, ValueError):
     return False
   want = json.loads(json.dumps(config, default=json_default))
-  return (isinstance(summary, dict) and summary.get("config") == want
-          and training.has_checkpoint(workdir))
+  if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+    return False
+  # A run saved before GRUConfig.precision existed does not record it; it may differ on resume.
+  drop = lambda c: {**c, "rnn": {**c.get("rnn", {}), "cell": {
+      k: v for k, v in c.get("rnn", {}).get("cell", {}).items() if k != "precision"}}}
+  return drop(summary["config"]) == drop(want) and training.has_checkpoint(workdir)
 
 
 # == Sequence classification (--task=classify|imdb, --mode=predict) ===============================

@@ -160,3 +160,46 @@ def test_precision_is_declared_once():
   from jaxgru import linen  # pylint: disable=import-outside-toplevel
   default = {f.name: f.default for f in dataclasses.fields(GRUConfig)}["precision"]
   assert linen.GRU(hidden_size=H).precision == default == jaxgru.GRUConfig(I, H).precision
+
+
+def test_the_tasks_heads_carry_the_precision():
+  """The addition readout and the classifier head are products too (run.py's models)."""
+  from jaxgru.tasks.addition.models import AdditionModel  # pylint: disable=import-outside-toplevel
+  from jaxgru.tasks.classify.models import Classifier  # pylint: disable=import-outside-toplevel
+  adder = AdditionModel(RNNConfig(GRUConfig(2, H, precision="high")))
+  params = adder.init(jax.random.key(0))
+  x = jnp.ones((B, T, 2))
+  assert_all_dots(jax.make_jaxpr(lambda p: adder.logits(p, x)[0])(params), "high")
+  clf = Classifier(RNNConfig(GRUConfig(I, H, precision="high"), bidirectional=True),
+                   vocab_size=None)
+  params = clf.init(jax.random.key(0))
+  lengths = jnp.array([T, 9])
+  assert_all_dots(jax.make_jaxpr(lambda p: clf.logits(p, jnp.ones((B, T, I)), lengths))(params),
+                  "high")
+
+
+def test_a_run_saved_before_the_setting_existed_still_resumes(tmp_path):
+  """config.json written without rnn.cell.precision: the addition task resumes it."""
+  import os  # pylint: disable=import-outside-toplevel
+  from jaxgru import training  # pylint: disable=import-outside-toplevel
+  from jaxgru.tasks import addition  # pylint: disable=import-outside-toplevel
+  work = str(tmp_path)
+  now = addition.AdditionConfig().to_json()
+  older = json_copy(now)
+  del older["rnn"]["cell"]["precision"]
+  training.write_json_atomic(os.path.join(work, "config.json"),
+                             {"task": "addition", "config": older})
+  os.makedirs(os.path.join(work, "checkpoints", "20"))
+  open(os.path.join(work, "checkpoints", "20", "commit_success.txt"), "w").close()
+  training.check_resume(work, {"task": "addition", "config": now}, addition.RESUMABLE_CHANGES)
+  other = json_copy(now)
+  other["rnn"]["cell"]["hidden_size"] += 1  # a real change is still refused
+  with pytest.raises(training.ConfigMismatch, match="hidden_size"):
+    training.check_resume(work, {"task": "addition", "config": other},
+                          addition.RESUMABLE_CHANGES)
+
+
+def json_copy(d):
+  import json  # pylint: disable=import-outside-toplevel
+  from jaxgru.training.checkpoints import json_default  # pylint: disable=import-outside-toplevel
+  return json.loads(json.dumps(d, default=json_default))

@@ -43,7 +43,8 @@ class AdditionModel:
     ``h0_LBH`` to continue the sequences)."""
     ys_BTH, h_LBH = self.rnn.apply(params["gru"], x_BTI, h0=h0_LBH)
     out = params["readout"]
-    logits_BT = jnp.matmul(ys_BTH, out["w"])[..., 0] + out["b"][0]
+    logits_BT = jnp.matmul(ys_BTH, out["w"], precision=self.rnn.cell.precision)[..., 0] \
+        + out["b"][0]
     return logits_BT, h_LBH
 
 

@@ -166,8 +166,10 @@ class AdditionConfig:
 
 
 # Settings a resumed run may change: how long to train, and how often to log, save, evaluate.
+# rnn.cell.precision changes no shape and, on the CPU, no result; runs saved before it existed
+# do not record it.
 RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "eval_bits", "eval_size",
-                     "long_eval_size")
+                     "long_eval_size", "rnn.cell.precision")
 
 # The entries of the metrics records the progress line shows.
 SHOWN_METRICS = ("train_loss", "train_bit_accuracy", "eval_exact_match", "solved_fraction")

@@ -161,7 +161,8 @@ class Classifier:
     """Logits (B,) of the positive class; arguments as :meth:`pooled`."""
     pooled_BF = self.pooled(params, inputs, lengths_B, dropout_key=dropout_key)
     head = params["head"]
-    return jnp.matmul(pooled_BF, head["w"])[:, 0] + head["b"][0]
+    return jnp.matmul(pooled_BF, head["w"], precision=self.rnn.cell.precision)[:, 0] \
+        + head["b"][0]
 
 
 def loss_and_metrics(model: Classifier, params, inputs, lengths_B, labels_B, *,

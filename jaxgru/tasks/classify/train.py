@@ -166,9 +166,11 @@ class ClassifyConfig:
   def resumable_changes(self) -> tuple[str, ...]:
     """Settings a resumed run may change (dotted names, as :func:`training.check_resume` reads
     them): where the same data lie (the source's; IMDB's vocabulary is checked instead), how often
-    to log, save and evaluate, and whether to predict with the ensemble."""
+    to log, save and evaluate, whether to predict with the ensemble, and the products' precision
+    (no shape changes with it; runs saved before it existed do not record it)."""
     return tuple(f"data.{k}" for k in self.data.resumable) + (
-        "log_every", "checkpoint_every", "eval_every", "eval_subset", "eval_batch_size", "ensemble")
+        "log_every", "checkpoint_every", "eval_every", "eval_subset", "eval_batch_size", "ensemble",
+        "rnn.cell.precision")
 
 
 # The entries of the metrics records the progress line shows.
