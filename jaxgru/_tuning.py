@@ -41,10 +41,16 @@ _TUNED = {
             "diagonal_bytes": 2**24,
             # benchmarks/parallel.py: the parallel method was slower at every size tried.
             "method": "sequential"},
+    # Measured once, as they stand, on an NVIDIA H200 (benchmarks/results/gpu_h200, TF32
+    # products): ahead of cuDNN at large batch x hidden (0.24-0.59 of its time), behind it at
+    # small (1.6-4.3x; about 3.5 us per step of loop overhead). No alternative setting has been
+    # measured on a GPU yet.
     "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
             "diagonal_bytes": None,
-            "method": "sequential"},  # the parallel method is not measured here yet
+            # Parallel on the H200: forward passes 1.7-15x faster at H <= 16, T >= 1000; training
+            # slower everywhere (0.19-0.76); cells with large weights fell back (0.12x).
+            "method": "sequential"},
 }
 REMAT = ("none", "products", "full")
 SCAN_METHODS = ("sequential", "parallel")
@@ -94,9 +100,10 @@ class ScanOptions:
       whole sequence whose linear steps are associative scans, O(log T) deep each (DEER and its
       quasi/damped forms; :func:`jaxgru._parallel.parallel_layer`). Equal to the sequential
       result within ``tol`` per step: it finishes sequentially from the first unconverged step
-      when ``max_iters`` is reached. None: ``"sequential"`` everywhere, since the parallel
-      method was measured slower on the CPU at every size tried (docs/parallel.md) and has not
-      been measured on an accelerator.
+      when ``max_iters`` is reached. None: ``"sequential"`` everywhere. On the CPU the parallel
+      method was slower at every size tried. On a GPU (an H200) its forward pass was up to 15x
+      faster at H <= 16, but training was slower everywhere and cells with large weights fell
+      back (docs/parallel.md): choose it for forward passes of small cells.
     newton: the parallel method's Jacobian: ``"quasi"`` (its diagonal), ``"elk"`` (diagonal,
       damped) or ``"full"`` (dense, memory T*B*H*H).
     tol: the parallel method's largest accepted per-step residual; None: 1e-5 (float32),
