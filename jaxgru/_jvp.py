@@ -216,27 +216,36 @@ def _per_step_loop(st: _Static, params, hs, gs, outs, dgx, eps, dh, dh_init, len
 
 
 def _chunk_tangent(st: _Static, params, x, h_start, saved, y, lengths, t0, resets_CB, h_init,
-                   dparams, dx, dh, dh_init):
+                   h0, dparams, dx, dh, dh_init):
   """One chunk's tangents ``(dh at the chunk's end, dys)``, linear in ``(dparams, dx, dh,
-  dh_init)``. ``saved`` and ``y`` are what the forward pass kept (see :func:`_primal`)."""
+  dh_init)``. ``saved`` and ``y`` are what the forward pass kept (see :func:`_primal`); ``h0`` is
+  the layer's initial state."""
   cell = st.cell
+  ts = t0 + jnp.arange(x.shape[0], dtype=jnp.int32)
   if st.remat == "full":
     _, _, (hs, gs, outs) = _forward(st, params, x, h_start, lengths, t0, save="all",
                                     resets_CB=resets_CB, h_init=h_init)
   elif st.remat == "products":
-    hs = saved
-    if hs is None:  # the states are the outputs shifted by one step
-      first = h_start[None]
-      hs = (jnp.concatenate([y[1:], first]) if st.reverse else
-            jnp.concatenate([first, y[:-1]]))
-      if resets_CB is not None:
-        hs = jnp.where(resets_CB[:, :, None], h_init[None], hs)
+    # The state before each valid step is the output one step earlier in processing order (the
+    # chunk's start for its first step). Only a step past a sequence's end has a masked output
+    # (zero) there, and such steps leave the state alone; their own states do not matter. In
+    # reverse, a sequence starts at its last valid step from h0, which its (zero) next output
+    # does not hold.
+    first = h_start[None]
+    if st.reverse:
+      hs = jnp.concatenate([y[1:], first])
+      if lengths is not None:
+        start = ts[:, None] + 1 >= lengths[None, :]
+        hs = jnp.where(start[:, :, None], h0[None], hs)
+    else:
+      hs = jnp.concatenate([first, y[:-1]])
+    if resets_CB is not None:
+      hs = jnp.where(resets_CB[:, :, None], h_init[None], hs)
     gs, outs = cell._project_inputs(params, x), None
   else:
     hs, gs, outs = saved
   gs, outs, ins = _within_steps(cell, params, hs, gs, outs)
   dgx, eps = _bulk_tangents(cell, params, x, ins, dparams, dx)
-  ts = t0 + jnp.arange(x.shape[0], dtype=jnp.int32)
   loop = _diagonal_loop if st.diagonal else _per_step_loop
   return loop(st, params, hs, gs, outs, dgx, eps, dh, dh_init, lengths, ts, resets_CB)
 
@@ -247,14 +256,13 @@ def _chunk_tangent(st: _Static, params, x, h_start, saved, y, lengths, t0, reset
 def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
   """The forward pass, keeping what the tangents need: ``(ys, h_last, h_starts, saved)``.
 
-  Per chunk, ``h_starts`` is its first state (remat "full"; remat "products" without lengths,
-  where the states are the outputs shifted by one step) and ``saved`` what else it keeps:
-  (states, gate inputs, products) per step for remat "none", the states per step for remat
-  "products" with lengths, else None.
+  Per chunk, ``h_starts`` is its first state (remat "full" and "products"; for "products" the
+  other states are the outputs shifted by one step, see :func:`_chunk_tangent`) and ``saved``
+  what else it keeps: (states, gate inputs, products) per step for remat "none", else None.
   """
   n, c = xs_NCBI.shape[:2]
   chunks = (xs_NCBI, _starts(xs_NCBI), resets_NCB)
-  save = {"full": None, "none": "all"}.get(st.remat, "states")
+  save = "all" if st.remat == "none" else None
 
   def chunk(h, inp):
     x, t0, rs = inp
@@ -273,7 +281,7 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
   if saved is not None and st.remat == "none":
     hs, gs, outs = saved
     saved = (hs, split_gates(gs, 3), outs)
-  if st.remat == "products" and saved is None:
+  if st.remat == "products":
     if st.reverse:
       h_starts = jnp.concatenate([ys[1:, 0], h0[None]])
     else:
@@ -306,7 +314,7 @@ def _layer_jvp_rule(st: _Static, primals, tangents):
   if resets_NCB is not None:
     dh_init = jnp.zeros_like(h0) if dh0 is None else dh0
   h_init = None if resets_NCB is None else h0
-  ys_kept = ys if st.remat == "products" and saved is None else None
+  ys_kept = ys if st.remat == "products" else None
 
   tangent = functools.partial(_chunk_tangent, st)
   if st.remat != "none":
@@ -315,7 +323,7 @@ def _layer_jvp_rule(st: _Static, primals, tangents):
 
   def chunk(dh, inp):
     x, t0, h_start, sv, y, rs, dx = inp
-    dh, dys = tangent(params, x, h_start, sv, y, lengths, t0, rs, h_init, dparams, dx, dh,
+    dh, dys = tangent(params, x, h_start, sv, y, lengths, t0, rs, h_init, h0, dparams, dx, dh,
                       dh_init)
     return dh, dys
 

@@ -78,10 +78,8 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
   chunk's steps (None: none), which replaces the state by ``h_init`` (B, H), the layer's initial
   state, before the steps where it is set.
 
-  ``save`` is None (no residuals), ``"all"`` (per step: the state before the step, after any
-  reset, the gate inputs and the outputs of the recurrent products, split by gate) or
-  ``"states"`` (the state before each step, only when masking makes it differ from the previous
-  output; else None).
+  ``save`` is None (no residuals) or ``"all"`` (per step: the state before the step, after any
+  reset, the gate inputs and the outputs of the recurrent products, split by gate).
   """
   cell = st.cell
   size = cell.hidden_size
@@ -110,12 +108,7 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
       return y
 
     h_new, y = _step(cell, h, g, t, lengths, product)
-    if save == "all":
-      res = (h, None if st.hoist else g, tuple(outs))
-    elif save == "states" and lengths is not None:
-      res = h
-    else:
-      res = None
+    res = (h, None if st.hoist else g, tuple(outs)) if save == "all" else None
     return _reset(h_new, h_init, r_next), (y, res)
 
   h_last, (ys, res) = jax.lax.scan(body, h0, (seq, ts, resets_next), reverse=st.reverse,
