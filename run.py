@@ -29,7 +29,7 @@ import sys
 from absl import app, flags, logging
 
 from jaxgru import ACTIVATIONS, GRUConfig
-from jaxgru.cell import VARIANTS, field_default
+from jaxgru.cell import PRECISIONS, VARIANTS, field_default
 from jaxgru.tasks.classify import SOURCES as CLASSIFY_SOURCES
 from jaxgru.tasks.classify import POOLINGS
 from jaxgru.tasks.classify.imdb import TRUNCATIONS
@@ -80,6 +80,10 @@ flags.DEFINE_integer("log_every", None, "Steps between metric fetches, logs and 
 flags.DEFINE_enum("platform", None, ("cpu", "gpu", "tpu"), "JAX platform (default: what JAX finds).")
 flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16", "float64"),
                   "Compute dtype of the matrix products (float64 turns on JAX's x64 mode).")
+flags.DEFINE_enum("matmul_precision", field_default(GRUConfig, "precision"), PRECISIONS,
+                  "How exactly GPUs and TPUs compute the products (jaxgru.GRUConfig.precision): "
+                  "highest keeps --dtype's precision; high or default allow TensorFloat-32 or "
+                  "bfloat16 passes, faster there. No effect on the CPU.")
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0 (default: env JAX_COORDINATOR_ADDRESS); "
                     "set, run.py calls jax.distributed.initialize().")
@@ -221,7 +225,7 @@ def _rnn(base, input_size: int | None = None):
               recurrent_activation=FLAGS.recurrent_activation,
               param_dtype="float64" if FLAGS.dtype == "float64" else "float32",
               dtype="bfloat16" if FLAGS.dtype == "bfloat16" else None,
-              **_given("hidden_size"))
+              precision=FLAGS.matmul_precision, **_given("hidden_size"))
   if input_size is not None:
     cell["input_size"] = input_size
   return dataclasses.replace(base, cell=dataclasses.replace(base.cell, **cell),

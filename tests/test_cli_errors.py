@@ -186,6 +186,8 @@ CASES = [
     ("eval, truncated config.json", ["--mode=eval", "--workdir={w}"], "config:truncated",
      "damaged"),
     ("platform gpu", ["--platform=gpu", "--workdir={w}"], None, "--platform=gpu"),
+    ("matmul precision unknown", ["--matmul_precision=fast", "--workdir={w}"], None,
+     "matmul_precision"),
     ("coordinator without num_processes", ["--coordinator_address=localhost:1",
                                            "--workdir={w}"], None, "needs --num_processes"),
     ("process_id out of range", ["--coordinator_address=localhost:1", "--num_processes=2",

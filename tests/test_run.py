@@ -170,7 +170,7 @@ SHOW_ARGS = ["--bits=3", "--hidden_size=8", "--batch_size=32", "--eval_bits=8",
 TYPED = ["--task=addition", "--mode=train", "--seed=0", "--num_models=1", "--optimizer=adam",
          "--schedule=constant", "--warmup_steps=0", "--clip_norm=1.0", "--weight_decay=0.0001",
          "--variant=reset_after", "--activation=tanh", "--recurrent_activation=sigmoid",
-         "--num_layers=1", "--dtype=float32"]
+         "--num_layers=1", "--dtype=float32", "--matmul_precision=highest"]
 N = 10
 
 
