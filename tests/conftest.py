@@ -9,6 +9,11 @@ The modes are set twice: globally at import, so that code run while pytest colle
 autouse fixture, so that a test that changes the global config cannot leak into the next one.
 A test that needs the permissive behaviour can ask for it locally with
 ``with jax.numpy_dtype_promotion("standard"):``.
+
+JAX's default matrix-product precision is set to "highest" likewise. The references the tests
+compare against (plain loops, Flax and Equinox cells) then compute float32 products in float32
+on a GPU too (JAX's own default there is TensorFloat-32). jaxgru is unaffected: it passes its
+cell's precision to every product itself, which tests/test_precision.py checks.
 """
 
 import jax
@@ -16,9 +21,11 @@ import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(autouse=True)
 def _strict_promotion():
-  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+  with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"), \
+      jax.default_matmul_precision("highest"):
     yield
