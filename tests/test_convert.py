@@ -1,8 +1,9 @@
 """Parity with PyTorch nn.GRU and Keras 3 GRU through the converters, from committed fixtures.
 
-The fixtures are outputs of the real frameworks (tests/fixtures/make_fixtures.py); those tests
-import neither torch nor keras. The tests at the end, past the custom VJP's threshold (T = 70), run
-PyTorch and Flax themselves, values and gradients, and skip where they are not installed.
+The fixtures are outputs of the real frameworks (tests/fixtures/make_fixtures.py); the tests
+import neither torch nor keras. The tests at the end are past the custom VJP's threshold (T = 70),
+with variable lengths: values and gradients from PyTorch's and Keras's fixtures, and from Flax,
+which runs here.
 """
 
 import dataclasses
@@ -22,6 +23,8 @@ TORCH_FIXTURES = ("torch_gru_2layer_bidirectional", "torch_gru_nobias")
 KERAS_FIXTURES = ("keras_gru_reset_after", "keras_gru_reset_before",
                   "keras_gru_relu_hard_sigmoid", "keras_gru_gelu_hard_sigmoid_reset_before")
 KERAS_WEIGHTS = ("kernel", "recurrent_kernel", "bias")
+LONG_FIXTURES = ("torch_gru_2layer_bidirectional_70steps", "keras_gru_reset_after_70steps",
+                 "keras_gru_reset_before_70steps")
 
 
 def load(name):
@@ -117,14 +120,15 @@ def test_to_keras_round_trips(name):
 
 
 def test_fixtures_are_small():
-  for name in TORCH_FIXTURES + KERAS_FIXTURES:
+  for name in TORCH_FIXTURES + KERAS_FIXTURES + LONG_FIXTURES:
     assert os.path.getsize(os.path.join(FIXTURES, f"{name}.npz")) < 100_000, name
 
 
 # -- Past the custom VJP's threshold: values and gradients, with lengths ---------------------------
-# The committed fixtures are 6 steps long, where the CPU differentiates the loop with JAX's own
-# autodiff; from 64 steps on it takes the custom VJP (ScanOptions: custom_vjp_steps). These run the
-# real frameworks at T = 70 and compare every gradient too; they skip where a framework is absent.
+# The fixtures above are 6 steps long, where the CPU differentiates the loop with JAX's own
+# autodiff; from 64 steps on it takes the custom VJP (ScanOptions: custom_vjp_steps). The
+# *_70steps fixtures hold PyTorch's and Keras's own values and gradients at T = 70 with variable
+# lengths; Flax runs here itself. Every gradient is compared.
 
 LONG_T, LONG_B, LONG_I, LONG_H = 70, 4, 5, 7
 LONG_LENGTHS = [70, 64, 33, 1]
@@ -157,32 +161,48 @@ def _jaxgru_value_and_grads(cfg, params, x, h0, gy, gh):
   return outs, grads
 
 
-def test_from_torch_at_70_steps_values_and_gradients_with_lengths():
-  torch = pytest.importorskip("torch")
-  from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-  torch.manual_seed(0)
-  gru = torch.nn.GRU(LONG_I, LONG_H, num_layers=2, bidirectional=True, batch_first=True)
-  x, h0, gy, gh = _long_inputs(0, 4, 2 * LONG_H)
-  x_t = torch.tensor(x, requires_grad=True)
-  h0_t = torch.tensor(h0, requires_grad=True)
-  packed = pack_padded_sequence(x_t, torch.tensor(LONG_LENGTHS), batch_first=True,
-                                enforce_sorted=False)
-  out, h_n_t = gru(packed, h0_t)
-  y_t, _ = pad_packed_sequence(out, batch_first=True, total_length=LONG_T)
-  ((y_t * torch.tensor(gy)).sum() + (h_n_t * torch.tensor(gh)).sum()).backward()
+def _check_long_fixture(f, cfg, params, g_weights, h0, h_n_keep=lambda a: a):
+  """jaxgru (default options: the custom VJP at T = 70) against a *_70steps fixture: outputs
+  within each length, final states, and the gradients of x, h0 and, through ``g_weights``
+  (jaxgru's weight gradients -> the framework's layout), of every weight."""
+  (ys, h_n), (g_params, g_x, g_h0) = _jaxgru_value_and_grads(
+      cfg, params, f["x"], h0, f["gy"], f["gh"].reshape(h0.shape))
+  valid = np.arange(LONG_T)[None, :, None] < f["lengths"][:, None, None]
+  assert max_err(np.where(valid, ys, 0), np.where(valid, f["y"], 0)) <= PARITY_ATOL
+  assert max_err(h_n_keep(h_n), f["h_n"]) <= PARITY_ATOL
+  np.testing.assert_allclose(g_x, f["grad_x"], **GRAD_TOL)
+  np.testing.assert_allclose(h_n_keep(g_h0), f["grad_h0"], **GRAD_TOL)
+  for name, got in g_weights(g_params).items():
+    np.testing.assert_allclose(got, f[f"grad_{name}"], err_msg=name, **GRAD_TOL)
+  return ys
 
-  cfg, params = jaxgru.from_torch(gru.state_dict())
-  (ys, h_n), (g_params, g_x, g_h0) = _jaxgru_value_and_grads(cfg, params, x, h0, gy, gh)
-  assert max_err(ys, y_t.detach().numpy()) <= PARITY_ATOL  # zeros past each length, as torch's
-  assert max_err(h_n, h_n_t.detach().numpy()) <= PARITY_ATOL
-  np.testing.assert_allclose(g_x, x_t.grad.numpy(), **GRAD_TOL)
-  np.testing.assert_allclose(g_h0, h0_t.grad.numpy(), **GRAD_TOL)
+
+def test_from_torch_at_70_steps_values_and_gradients_with_lengths():
+  """nn.GRU(num_layers=2, bidirectional=True) over a packed batch (torch's outputs are zero past
+  each length, as jaxgru's)."""
+  f = load("torch_gru_2layer_bidirectional_70steps")
+  assert list(f["lengths"]) == LONG_LENGTHS and f["x"].shape == (LONG_B, LONG_T, LONG_I)
+  cfg, params = jaxgru.from_torch(torch_state_dict(f))
+  assert (cfg.num_layers, cfg.bidirectional) == (2, True)
   # Weight gradients mapped back through the converter (to_torch only reorders and transposes).
-  g_torch = jaxgru.to_torch(cfg, g_params)
-  named = dict(gru.named_parameters())
-  assert set(g_torch) == set(named)
-  for k, p in named.items():
-    np.testing.assert_allclose(g_torch[k], p.grad.numpy(), err_msg=k, **GRAD_TOL)
+  g_weights = lambda g: jaxgru.to_torch(cfg, g)
+  assert set(g_weights(params)) == {k[len("grad_"):] for k in f if k.startswith("grad_")} - {
+      "x", "h0"}
+  ys = _check_long_fixture(f, cfg, params, g_weights, f["h0"])
+  assert max_err(ys, f["y"]) <= PARITY_ATOL  # the zeros past each length too
+
+
+@pytest.mark.parametrize("name", ["keras_gru_reset_after_70steps",
+                                  "keras_gru_reset_before_70steps"])
+def test_from_keras_at_70_steps_values_and_gradients_with_a_mask(name):
+  """keras.layers.GRU with a mask of each sequence's first `length` steps, both variants (Keras
+  repeats the last output past a sequence's end, where the fixture's cotangent is zero)."""
+  f = load(name)
+  assert list(f["lengths"]) == LONG_LENGTHS and f["x"].shape == (LONG_B, LONG_T, LONG_I)
+  cfg, params = keras_config(f)
+  assert cfg.cell.variant == ("reset_after" if f["reset_after"] else "reset_before")
+  g_weights = lambda g: dict(zip(KERAS_WEIGHTS, jaxgru.to_keras(cfg, g)))
+  _check_long_fixture(f, cfg, params, g_weights, f["h0"][None], h_n_keep=lambda a: a[0])
 
 
 def test_from_flax_bidirectional_at_70_steps_values_and_gradients_with_lengths():
