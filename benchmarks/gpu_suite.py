@@ -11,7 +11,7 @@ one is recorded and the others still run. At its limit a part is interrupted (SI
 killed with everything it started a few seconds later; its output so far is kept in its log,
 and the summary names the part's last line of output:
 
-* ``tests``: the parity and fast-path tests (tests/test_convert.py, test_fast_path.py; 80 tests,
+* ``tests``: the parity and fast-path tests (tests/test_convert.py, test_fast_path.py; 82 tests,
   test_rnn.py left out for time) on the device. ``pytest -v --tb=line -rfE``: a line per test as
   it finishes, so a run cut short still names every test it ran, and a closing line per
   failure with its reason; all of it goes to ``DIR/tests.txt``, and the summary gives the
@@ -79,7 +79,7 @@ class Part:
 # budget_s=1 saves at most one second per shape and mode, about 8 and 10 s); speed_bf16 did 2 of
 # its 3 shapes in 60 s; models compiled 11-12 s per N and phase (the single model too) and did
 # the solve phase's N=1,4,16 in 50 s; long_sequence took 20.3 s; run_py got the 19 s left and
-# was killed, so its 50 s is untested on a GPU. So: tests 110 s for the 80 tests of
+# was killed, so its 50 s is untested on a GPU. So: tests 110 s for the 82 tests of
 # test_convert + test_fast_path; speed_f32 75, speed_stacks 65; speed_bf16 50 for 2 shapes;
 # models 85 for N=64,256 in both phases (6 compiles, about 72 s); long_sequence 30 (two
 # configurations, each given up after 14 s); run_py 50. Sum 465 <= the 470 of --total_s.
