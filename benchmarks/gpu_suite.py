@@ -25,6 +25,15 @@ and the summary names the part's last line of output:
 * ``long_sequence``: benchmarks/long_sequence.py at T = 100,000 (remat products and full);
 * ``run_py``: ``python run.py``'s addition job, timed by benchmarks/addition.py.
 
+Two more parts run only when ``--parts`` names them (a second command, about 6.5 minutes,
+``--parts=tuning,parallel``):
+
+* ``tuning``: jaxgru at the GPU defaults against one change each (``unroll`` 1, 2, 4 or 16, the
+  input projection inside the loop, JAX's autodiff of the loop, the per-step backward), on the
+  four plain shapes and a bidirectional one: what the tuning table's GPU column is set from;
+* ``parallel``: benchmarks/parallel.py's convergence and forward timing (T up to 100,000,
+  B = 1 and 16, H = 1, 16 and 64) at the cell's default precision.
+
 Each part writes its JSON and markdown (and PNG where it has a plot) into ``DIR``; the suite
 writes ``DIR/summary.json`` and ``DIR/summary.md`` and prints the summary. A part whose peer
 library is missing runs without it and says so; one that needs a missing library is skipped.
@@ -59,6 +68,12 @@ PEERS = ("torch", "flax", "keras", "equinox")
 # flax_nnx runs the same cell as flax_linen (measured level with it on the H200); its place in the
 # float32 grid goes to jaxgru[precision=default], TensorFloat-32 products as the JAX peers use.
 SPEED_PEERS = "flax_linen,keras,torch,equinox"
+# The tuning part: jaxgru at its GPU defaults beside one change each (unroll, the input
+# projection inside the loop, JAX's autodiff of the loop instead of the custom rule, the
+# per-step backward instead of the diagonal one), timed in the same rounds, no peers.
+TUNING_VARIANTS = ("jaxgru,jaxgru[unroll=1],jaxgru[unroll=2],jaxgru[unroll=4],"
+                   "jaxgru[unroll=16],jaxgru[hoist_projection=false],jaxgru[custom_vjp=false],"
+                   "jaxgru[diagonal_backward=false]")
 
 
 @dataclasses.dataclass
@@ -70,6 +85,7 @@ class Part:
   limit_s: int                 # seconds (full run)
   outputs: list                # files it writes into DIR, relative
   needs: tuple = ()            # libraries without which it cannot run
+  default: bool = True         # runs without --parts (else only when --parts names it)
 
 
 # Limits, from the first full run on an NVIDIA H200 (JAX 0.11.2, fresh machine, no compile
@@ -133,6 +149,23 @@ def parts(out: str) -> list[Part]:
             "--run_py_args=--steps=2,--consolidate_steps=0,--eval_bits=8,--log_every=1,"
             "--checkpoint_every=2"],
            50, ["addition_run_py.json", "addition_run_py.md"], ("orbax",)),
+      # Opt-in parts (--parts=tuning,parallel), for a second command on the same machine:
+      # what the tuning table's GPU column and the parallel method's default need.
+      Part("tuning", "benchmarks.speed",
+           [f"--out={j('tuning.json')}", f"--impls={TUNING_VARIANTS}",
+            "--shapes=256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512,64x256x64x64:bi",
+            *speed_common],
+           [f"--out={j('tuning.json')}", "--shapes=2x4x2x3", f"--impls={TUNING_VARIANTS}",
+            *speed_quick],
+           150, ["tuning.json", "tuning.md", "tuning.png"], default=False),
+      Part("parallel", "benchmarks.parallel",
+           ["--parts=convergence,timing", "--steps=1000,10000,100000", "--batches=1,16",
+            "--hiddens=1,16,64", "--conv_hiddens=1,4,16,64,256", "--max_elements=2e8",
+            "--repeats=3", "--no-train", f"--out={j('parallel')}"],
+           ["--parts=convergence,timing", "--steps=64", "--batches=1", "--hiddens=2",
+            "--conv_steps=64", "--conv_hiddens=2", "--repeats=1", "--no-train",
+            f"--out={j('parallel')}"],
+           240, ["parallel.json", "parallel.md", "parallel.png"], default=False),
   ]
 
 
@@ -294,7 +327,7 @@ def headline(name: str, out: str, output: str) -> dict:
   """The few numbers of a part that the summary shows."""
   if name == "tests":
     return tests_figures(output)
-  if name.startswith("speed"):
+  if name.startswith("speed") or name == "tuning":
     res = _load(out, f"{name}.json")
     if not res:
       return {}
@@ -321,6 +354,18 @@ def headline(name: str, out: str, output: str) -> dict:
             "step_s": round(r["step_s"], 3), "peak_rss_mb": round(r["peak_rss_bytes"] / 2**20),
             "device_peak_mb": None if r.get("device_peak_bytes") is None
             else round(r["device_peak_bytes"] / 2**20)} for r in res["records"]}
+  if name == "parallel":
+    res = _load(out, "parallel.json")
+    if not res:
+      return {}
+    figs = {f"converge H={r['hidden']} x{r['scale']:g} {r['method']}":
+            {"iterations": r["iterations"], "fell_back": r["fell_back"]}
+            for r in res.get("convergence", [])}
+    figs.update({f"forward T={r['steps']} B={r['batch']} H={r['hidden']}":
+                 {"speedup": round(r["speedup_forward"], 2), "iterations": r["iterations"],
+                  "fell_back": r["fell_back"]}
+                 for r in res.get("timing", []) if "speedup_forward" in r})
+    return figs
   if name == "run_py":
     res = _load(out, "addition_run_py.json")
     if not res:
@@ -366,6 +411,8 @@ def main(argv):
             f"{[p.name for p in selected]}", file=sys.stderr)
       sys.exit(2)
     selected = [p for p in selected if p.name in _PARTS.value]
+  else:
+    selected = [p for p in selected if p.default]
   # The device, without starting JAX in this process (a child owns the GPU while it runs).
   device = "CPU (quick)" if quick else _gpu_name()
   missing = [lib for lib in PEERS if not _installed(lib)]

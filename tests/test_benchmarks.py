@@ -1,6 +1,7 @@
 """The benchmarks run end to end: ``python -m benchmarks.gpu_suite --quick`` on the CPU.
 
-The suite runs every part (tests, speed grids, many models, long sequences, run.py) at tiny sizes
+The suite runs every default part (tests, speed grids, many models, long sequences, run.py), and
+then the opt-in ones (tuning variants, the parallel method), at tiny sizes
 in processes of their own; parts whose peer library (PyTorch, Keras) is missing run without it.
 This checks that each part finished and wrote its files, with numbers in them. It also checks the
 arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX, and that
@@ -49,6 +50,27 @@ def test_every_part_ran(suite):
       assert os.path.getsize(out / name) > 0
   assert (out / "summary.md").read_text().startswith("# GPU suite")
   assert "speed_f32" in stdout
+
+
+@pytest.mark.slow
+def test_opt_in_parts_run_when_named(tmp_path):
+  """--parts=tuning,parallel: the parts a default run leaves out, with their numbers."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick",
+                         "--parts=tuning,parallel", f"--out={tmp_path}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert [(p["part"], p["status"]) for p in summary["parts"]] == [("tuning", "ok"),
+                                                                  ("parallel", "ok")]
+  tuning = json.loads((tmp_path / "tuning.json").read_text())
+  impls = {r["impl"] for r in tuning["records"]}
+  assert {"jaxgru", "jaxgru[unroll=1]", "jaxgru[custom_vjp=false]"} <= impls
+  assert all(_finite(r["median_ms"]) and r["median_ms"] > 0 for r in tuning["records"])
+  figs = summary["parts"][1]["figures"]
+  speedups = [v["speedup"] for k, v in figs.items() if k.startswith("forward")]
+  assert speedups and all(_finite(x) and x > 0 for x in speedups)
+  assert any(k.startswith("converge") for k in figs)
 
 
 @pytest.mark.slow
