@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -53,11 +54,11 @@ def build(hidden, steps, batch, inputs, scale=1.0, seed=0):
   return cell, params, xs
 
 
-def convergence(args, log):
+def convergence(args, log, rows=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jaxgru  # pylint: disable=import-outside-toplevel
   from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
-  rows = []
+  rows = [] if rows is None else rows  # main's list: rows so far survive an interrupt
   steps = args.conv_steps
   for scale in (1.0, 3.0):
     for hidden in args.conv_hiddens:
@@ -81,12 +82,12 @@ def convergence(args, log):
   return rows
 
 
-def timing(args, log):
+def timing(args, log, rows=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import jaxgru  # pylint: disable=import-outside-toplevel
   from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
-  rows = []
+  rows = [] if rows is None else rows  # main's list: rows so far survive an interrupt
   for steps in args.steps:
     for batch in args.batches:
       for hidden in args.hiddens:
@@ -133,13 +134,13 @@ def timing(args, log):
   return rows
 
 
-def backward(args, log):
+def backward(args, log, rows=None):
   """Gradient wall time of parallel_layer with backward="adjoint" vs "rerun" (and scan_layer)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import jaxgru  # pylint: disable=import-outside-toplevel
   from jaxgru._parallel import parallel_layer  # pylint: disable=import-outside-toplevel
-  rows = []
+  rows = [] if rows is None else rows  # main's list: rows so far survive an interrupt
   for steps, batch, hidden in args.backward_shapes:
     cell, params, xs = build(hidden, steps, batch, args.inputs)
     loss = lambda f: (lambda p, x: jnp.mean(f(p, x) ** 2))
@@ -163,7 +164,7 @@ def backward(args, log):
   return rows
 
 
-def trained_addition(args, log):
+def trained_addition(args, log, rows=None):
   """Convergence on the recurrent layer of a trained addition model (``--addition_workdir``, made
   by ``python run.py --workdir=DIR``) over ``--addition_bits``-bit held-out problems."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -181,7 +182,7 @@ def trained_addition(args, log):
   xs_TBI = jnp.swapaxes(x_BTI, 0, 1).astype(cell.state_dtype)
   ys_ref, _ = jax.jit(lambda p, x: jaxgru.scan_layer(cell, p, x))(layer, xs_TBI)
   w = params["readout"]["w"]
-  rows = []
+  rows = [] if rows is None else rows  # main's list: rows so far survive an interrupt
   for method in ("quasi", "elk", "full"):
     ys, _, info = jax.jit(lambda p, x, m=method: parallel_layer(
         cell, p, x, method=m, max_iters=args.max_iters))(layer, xs_TBI)
@@ -237,7 +238,7 @@ def _imdb_reviews(args):
   return cfg, model, params, sample.inputs[:, :steps], sample.lengths, sample.labels
 
 
-def trained_imdb(args, log):
+def trained_imdb(args, log, rows=None):
   """Convergence on the recurrent layers of a trained IMDB classifier (``--imdb_workdir``, made by
   ``python run.py --task=imdb``) over ``--imdb_reviews`` real test reviews of ``--imdb_data``.
 
@@ -287,7 +288,7 @@ def trained_imdb(args, log):
       cell, p, x, None, n, reverse=rev, method=m, max_iters=args.max_iters),
                 static_argnums=(0, 4, 5))
   tapped = with_stack(tap=True)
-  rows = []
+  rows = [] if rows is None else rows  # main's list: rows so far survive an interrupt
   for k in range(num_models):
     p_k = jax.tree.map(lambda a, k=k: a[k], params)
     try:
@@ -525,7 +526,15 @@ def main(argv=None):
                      ("trained_addition", trained_addition), ("trained_imdb", trained_imdb),
                      ("backward", backward)):
     if name in parts:
-      record[name] = part(args, log)
+      record[name] = []
+      try:
+        result = part(args, log, record[name])
+      except KeyboardInterrupt:  # a time limit (gpu_suite sends SIGINT): keep the rows so far
+        record["interrupted_in"] = name
+        common.write_json(args.out + ".json", record)
+        print(f"interrupted in {name}; rows so far written to {args.out}.json", flush=True)
+        sys.exit(130)
+      record[name] = result
       common.write_json(args.out + ".json", record)  # what is done so far survives a crash
   env["load_average_at_end"] = common.load_average()
   common.write_json(args.out + ".json", record)
