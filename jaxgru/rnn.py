@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgru.cell import INITIALIZERS, GRUConfig, Params, check_lengths, check_shape
-from jaxgru.scan import ScanOptions, check_resets, scan_layer
+from jaxgru.scan import ScanOptions, check_options, check_resets, scan_layer
 
 StackParams = list[dict[str, Params]]
 
@@ -179,6 +179,7 @@ class RNNConfig:
       else:
         check_resets(resets, (batch, steps), f"(B={batch}, T={steps})", "RNN resets")
     options = options if options is not None else ScanOptions()
+    check_options(options, "RNN options")
     if unroll is not None:
       options = dataclasses.replace(options, unroll=unroll)
 

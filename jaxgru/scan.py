@@ -65,6 +65,13 @@ from jaxgru.cell import GRUConfig, Params
 __all__ = ("REMAT", "ScanOptions", "diagonal_backward_applies", "scan_layer")
 
 
+def check_options(options, name: str) -> None:
+  """A clear error for options that are not a :class:`ScanOptions` (a dict, say)."""
+  if not isinstance(options, ScanOptions):
+    raise TypeError(f"{name}: expected a jaxgru.ScanOptions (for instance "
+                    f"ScanOptions(unroll=2)), got {type(options).__name__}")
+
+
 def check_resets(resets, shape: tuple[int, int], spelled: str, name: str = "resets") -> None:
   """Raises ValueError unless ``resets`` is a boolean array of ``shape`` (spelled e.g. "(B=4, T=9)")."""
   got = tuple(getattr(resets, "shape", ()))
@@ -121,6 +128,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   Returns:
     ``(ys_TBH, h_last_BH)``: every step's output and the final states.
   """
+  check_options(options, "scan_layer options")
   steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
   dtype = cell.state_dtype
   if h0_BH is None:
@@ -130,8 +138,8 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     if isinstance(resets_BT, (list, tuple)):
       resets_BT = jnp.asarray(resets_BT)
     check_resets(resets_BT, (batch, steps), f"(B={batch}, T={steps})", "scan_layer resets_BT")
-  if steps == 0:
-    return jnp.zeros((0, batch, cell.hidden_size), dtype), h0_BH
+  if steps == 0 or batch == 0:  # nothing to run (an empty batch has no chunks to reshape)
+    return jnp.zeros((steps, batch, cell.hidden_size), dtype), h0_BH
   opts = options.resolved(steps, batch, cell.hidden_size, inputs=xs_TBI.shape[-1])
   if opts.method == "parallel":
     ys_TBH, h_last_BH, _ = parallel_layer(

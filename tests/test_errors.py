@@ -179,6 +179,30 @@ def test_apply_wrong_shapes():
     cfg.apply(params, xs, None, jnp.zeros((2, B, H)))
 
 
+def test_options_must_be_scan_options():
+  cfg = RNNConfig(GRUConfig(I, H))
+  params = zeros_stack(cfg)
+  xs = jnp.zeros((B, T, I))
+  with pytest.raises(TypeError, match=r"RNN options: expected a jaxgru.ScanOptions .* got dict"):
+    cfg.apply(params, xs, options={"unroll": 2})
+  with pytest.raises(TypeError, match=r"scan_layer options: .* got tuple"):
+    jaxgru.scan_layer(cfg.cell, params[0]["fwd"], jnp.zeros((T, B, I)), options=(2,))
+
+
+def test_empty_batch_runs_past_the_custom_vjp_threshold():
+  """B = 0 at T = 70: empty outputs and states, and zero (not NaN) gradients, with lengths and
+  resets, in both directions; no error from splitting zero rows into chunks."""
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
+  params = cfg.init(jax.random.key(0))
+  xs = jnp.zeros((0, 70, I))
+  lengths, resets = jnp.zeros((0,), jnp.int32), jnp.zeros((0, 70), bool)
+  ys, h_n = cfg.apply(params, xs, lengths, resets=resets)
+  assert ys.shape == (0, 70, 2 * H) and h_n.shape == (4, 0, H)
+  grads = jax.grad(lambda p: cfg.apply(p, xs, lengths, resets=resets)[0].sum())(params)
+  for g in jax.tree.leaves(grads):
+    np.testing.assert_array_equal(g, np.zeros_like(g))
+
+
 def test_apply_wrong_params():
   cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True)
   params = zeros_stack(cfg)
