@@ -145,7 +145,7 @@ def test_gradients_of_some_arguments_only(argnums):
   new = functools.partial(f, lambda p, x, h: scan_layer(cell, p, x, h, options=OPTIONS["remat"]))
   old = functools.partial(f, lambda p, x, h: reference(cell, p, x, h, None, False))
   got = jax.jit(jax.grad(new, argnums))(*args)
-  want = jax.grad(old, argnums)(*args)
+  want = jax.jit(jax.grad(old, argnums))(*args)
   for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6)
 
@@ -156,8 +156,10 @@ def test_loss_of_one_output_only(which):
   cell = GRUConfig(I, H)
   params, xs = random_params(cell), randn(T, B, I)
   pick = (lambda o: jnp.sum(o[0] ** 2)) if which == "ys" else (lambda o: jnp.sum(o[1] ** 2))
-  got = jax.grad(lambda p: pick(scan_layer(cell, p, xs, options=OPTIONS["chunks"])))(params)
-  want = jax.grad(lambda p: pick(reference(cell, p, xs, jnp.zeros((B, H)), None, False)))(params)
+  got = jax.jit(jax.grad(lambda p: pick(scan_layer(cell, p, xs, options=OPTIONS["chunks"]))))(
+      params)
+  want = jax.jit(jax.grad(lambda p: pick(reference(cell, p, xs, jnp.zeros((B, H)), None,
+                                                   False))))(params)
   for n in want:
     np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)
 
@@ -192,17 +194,41 @@ def apply_reference(cfg, params, xs, lengths, h0, dropout_key):
   return xs, jnp.stack(finals)
 
 
+STACK = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True, dropout=0.3)
+
+
+def stack_loss(ys, hs):
+  return jnp.sum(ys * jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape) / ys.size) + \
+      jnp.sum(hs ** 2)
+
+
+def stack_args():
+  params = [{d: random_params(STACK.layer_cell(l), seed=2 * l + i)
+             for i, d in enumerate(STACK.directions)} for l in range(STACK.num_layers)]
+  return params, randn(B, T, I), randn(4, B, H, seed=2)
+
+
+def outputs_and_grads(run):
+  """One compiled program: run's outputs and the gradients of stack_loss over them."""
+  def f(p, x, h):
+    outs = run(p, x, h)
+    return stack_loss(*outs), outs
+  return jax.jit(lambda *a: jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(*a))
+
+
+@functools.lru_cache(maxsize=None)
+def stack_reference():
+  """The plain path's outputs and gradients, computed once for both parametrizations."""
+  key = jax.random.key(3)
+  old = lambda p, x, h: apply_reference(STACK, p, x, jnp.asarray(LENGTHS), h, key)
+  (_, outs), grads = outputs_and_grads(old)(*stack_args())
+  return outs, grads
+
+
 @pytest.mark.parametrize("time_major,options", [(False, None), (True, "products")])
 def test_apply_stack_with_dropout_equals_the_plain_path(time_major, options):
-  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, bidirectional=True, dropout=0.3)
-  params = [{d: random_params(cfg.layer_cell(l), seed=2 * l + i) for i, d in enumerate(cfg.directions)}
-            for l in range(cfg.num_layers)]
-  xs, h0 = randn(B, T, I), randn(4, B, H, seed=2)
+  cfg = STACK
   lengths, key = jnp.asarray(LENGTHS), jax.random.key(3)
-
-  def loss_of(ys, hs):
-    return jnp.sum(ys * jnp.arange(ys.size, dtype=ys.dtype).reshape(ys.shape) / ys.size) + \
-        jnp.sum(hs ** 2)
 
   def new(p, x, h):
     x_in = jnp.swapaxes(x, 0, 1) if time_major else x
@@ -210,16 +236,11 @@ def test_apply_stack_with_dropout_equals_the_plain_path(time_major, options):
                        options=OPTIONS.get(options))
     return (jnp.swapaxes(ys, 0, 1) if time_major else ys), hs
 
-  def old(p, x, h):
-    return apply_reference(cfg, p, x, lengths, h, key)
-
-  got = jax.jit(new)(params, xs, h0)
-  want = old(params, xs, h0)
-  for g, w in zip(got, want):
+  (_, got), got_grads = outputs_and_grads(new)(*stack_args())
+  want, want_grads = stack_reference()
+  for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-  got = jax.jit(jax.grad(lambda *a: loss_of(*new(*a)), argnums=(0, 1, 2)))(params, xs, h0)
-  want = jax.grad(lambda *a: loss_of(*old(*a)), argnums=(0, 1, 2))(params, xs, h0)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
