@@ -169,9 +169,9 @@ def test_module_params_and_values():
   model = GRU.from_params(cfg, params)
   xs, lengths, h0 = randn(B, T, I), jnp.array([T, 2, 0]), randn(4, B, H, seed=2)
   ys, h_last = eqx.filter_jit(lambda m, *a: m.batched(*a))(model, xs, lengths, h0)
-  ys_ref, h_ref = reference_stack(cfg, params, xs, lengths, h0)
+  ys_ref, h_ref = jax.jit(reference_stack, static_argnums=0)(cfg, params, xs, lengths, h0)
   assert max_err(ys, ys_ref) <= ATOL and max_err(h_last, h_ref) <= ATOL
-  np.testing.assert_array_equal(ys, cfg.apply(params, xs, lengths, h0)[0])
+  np.testing.assert_array_equal(ys, jax.jit(cfg.apply)(params, xs, lengths, h0)[0])
   # Per example, and vmapped: the same results.
   ys1, h1 = eqx.filter_jit(lambda m, x, n, h: m(x, n, h))(model, xs[1], lengths[1], h0[:, 1])
   assert max_err(ys1, ys_ref[1]) <= ATOL and max_err(h1, h_ref[:, 1]) <= ATOL
@@ -191,7 +191,7 @@ def test_module_grads_equal_rnnconfig_apply():
     return jnp.sum(ys ** 2) + jnp.sum(jnp.sin(h))
 
   grads = eqx.filter_jit(eqx.filter_grad(lambda m: loss_of(m.batched(xs, lengths, h0))))(model)
-  ref = jax.grad(lambda p: loss_of(cfg.apply(p, xs, lengths, h0)))(model.params)
+  ref = jax.jit(jax.grad(lambda p: loss_of(cfg.apply(p, xs, lengths, h0))))(model.params)
   for g, r in zip(jax.tree.leaves(grads.params), jax.tree.leaves(ref)):
     assert max_err(g, r) <= ATOL
     assert float(jnp.max(jnp.abs(r))) > 0
@@ -199,7 +199,7 @@ def test_module_grads_equal_rnnconfig_apply():
   def loss_vmapped(m):
     ys, h = jax.vmap(m, in_axes=(0, 0, 1))(xs, lengths, h0)
     return loss_of((ys, h))
-  grads_v = eqx.filter_grad(loss_vmapped)(model)
+  grads_v = eqx.filter_jit(eqx.filter_grad(loss_vmapped))(model)
   for g, r in zip(jax.tree.leaves(grads_v.params), jax.tree.leaves(ref)):
     assert max_err(g, r) <= ATOL
 
@@ -211,8 +211,9 @@ def test_module_dropout():
   with pytest.raises(ValueError, match="needs a key"):
     model.batched(xs)
   train, _ = eqx.filter_jit(lambda m, x, k: m.batched(x, key=k))(model, xs, key)
-  np.testing.assert_array_equal(train, cfg.apply(params, xs, dropout_key=key)[0])
-  eval_ref, _ = cfg.apply(params, xs)
+  np.testing.assert_array_equal(
+      train, jax.jit(lambda p, x, k: cfg.apply(p, x, dropout_key=k))(params, xs, key)[0])
+  eval_ref, _ = jax.jit(cfg.apply)(params, xs)
   assert max_err(train, eval_ref) > 1e-3
   inference = eqx.nn.inference_mode(model)
   assert inference.inference is True

@@ -68,7 +68,7 @@ def test_module_layout_and_values():
   model.load_params(params)
   xs, lengths, h0 = randn(B, T, I), jnp.array([T, 2, 0]), randn(4, B, H, seed=2)
   ys, h_last = model(xs, lengths, h0)
-  ys_ref, h_ref = reference_stack(cfg, params, xs, lengths, h0)
+  ys_ref, h_ref = jax.jit(reference_stack, static_argnums=0)(cfg, params, xs, lengths, h0)
   assert max_err(ys, ys_ref) <= ATOL and max_err(h_last, h_ref) <= ATOL
   np.testing.assert_array_equal(ys[2], 0.0)  # length 0: no output
   np.testing.assert_array_equal(h_last[:, 2], h0[:, 2])  # and the state untouched
@@ -177,15 +177,17 @@ def test_dropout_train_and_eval():
   cfg = model.config
   xs = randn(B, T, I)
   call = nnx.jit(lambda m, x: m(x))
+  train_apply = jax.jit(lambda p, x, k: cfg.apply(p, x, dropout_key=k))
+  eval_apply = jax.jit(lambda p, x: cfg.apply(p, x))
   assert model.deterministic is False  # NNX modules start in training mode
   stream = nnx.clone(model.rngs)  # the stream the next call draws its key from
   key1 = stream()
   key2 = stream()
   train1, _ = call(model, xs)
   train2, _ = call(model, xs)  # the stream advanced: a new mask
-  np.testing.assert_array_equal(train1, cfg.apply(params, xs, dropout_key=key1)[0])
-  np.testing.assert_array_equal(train2, cfg.apply(params, xs, dropout_key=key2)[0])
-  eval_ref, _ = cfg.apply(params, xs)
+  np.testing.assert_array_equal(train1, train_apply(params, xs, key1)[0])
+  np.testing.assert_array_equal(train2, train_apply(params, xs, key2)[0])
+  eval_ref, _ = eval_apply(params, xs)
   assert max_err(train1, eval_ref) > 1e-3 and max_err(train1, train2) > 1e-3
   model.eval()
   assert model.deterministic is True
@@ -194,9 +196,9 @@ def test_dropout_train_and_eval():
   # Overrides at call time, and nnx.view.
   key = jax.random.key(5)
   np.testing.assert_array_equal(model(xs, deterministic=False, rngs=key)[0],
-                                cfg.apply(params, xs, dropout_key=key)[0])
+                                train_apply(params, xs, key)[0])
   np.testing.assert_array_equal(model(xs, deterministic=False, rngs=nnx.Rngs(dropout=5))[0],
-                                cfg.apply(params, xs, dropout_key=nnx.Rngs(dropout=5).dropout())[0])
+                                train_apply(params, xs, nnx.Rngs(dropout=5).dropout())[0])
   model.train()
   assert model.deterministic is False
   view = nnx.view(model, deterministic=True)
@@ -230,8 +232,8 @@ def test_grads_equal_rnnconfig_apply():
     ys, h = cfg.apply(p, xs, lengths, h0)
     return jnp.sum(ys ** 2) + jnp.sum(jnp.sin(h))
 
-  grads = nnx.grad(loss_model)(model)
-  ref = jax.grad(loss_params)(params)
+  grads = nnx.jit(nnx.grad(loss_model))(model)
+  ref = jax.jit(jax.grad(loss_params))(params)
   got = nnx.to_pure_dict(grads)["gru"]
   for l in range(cfg.num_layers):
     for d in cfg.directions:
@@ -240,7 +242,7 @@ def test_grads_equal_rnnconfig_apply():
         assert float(jnp.max(jnp.abs(g))) > 0
   # nnx.split + jax.grad gives the same.
   graphdef, state = nnx.split(model)
-  grads2 = jax.grad(lambda s: loss_model(nnx.merge(graphdef, s)))(state)
+  grads2 = jax.jit(jax.grad(lambda s: loss_model(nnx.merge(graphdef, s))))(state)
   for a, b in zip(jax.tree.leaves(grads2), jax.tree.leaves(grads)):
     np.testing.assert_array_equal(a, b)
 
