@@ -241,8 +241,9 @@ def test_bidirectional_stack_equals_each_segment_alone():
       params, xs, h0, w_ys, w_h)
   check(got, want)
   # time_major takes (T, B) flags.
-  ys_tm, h_tm = cfg.apply(params, jnp.swapaxes(xs, 0, 1), jnp.asarray(lengths), h0,
-                          options=options, resets=jnp.asarray(resets.T), time_major=True)
+  ys_tm, h_tm = jax.jit(lambda p, x, h: cfg.apply(
+      p, x, jnp.asarray(lengths), h, options=options, resets=jnp.asarray(resets.T),
+      time_major=True))(params, jnp.swapaxes(xs, 0, 1), h0)
   check((jnp.swapaxes(ys_tm, 0, 1), h_tm), got[0])
 
 
