@@ -24,7 +24,63 @@ def _run(args, timeout=300, **kw):
                         timeout=timeout, env=env, **kw)
 
 
-@pytest.mark.parametrize("args,message", [
+# The forking runner of test_cli_errors.py, with run.py's own logging set-up (INFO, libraries
+# quieted, as its ``__main__`` does): reads [[args, stderr_path, cwd], ...] as JSON on stdin,
+# runs each as run.py in a forked child (its own flags, its own JAX backend), prints
+# [exit_status, ...] as JSON. One import of run.py serves the whole table; a fresh interpreter per
+# case spent most of the table's time importing JAX.
+_RUNNER = r"""
+import importlib.util, json, os, sys, traceback
+sys.path.insert(0, ROOT)
+spec = importlib.util.spec_from_file_location("run_cli", RUN)
+run = importlib.util.module_from_spec(spec)
+sys.modules["run_cli"] = run
+spec.loader.exec_module(run)
+from absl import app, logging
+codes = []
+for args, err_path, cwd in json.loads(sys.stdin.read()):
+  pid = os.fork()
+  if pid == 0:
+    os.chdir(cwd)
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    code = 0
+    try:
+      logging.set_verbosity(logging.INFO)
+      logging.get_absl_handler().addFilter(run._quiet_libraries)
+      app.run(run._main, argv=[RUN] + args, flags_parser=run._parse_flags)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+      traceback.print_exc()
+      code = 1
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
+  _, status = os.waitpid(pid, 0)
+  codes.append(os.waitstatus_to_exitcode(status))
+print(json.dumps(codes))
+"""
+
+
+def run_forked(cases, tmp, cwd=None, timeout=600):
+  """Runs each ``args`` list of ``cases`` as run.py (in ``cwd``, by default the current folder),
+  each in a process forked from one that imported run.py; returns ``[(exit_status, stderr)]``."""
+  cwd = os.getcwd() if cwd is None else cwd
+  jobs = [[list(args), os.path.join(tmp, f"stderr{i}.txt"), cwd] for i, args in enumerate(cases)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  code = f"ROOT, RUN = {ROOT!r}, {RUN!r}\n" + _RUNNER
+  proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(jobs), text=True,
+                        capture_output=True, timeout=timeout, env=env)
+  assert proc.returncode == 0, proc.stderr
+  codes = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(codes) == len(jobs), proc.stdout
+  return [(c, open(p).read()) for c, (_, p, _) in zip(codes, jobs)]
+
+
+BAD_INPUT = [
     (["--hidden_size=-3"], "hidden_size must be a positive integer, got -3"),
     (["--bits=0"], "bits must be a positive integer, got 0"),
     (["--steps=0"], "steps must be a positive integer, got 0"),
@@ -40,14 +96,31 @@ def _run(args, timeout=300, **kw):
     (["--mode=add", "--a=-5", "--b=2", "--workdir={tmp}/empty"], "--a must be a non-negative"),
     (["--mode=add", "--a=1.5", "--b=2", "--workdir={tmp}/empty"], "--a must be a non-negative"),
     (["--mode=add", "--a=12", "--workdir={tmp}/empty"], "needs --b=INT"),
-])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
-  proc = _run([a.format(tmp=tmp_path) for a in args], timeout=120)
-  assert proc.returncode == 2, (proc.returncode, proc.stderr)
-  assert message in proc.stderr
-  assert "Traceback" not in proc.stderr
-  errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
-  assert len(errors) == 1, proc.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_outcomes(tmp_path_factory):
+  """Every case of BAD_INPUT, each with a folder of its own as {tmp}: index -> (status, stderr)."""
+  base = str(tmp_path_factory.mktemp("bad_input"))
+  prepared = []
+  for i, (args, _) in enumerate(BAD_INPUT):
+    tmp = os.path.join(base, f"case{i}")
+    os.makedirs(tmp)
+    prepared.append([a.format(tmp=tmp) for a in args])
+  return dict(enumerate(run_forked(prepared, base)))
+
+
+@pytest.mark.parametrize("index", range(len(BAD_INPUT)),
+                         ids=[f"args{i}-{m}" for i, (_, m) in enumerate(BAD_INPUT)])
+def test_bad_input_exits_2_with_one_line(bad_input_outcomes, index):
+  message = BAD_INPUT[index][1]
+  returncode, stderr = bad_input_outcomes[index]
+  assert returncode == 2, (returncode, stderr)
+  assert message in stderr
+  assert "Traceback" not in stderr
+  errors = [l for l in stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1, stderr
 
 
 def _final_params(workdir):
