@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from test_imdb import make_archive, make_layout
+from test_run import run_forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run.py")
@@ -48,23 +49,16 @@ def _bad_data(tmp_path, kind):
   return archive
 
 
-@pytest.mark.parametrize("kind, message", [
+BAD_DATA = [
     ("missing", "no such file or directory"),
     ("no_layout", "not the IMDB layout"),
     ("empty_review", "77_1.txt: empty review file"),
     ("not_utf8", "77_8.txt: not valid UTF-8"),
     ("truncated", "corrupt or truncated archive"),
     ("corrupt", "corrupt or truncated archive"),
-])
-def test_bad_data_exits_2_with_one_line(tmp_path, kind, message):
-  proc = _run(["--task=imdb", f"--data_path={_bad_data(tmp_path, kind)}",
-               f"--workdir={tmp_path}/run"])
-  assert proc.returncode == 2, (proc.returncode, proc.stderr)
-  assert message in proc.stderr and "Traceback" not in proc.stderr
-  assert len([l for l in proc.stderr.splitlines() if "error" in l.lower()]) == 1, proc.stderr
+]
 
-
-@pytest.mark.parametrize("args, message", [
+USAGE_ERRORS = [
     (["--task=imdb"], "--task=imdb needs --data_path=PATH"),
     (["--mode=predict", "--text=", "--workdir={tmp}"], "needs a non-empty --text"),
     (["--mode=predict", "--text=   ", "--workdir={tmp}"], "needs a non-empty --text"),
@@ -76,12 +70,44 @@ def test_bad_data_exits_2_with_one_line(tmp_path, kind, message):
     (["--task=classify", "--mode=add"], "--mode=add is for --task=addition"),
     (["--task=classify", "--data_path=x"], "--data_path is for --task=imdb"),
     (["--task=classify", "--text=hi"], "--text is for --mode=predict"),
-])
-def test_usage_errors_exit_2_with_one_line(tmp_path, args, message):
-  proc = _run([a.format(tmp=tmp_path) for a in args])
-  assert proc.returncode == 2, (proc.returncode, proc.stderr)
-  assert message in proc.stderr and "Traceback" not in proc.stderr
-  assert len([l for l in proc.stderr.splitlines() if "error" in l.lower()]) == 1, proc.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  """Every case of BAD_DATA and USAGE_ERRORS, each with a folder of its own, run as run.py in
+  processes forked from one that imported it once (test_run.run_forked), in the repository's
+  root: {("data"|"usage", index): (exit status, stderr)}."""
+  base = tmp_path_factory.mktemp("cases")
+  keys, prepared = [], []
+  for i, (kind, _) in enumerate(BAD_DATA):
+    tmp = base / f"data{i}"
+    tmp.mkdir()
+    keys.append(("data", i))
+    prepared.append(["--task=imdb", f"--data_path={_bad_data(tmp, kind)}", f"--workdir={tmp}/run"])
+  for i, (args, _) in enumerate(USAGE_ERRORS):
+    tmp = base / f"usage{i}"
+    tmp.mkdir()
+    keys.append(("usage", i))
+    prepared.append([a.format(tmp=tmp) for a in args])
+  return dict(zip(keys, run_forked(prepared, str(base), cwd=ROOT)))
+
+
+def _check_one_line_exit_2(returncode, stderr, message):
+  assert returncode == 2, (returncode, stderr)
+  assert message in stderr and "Traceback" not in stderr
+  assert len([l for l in stderr.splitlines() if "error" in l.lower()]) == 1, stderr
+
+
+@pytest.mark.parametrize("index", range(len(BAD_DATA)), ids=[k for k, _ in BAD_DATA])
+def test_bad_data_exits_2_with_one_line(outcomes, index):
+  _check_one_line_exit_2(*outcomes["data", index], BAD_DATA[index][1])
+
+
+@pytest.mark.parametrize("index", range(len(USAGE_ERRORS)),
+                         ids=[f"args{i}-{m}" for i, (_, m) in enumerate(USAGE_ERRORS)])
+def test_usage_errors_exit_2_with_one_line(outcomes, index):
+  _check_one_line_exit_2(*outcomes["usage", index], USAGE_ERRORS[index][1])
 
 
 @pytest.mark.slow
