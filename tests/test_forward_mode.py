@@ -166,7 +166,8 @@ def test_jacfwd_equals_jacrev_past_the_threshold():
     return jnp.concatenate([ys[::7].reshape(-1), h_last.reshape(-1)])
 
   h0 = randn(2, H, seed=9)
-  np.testing.assert_allclose(np.asarray(jax.jacfwd(f)(h0)), np.asarray(jax.jacrev(f)(h0)),
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.jacfwd(f))(h0)),
+                             np.asarray(jax.jit(jax.jacrev(f))(h0)),
                              rtol=1e-4, atol=1e-6)
 
 
@@ -177,13 +178,17 @@ def test_linearize_equals_jvp_and_its_transpose_equals_vjp():
   lengths = lengths_for(steps)
   run = lambda p, x: scan_layer(cell, p, x, None, lengths)[0]
   v = (tangent_like(params, 70), randn(*xs.shape, seed=80))
-  ys, lin = jax.linearize(run, params, xs)
-  _, ys_dot = jax.jvp(run, (params, xs), v)
-  assert_close(lin(*v), ys_dot)
-  ct = randn(*ys.shape, seed=90)
-  (transposed,) = [jax.linear_transpose(lin, params, xs)(ct)]
-  _, vjp = jax.vjp(run, params, xs)
-  assert_close(transposed, vjp(ct))
+  ct = randn(steps, B, H, seed=90)  # the shape of ys
+  # Each in a program of its own (one program could merge the equal computations).
+  ys, lin_v = jax.jit(lambda p, x, v: (lambda o: (o[0], o[1](*v)))(jax.linearize(run, p, x)))(
+      params, xs, v)
+  assert ys.shape == ct.shape
+  ys_dot = jax.jit(lambda p, x, v: jax.jvp(run, (p, x), v)[1])(params, xs, v)
+  assert_close(lin_v, ys_dot)
+  transposed = jax.jit(
+      lambda p, x, c: jax.linear_transpose(jax.linearize(run, p, x)[1], p, x)(c))(params, xs, ct)
+  vjp_ct = jax.jit(lambda p, x, c: jax.vjp(run, p, x)[1](c))(params, xs, ct)
+  assert_close(transposed, vjp_ct)
 
 
 def test_forward_over_reverse_equals_autodiff():
