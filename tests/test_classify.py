@@ -1,6 +1,7 @@
 """The sequence classifier: masking, pooling, batching, synthetic and tiny-IMDB training, predict."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -38,6 +39,12 @@ def _reference_bigrams(ids):
           for p, w in zip(prev, ids)]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _step(cell, p, h, x):
+  """GRUConfig.step, compiled once per cell rather than run op by op at every step."""
+  return cell.step(p, h, x)
+
+
 def _reference_pooled(model, params, ids, length):
   """The pooled vector of ONE review, from its valid steps alone: a Python loop over time per
   direction, numpy pooling, no padding anywhere."""
@@ -53,7 +60,7 @@ def _reference_pooled(model, params, ids, length):
       steps = range(length - 1, -1, -1) if d == "bwd" else range(length)
       ys = np.zeros((length, H), np.float32)
       for t in steps:
-        h = np.asarray(cell.step(p, jnp.asarray(h), jnp.asarray(x[t])))
+        h = np.asarray(_step(cell, p, jnp.asarray(h), jnp.asarray(x[t])))
         ys[t] = h
       outs.append(ys)
       finals.append(h)
@@ -72,7 +79,7 @@ def test_pooled_matches_an_unpadded_python_loop(pooling):
   lengths = np.array([7, 3, 1], np.int32)
   ids = rng.integers(2, V, (3, 9)).astype(np.int32)
   ids[np.arange(9)[None, :] >= lengths[:, None]] = imdb.PAD_ID
-  got = np.asarray(model.pooled(params, jnp.asarray(ids), jnp.asarray(lengths)))
+  got = np.asarray(jax.jit(model.pooled)(params, jnp.asarray(ids), jnp.asarray(lengths)))
   assert got.shape == (3, model.pooled_size)
   for b in range(3):
     np.testing.assert_allclose(got[b], _reference_pooled(model, params, ids[b], lengths[b]),
@@ -89,8 +96,9 @@ def test_padding_never_changes_a_prediction(pooling):
   short, n1 = imdb.encode([review], cfg_vocab, 8)
   long, n2 = imdb.encode([review], cfg_vocab, 64)
   long[0, 5:] = 9  # even non-padding ids past the length must not matter
-  p_short = jax.nn.sigmoid(model.logits(params, jnp.asarray(short), jnp.asarray(n1)))
-  p_long = jax.nn.sigmoid(model.logits(params, jnp.asarray(long), jnp.asarray(n2)))
+  logits = jax.jit(model.logits)
+  p_short = jax.nn.sigmoid(logits(params, jnp.asarray(short), jnp.asarray(n1)))
+  p_long = jax.nn.sigmoid(logits(params, jnp.asarray(long), jnp.asarray(n2)))
   np.testing.assert_allclose(np.asarray(p_short), np.asarray(p_long), rtol=1e-6, atol=1e-7)
 
 
@@ -99,9 +107,10 @@ def test_dropout_only_with_a_key_and_empty_sequences_are_finite():
   params = model.init(jax.random.PRNGKey(2))
   ids = jnp.asarray(np.arange(2, 14, dtype=np.int32).reshape(2, 6))
   lengths = jnp.asarray([6, 0], jnp.int32)
-  a = model.logits(params, ids, lengths)
-  np.testing.assert_array_equal(a, model.logits(params, ids, lengths))
-  b = model.logits(params, ids, lengths, dropout_key=jax.random.PRNGKey(3))
+  logits = jax.jit(model.logits)
+  a = logits(params, ids, lengths)
+  np.testing.assert_array_equal(a, logits(params, ids, lengths))
+  b = logits(params, ids, lengths, dropout_key=jax.random.PRNGKey(3))
   assert not np.allclose(a, b)
   assert np.isfinite(np.asarray(a)).all() and np.isfinite(np.asarray(b)).all()
 
