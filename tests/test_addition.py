@@ -1,5 +1,6 @@
 """The addition task: encoding, generated problems, training, many models, sharding."""
 
+import functools
 import json
 import os
 import random
@@ -127,7 +128,7 @@ def test_evaluate_against_python_reference():
   np.testing.assert_array_equal(x, addition.eval_batch(cfg.seed, 20, 30)[0])
   for m in range(2):
     p = jax.tree.map(lambda l: l[m], params)
-    logits, _ = model.logits(p, x)
+    logits, _ = jax.jit(model.logits)(p, x)
     want = np.mean([np.array_equal(np.asarray(logits[i]) > 0, np.asarray(y[i]) > 0)
                     for i in range(30)])
     assert got[m] == pytest.approx(want)
@@ -172,15 +173,25 @@ def test_many_models_equal_separate_runs(grouped, monkeypatch):
   step = addition.make_train_step(many)
   for _ in range(steps):
     state, _ = step(state)
+  for i, separate in enumerate(_separate_runs(steps, many.learning_rates)):
+    for a, b in zip(separate, jax.tree.leaves(state.params), strict=True):
+      np.testing.assert_allclose(a, np.asarray(b)[i], rtol=1e-5, atol=1e-6)
+
+
+@functools.lru_cache(maxsize=None)
+def _separate_runs(steps, learning_rates):
+  """Models 0, 1, 2 of test_many_models_equal_separate_runs, each trained alone (one model per
+  step, never grouped), computed once for both of its parametrizations: their parameter leaves."""
   # Seed and learning rate live in the state, so one compiled single-model step serves all.
   step1 = addition.make_train_step(_small_cfg(num_models=1))
+  out = []
   for i in range(3):
-    one = _small_cfg(num_models=1, seed=10 + i, learning_rates=(many.learning_rates[i % 2],))
+    one = _small_cfg(num_models=1, seed=10 + i, learning_rates=(learning_rates[i % 2],))
     s1 = addition.init_states(one)
     for _ in range(steps):
       s1, _ = step1(s1)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(state.params)):
-      np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[i], rtol=1e-5, atol=1e-6)
+    out.append([np.asarray(a)[0] for a in jax.tree.leaves(s1.params)])
+  return out
 
 
 _SHARDED_SCRIPT = r"""
