@@ -45,13 +45,31 @@ def lengths_resets(steps, seed=2):
   return jnp.asarray(lengths), jnp.asarray(resets)
 
 
+_SEQUENTIAL = {}  # (cell, steps, reverse, masks, grads) -> the jitted reference
+
+
+def sequential(cell, steps, reverse, masks, grads):
+  """The jitted scan_layer reference for these settings, compiled once per module: cases that
+  differ only in the parallel method (or in the parameters' values) share it."""
+  key = (cell, steps, reverse, masks, grads)
+  if key not in _SEQUENTIAL:
+    _, _, w_ys, w_h = data(steps, cell.hidden_size)
+    lengths, resets = lengths_resets(steps) if masks else (None, None)
+
+    def seq(p, x, h):
+      return scan_layer(cell, p, x, h, lengths, reverse=reverse, resets_BT=resets)
+
+    loss = lambda out: jnp.sum(out[0] * w_ys) + jnp.sum(out[1] * w_h)
+    seq_g = jax.value_and_grad(lambda *a: (lambda o: (loss(o), o))(seq(*a)),
+                               argnums=(0, 1, 2), has_aux=True)
+    _SEQUENTIAL[key] = jax.jit(seq_g if grads else seq)
+  return _SEQUENTIAL[key]
+
+
 def check(cell, params, steps, *, reverse=False, masks=False, grads=True, **kw):
   """Values and gradients of parallel_layer(**kw) against scan_layer; returns the info."""
   xs, h0, w_ys, w_h = data(steps, cell.hidden_size)
   lengths, resets = lengths_resets(steps) if masks else (None, None)
-
-  def seq(p, x, h):
-    return scan_layer(cell, p, x, h, lengths, reverse=reverse, resets_BT=resets)
 
   def par(p, x, h):
     ys, h_last, info = parallel_layer(cell, p, x, h, lengths, resets, reverse=reverse, **kw)
@@ -59,18 +77,17 @@ def check(cell, params, steps, *, reverse=False, masks=False, grads=True, **kw):
 
   loss = lambda out: jnp.sum(out[0] * w_ys) + jnp.sum(out[1] * w_h)
   # One compiled function each for values and gradients together: compiling dominates here.
+  seq = sequential(cell, steps, reverse, masks, grads)
   if grads:
     par_g = jax.value_and_grad(lambda *a: (lambda o: (loss(o[0]), o))(par(*a)),
                                argnums=(0, 1, 2), has_aux=True)
-    seq_g = jax.value_and_grad(lambda *a: (lambda o: (loss(o), o))(seq(*a)),
-                               argnums=(0, 1, 2), has_aux=True)
     (_, ((ys, h_last), info)), g = jax.jit(par_g)(params, xs, h0)
-    (_, (ys_ref, h_ref)), g_ref = jax.jit(seq_g)(params, xs, h0)
+    (_, (ys_ref, h_ref)), g_ref = seq(params, xs, h0)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
       np.testing.assert_allclose(a, b, **GRAD_TOL)
   else:
     (ys, h_last), info = jax.jit(par)(params, xs, h0)
-    ys_ref, h_ref = jax.jit(seq)(params, xs, h0)
+    ys_ref, h_ref = seq(params, xs, h0)
   np.testing.assert_allclose(ys, ys_ref, atol=VAL_ATOL, rtol=0)
   np.testing.assert_allclose(h_last, h_ref, atol=VAL_ATOL, rtol=0)
   assert isinstance(info, ParallelInfo)
@@ -83,9 +100,11 @@ def test_diagonal_is_the_jacobians(variant, act):
   cell, params = make(5, variant, scale=3.0, activation=act[0], recurrent_activation=act[1])
   h = jax.random.normal(jax.random.key(3), (2, 5))
   gx = 2.0 * jax.random.normal(jax.random.key(4), (2, 15))
-  _, diag = _step_and_diag(cell, params, h, gx, True)
+  # Each side in a program of its own (op by op, the Jacobian cost seconds of tiny compiles).
+  _, diag = jax.jit(lambda p, h, g: _step_and_diag(cell, p, h, g, True))(params, h, gx)
+  jacobian = jax.jit(jax.jacfwd(lambda p, h_H, g: cell._recur(p, h_H, g), argnums=1))
   for b in range(2):
-    jac = jax.jacfwd(lambda h_H: cell._recur(params, h_H, gx[b]))(h[b])
+    jac = jacobian(params, h[b], gx[b])
     np.testing.assert_allclose(diag[b], jnp.diagonal(jac), atol=1e-5)
 
 
