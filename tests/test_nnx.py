@@ -194,15 +194,17 @@ def test_dropout_train_and_eval():
   np.testing.assert_array_equal(call(model, xs)[0], eval_ref)
   np.testing.assert_array_equal(call(model, xs)[0], eval_ref)
   # Overrides at call time, and nnx.view.
+  # (The module calls jitted too: op by op, each cost seconds of tiny compiles.)
   key = jax.random.key(5)
-  np.testing.assert_array_equal(model(xs, deterministic=False, rngs=key)[0],
+  call_train = nnx.jit(lambda m, x, r: m(x, deterministic=False, rngs=r))
+  np.testing.assert_array_equal(call_train(model, xs, key)[0],
                                 train_apply(params, xs, key)[0])
-  np.testing.assert_array_equal(model(xs, deterministic=False, rngs=nnx.Rngs(dropout=5))[0],
+  np.testing.assert_array_equal(call_train(model, xs, nnx.Rngs(dropout=5))[0],
                                 train_apply(params, xs, nnx.Rngs(dropout=5).dropout())[0])
   model.train()
   assert model.deterministic is False
   view = nnx.view(model, deterministic=True)
-  np.testing.assert_array_equal(view(xs)[0], eval_ref)
+  np.testing.assert_array_equal(call(view, xs)[0], eval_ref)
 
 
 def test_dropout_only_where_it_applies():
