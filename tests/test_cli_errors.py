@@ -20,57 +20,17 @@ import sys
 
 import pytest
 
+from forked_run import run_forked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run.py")
 TINY = ["--steps=20", "--bits=3", "--hidden_size=8", "--batch_size=16", "--consolidate_steps=0",
         "--eval_bits=8", "--log_every=10", "--checkpoint_every=10"]
 
-# The forking runner: reads [[args, stderr_path], ...] as JSON on stdin, runs each as run.py in a
-# forked child, prints [exit_status, ...] as JSON.
-_RUNNER = r"""
-import importlib.util, json, os, sys, traceback
-sys.path.insert(0, ROOT)
-spec = importlib.util.spec_from_file_location("run_cli", RUN)
-run = importlib.util.module_from_spec(spec)
-sys.modules["run_cli"] = run
-spec.loader.exec_module(run)
-from absl import app, logging
-codes = []
-for args, err_path in json.loads(sys.stdin.read()):
-  pid = os.fork()
-  if pid == 0:
-    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    code = 0
-    try:
-      logging.set_verbosity(logging.WARNING)  # run.py's INFO lines are not errors
-      app.run(run._main, argv=[RUN] + args, flags_parser=run._parse_flags)
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-      traceback.print_exc()
-      code = 1
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(code)
-  _, status = os.waitpid(pid, 0)
-  codes.append(os.waitstatus_to_exitcode(status))
-print(json.dumps(codes))
-"""
-
-
 def run_cases(cases, tmp, timeout=600):
-  """Runs each ``args`` list of ``cases`` as run.py; returns ``[(exit_status, stderr), ...]``."""
-  jobs = [[list(args), os.path.join(tmp, f"stderr{i}.txt")] for i, args in enumerate(cases)]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  code = f"ROOT, RUN = {ROOT!r}, {RUN!r}\n" + _RUNNER
-  proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(jobs), text=True,
-                        capture_output=True, timeout=timeout, env=env)
-  assert proc.returncode == 0, proc.stderr
-  codes = json.loads(proc.stdout.strip().splitlines()[-1])
-  return [(c, open(p).read()) for c, (_, p) in zip(codes, jobs)]
+  """Runs each ``args`` list of ``cases`` as run.py (forked_run.py; warnings and errors only, as
+  this table counts every line); returns ``[(exit_status, stderr), ...]``."""
+  return run_forked(cases, tmp, info=False, timeout=timeout)
 
 
 def run_once(args, timeout=600):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from test_imdb import make_archive, make_layout
-from test_run import run_forked
+from forked_run import run_forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run.py")
@@ -76,7 +76,7 @@ USAGE_ERRORS = [
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
   """Every case of BAD_DATA and USAGE_ERRORS, each with a folder of its own, run as run.py in
-  processes forked from one that imported it once (test_run.run_forked), in the repository's
+  processes forked from one that imported it once (forked_run.run_forked), in the repository's
   root: {("data"|"usage", index): (exit status, stderr)}."""
   base = tmp_path_factory.mktemp("cases")
   keys, prepared = [], []
