@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxgru import _extras
 from jaxgru import activations as _act
-from jaxgru.cell import INITIALIZERS, GRUConfig, field_default
+from jaxgru.cell import INITIALIZERS, GRUConfig, check_shape, field_default
 from jaxgru.convert import _np, _rzn_to_zrn, _single_cell, _standard_activations, _zrn_to_rzn
 from jaxgru.rnn import RNNConfig, StackParams
 
@@ -240,6 +240,20 @@ class GRU(eqx.Module):
       ``jax.vmap(model)(xs_BTI, lengths_B)`` gives :meth:`batched`'s results, with batch-major
       ``h_last`` (B, L * D, H).
     """
+    cfg = self.config
+    # Per-example shapes, checked here: past this point the batch of one would name (B, T, I).
+    check_shape("equinox GRU xs", xs_TI, (None, cfg.input_size),
+                f"(T, input_size={cfg.input_size}), one sequence (for a batch: jax.vmap(model) "
+                "or model.batched)")
+    if length is not None:
+      check_shape("equinox GRU length", length, (), "(), one integer")
+    if h0 is not None:
+      cells = cfg.num_layers * cfg.num_directions
+      check_shape("equinox GRU h0", h0, (cells, cfg.hidden_size),
+                  f"(L*D={cells}, H={cfg.hidden_size})")
+    if resets_T is not None:
+      check_shape("equinox GRU resets_T", resets_T, (np.shape(xs_TI)[0],),
+                  f"(T={np.shape(xs_TI)[0]},)")
     lengths = None if length is None else jnp.reshape(jnp.asarray(length), (1,))
     resets = None if resets_T is None else jnp.asarray(resets_T)[None]
     ys, h_last = self.batched(xs_TI[None], lengths, None if h0 is None else h0[:, None], key=key,

@@ -239,3 +239,24 @@ def test_from_params_checks():
     GRU.from_params(cfg, other.init(jax.random.key(0)))
   with pytest.raises(ValueError, match="RNNConfig"):
     GRU.from_params(cfg.cell, [])
+
+
+def test_per_example_call_names_per_example_shapes():
+  """The per-example call refuses a batch (or a wrong width) in its own terms, (T, I), not in
+  those of the batch of one it makes; jax.vmap of it still runs a batch."""
+  model = GRU(I, H, num_layers=2, key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"equinox GRU xs: expected shape \(T, input_size=3\), "
+                                       r"one sequence .*got \(2, 5, 3\)"):
+    model(jnp.zeros((2, 5, I)))
+  with pytest.raises(ValueError, match=r"equinox GRU xs: .*got \(5, 4\)"):
+    model(jnp.zeros((5, I + 1)))
+  with pytest.raises(ValueError, match=r"equinox GRU h0: expected shape \(L\*D=2, H=4\)"):
+    model(jnp.zeros((5, I)), h0=jnp.zeros((2, 1, H)))
+  with pytest.raises(ValueError, match=r"equinox GRU length: expected shape \(\), one integer"):
+    model(jnp.zeros((5, I)), length=jnp.array([3]))
+  with pytest.raises(ValueError, match=r"equinox GRU resets_T: expected shape \(T=5,\)"):
+    model(jnp.zeros((5, I)), resets_T=jnp.zeros((4,), bool))
+  xs = jax.random.normal(jax.random.key(1), (2, 5, I))
+  ys, _ = jax.vmap(model)(xs, jnp.array([5, 2]))
+  want, _ = model.batched(xs, jnp.array([5, 2]))
+  np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
