@@ -53,7 +53,7 @@ _IMPLS = flags.DEFINE_list(
     "impls", DEFAULT_IMPLS,
     "Implementations: jaxgru, flax_linen, flax_nnx, keras, torch, equinox, jax_scan; jaxgru "
     "variants as jaxgru[key=value;...] with the keys of jaxgru.ScanOptions and dtype, vmap, "
-    "precision "
+    "precision, heap (heap=False: the CPU defaults for fresh pages even under --mallopt) "
     "(use ';' between keys inside brackets, as ',' separates implementations); "
     "torch[dtype=bfloat16] runs PyTorch under bfloat16 autocast. flax_nnx and jax_scan run the "
     "plain shapes (one layer, one direction, full lengths) only.")
@@ -203,7 +203,7 @@ def _arguments():
       import jaxgru  # pylint: disable=import-outside-toplevel
       try:
         jaxgru.ScanOptions(**{k: v for k, v in options.items()
-                              if k not in ("dtype", "vmap", "precision")})
+                              if k not in ("dtype", "vmap", "precision", "heap")})
         if "precision" in options:
           jaxgru.GRUConfig(1, 1, precision=options["precision"])
       except (TypeError, ValueError) as e:

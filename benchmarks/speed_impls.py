@@ -18,7 +18,9 @@ jaxgru itself comes in variants named ``jaxgru[key=value,...]``: the keys are th
 ``custom_vjp``, ``diagonal_backward``) plus ``dtype`` (``bfloat16``: products in bfloat16, accumulated in float32),
 ``precision`` (:class:`jaxgru.GRUConfig`'s; ``default`` lets a GPU compute float32 products in
 TensorFloat-32, as the JAX peers do by default) and
-``vmap`` (``vmap=True``: the old path, ``jax.vmap`` of ``GRUConfig.sequence``). ``torch`` takes
+``vmap`` (``vmap=True``: the old path, ``jax.vmap`` of ``GRUConfig.sequence``) and ``heap``
+(the CPU defaults traced as if the heap were reused, True, or not, False, whatever
+``--mallopt`` did: :func:`jaxgru._tuning.heap_reused`). ``torch`` takes
 ``dtype=bfloat16``: the model under ``torch.autocast`` to bfloat16 (cuDNN's bfloat16 GRU on a GPU).
 """
 
@@ -257,9 +259,10 @@ def _planned_bytes(compiled) -> Optional[int]:
 
 
 def _jaxgru(shape: Shape, seed: int, dtype: Optional[str] = None, vmap: bool = False,
-            precision: Optional[str] = None, **options):
+            precision: Optional[str] = None, heap: Optional[bool] = None, **options):
   import jax
   import jaxgru
+  from jaxgru import _tuning
 
   cell_options = {} if precision is None else {"precision": precision}  # None: GRUConfig's
   cfg = jaxgru.RNNConfig(jaxgru.GRUConfig(shape.input, shape.hidden, dtype=dtype, **cell_options),
@@ -277,7 +280,14 @@ def _jaxgru(shape: Shape, seed: int, dtype: Optional[str] = None, vmap: bool = F
     opts = jaxgru.ScanOptions(**options)
 
     def apply(p, x, lengths):
-      return cfg.apply(p, x, lengths, options=opts)[0]
+      if heap is None:
+        return cfg.apply(p, x, lengths, options=opts)[0]
+      saved = _tuning._heap_reused  # the defaults are resolved while this traces
+      _tuning.set_heap_reuse(heap)
+      try:
+        return cfg.apply(p, x, lengths, options=opts)[0]
+      finally:
+        _tuning.set_heap_reuse(saved)
 
   return params, apply, "jaxgru"
 

@@ -9,6 +9,7 @@ act on what it decides. None of its choices changes a result, only speed and mem
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Union
 
 import jax
@@ -52,6 +53,47 @@ _TUNED = {
             # slower everywhere (0.19-0.76); cells with large weights fell back (0.12x).
             "method": "sequential"},
 }
+# The CPU once the process reuses its heap (glibc's mmap and trim thresholds raised:
+# jaxgru.training.malloc.tune_malloc, or MALLOC_MMAP_THRESHOLD_ of at least 1 GiB in the
+# environment). Temporaries then cost no page faults, and the small working set above no longer
+# pays: keeping every step's residuals in one chunk, projecting the inputs before the loop and
+# the per-step backward made the training step 0.79-0.87 of the table above's time at batch
+# >= 64 (benchmarks/results/cpu_heap_reuse.md, `speed.py --mallopt`). At batch 16 (16x1024x8x64)
+# the table above stayed faster (its bulk products over chunks of 2048 rows; 0.90), so batches
+# below min_batch keep it. Past 2 GiB of residuals the table above's chunking decides.
+_TUNED["cpu_heap"] = dict(
+    _TUNED["cpu"], whole_bytes=2**31, hoist_macs=2**19, big_bytes=2**31,
+    diagonal_bytes=0,  # the diagonal backward never: its larger per-chunk arrays cost more
+    min_batch=32)
+_HEAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+_heap_reused = False
+
+
+def set_heap_reuse(reused: bool = True) -> None:
+  """Tells the defaults whether this process's heap is reused (``tune_malloc`` calls it when it
+  applied); only the CPU's defaults depend on it. Options already resolved (traced programs)
+  keep what they were."""
+  global _heap_reused
+  _heap_reused = bool(reused)
+
+
+def heap_reused() -> bool:
+  """Whether the CPU defaults take the heap-reuse table: :func:`set_heap_reuse` was told so, or
+  the environment sets glibc's mmap threshold to at least 1 GiB."""
+  if _heap_reused:
+    return True
+  try:
+    return int(os.environ.get(_HEAP_ENV, "0")) >= 2**30
+  except ValueError:
+    return False
+
+
+def _table(backend: str, batch: int) -> dict:
+  if backend == "cpu" and batch >= _TUNED["cpu_heap"]["min_batch"] and heap_reused():
+    return _TUNED["cpu_heap"]
+  return _TUNED.get(backend, _TUNED["gpu"])
+
+
 REMAT = ("none", "products", "full")
 SCAN_METHODS = ("sequential", "parallel")
 # Arrays of (B, H) floats a step keeps for the backward pass without rematerialization (the
@@ -65,7 +107,11 @@ class ScanOptions:
   ``method="parallel"`` gives them within its tolerance.
 
   Every None picks the default measured for the backend (``jax.default_backend()``; TPUs take
-  the GPU's) and the shape.
+  the GPU's) and the shape. The CPU rules below are those of a process whose large temporaries
+  are fresh pages; once it reuses its heap (:func:`heap_reused`: ``tune_malloc`` applied, as
+  ``run.py`` does), every None at batch 32 and above picks what that setting measured instead:
+  remat ``"none"`` and one chunk up to 2 GiB of residuals, the inputs projected before the loop
+  from 2**19 multiply-adds per step on, and the per-step backward.
 
   Attributes:
     unroll: steps per iteration of the inner loops (``lax.scan``'s ``unroll``).
@@ -149,7 +195,7 @@ class ScanOptions:
                backend: Optional[str] = None, inputs: int = 1) -> "ScanOptions":
     """These options with every None replaced by the default for the backend and shape
     (``inputs`` is I, the input features)."""
-    tuned = _TUNED.get(backend or jax.default_backend(), _TUNED["gpu"])
+    tuned = _table(backend or jax.default_backend(), batch)
     step_bytes = 4 * max(batch, 1) * max(hidden, 1)
     small = (tuned["whole_bytes"] is None
              or steps * step_bytes * _RESIDUALS_PER_STEP <= tuned["whole_bytes"])

@@ -128,12 +128,16 @@ def test_malloc_opt_out(monkeypatch):
 
 
 def test_malloc_applies_on_glibc():
-  code = ("import platform; from jaxgru.training import malloc as _malloc; d = _malloc.tune_malloc(); "
-          "print(d['applied'], platform.libc_ver()[0] == 'glibc')")
-  env = {k: v for k, v in os.environ.items() if k != "JAXGRU_NO_MALLOPT"}
+  code = ("import platform; from jaxgru import _tuning; "
+          "from jaxgru.training import malloc as _malloc; "
+          "h = _tuning.heap_reused(); d = _malloc.tune_malloc(); "
+          "print(d['applied'], platform.libc_ver()[0] == 'glibc', h, _tuning.heap_reused())")
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAXGRU_NO_MALLOPT", "MALLOC_MMAP_THRESHOLD_")}
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, check=True).stdout.split()
   assert out[0] == out[1]  # applied exactly where the C library is glibc
+  assert out[2] == "False" and out[3] == out[0]  # ...and the CPU defaults follow it
 
 
 def test_parallel_trained_imdb_skips_without_its_flags(tmp_path, capsys):

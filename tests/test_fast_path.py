@@ -34,6 +34,9 @@ OPTIONS = {
                                 diagonal_backward=False),
     "per_step_vjp_whole": ScanOptions(chunk=1000, remat=False, custom_vjp=True,
                                       diagonal_backward=False),
+    # What the CPU defaults pick once the heap is reused (tune_malloc): see below.
+    "heap_reuse": ScanOptions(chunk=1000, remat=False, hoist_projection=True, custom_vjp=True,
+                              diagonal_backward=False),
     "autodiff": ScanOptions(custom_vjp=False, chunk=1000),
     "autodiff_remat": ScanOptions(custom_vjp=False, chunk=2, remat=True),
 }
@@ -298,6 +301,41 @@ def test_options_resolve_per_backend_and_shape():
   assert not ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "gpu").diagonal_backward
   assert not ScanOptions(diagonal_backward=False).resolved(128, 64, 256, "gpu").diagonal_backward
+
+
+def test_options_resolve_to_the_heap_reuse_table_once_malloc_is_tuned(monkeypatch):
+  from jaxgru import _tuning  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+  monkeypatch.setattr(_tuning, "_heap_reused", False)
+  fresh = ScanOptions().resolved(128, 64, 256, "cpu", inputs=32)
+  gpu = ScanOptions().resolved(256, 128, 512, "gpu", inputs=128)
+  fresh_small = ScanOptions().resolved(1024, 16, 64, "cpu", inputs=8)
+  assert not _tuning.heap_reused() and fresh.remat == "products" and fresh.chunk < 128
+  _tuning.set_heap_reuse(True)  # as tune_malloc does when it applied
+  assert _tuning.heap_reused()
+  # Every step's residuals in one chunk, the per-step backward, the projection hoisted from
+  # 2**19 multiply-adds per step (B*I*3H) on.
+  heap = ScanOptions().resolved(128, 64, 256, "cpu", inputs=32)
+  assert (heap.chunk, heap.remat, heap.diagonal_backward, heap.hoist_projection) == (
+      128, "none", False, True)
+  tested = OPTIONS["heap_reuse"]  # against the plain loop above, at its T = 7 (one chunk)
+  assert heap.custom_vjp and all(getattr(heap, k) == getattr(tested, k) for k in (
+      "remat", "hoist_projection", "custom_vjp", "diagonal_backward"))
+  assert ScanOptions().resolved(128, 256, 64, "cpu", inputs=16).hoist_projection  # 786k MACs
+  # Below batch 32 the fresh-page table stays (measured faster at 16x1024x8x64).
+  assert ScanOptions().resolved(1024, 16, 64, "cpu", inputs=8) == fresh_small
+  # Past 2 GiB of residuals the chunked table decides; the GPU's table does not change.
+  long = ScanOptions().resolved(100_000, 64, 64, "cpu")
+  assert long.remat == "products" and long.chunk < 100_000
+  assert ScanOptions().resolved(256, 128, 512, "gpu", inputs=128) == gpu
+  # glibc's threshold set in the environment counts too, from 1 GiB on.
+  _tuning.set_heap_reuse(False)
+  monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "2000000000")
+  assert _tuning.heap_reused()
+  monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+  assert not _tuning.heap_reused()
+  monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "lots")
+  assert not _tuning.heap_reused()
 
 
 @pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},

@@ -71,7 +71,8 @@ def tune_malloc(enable: bool = True, mmap_threshold: int = MMAP_THRESHOLD,
   ``{"applied": bool, "reason": str, "settings": {name: value}}``; ``applied`` is False when
   ``enable`` is False, ``JAXGRU_NO_MALLOPT`` is set (to anything but "" or "0"), the C library
   is not glibc, or ``mallopt`` refused a value. Call it before the first large allocation (first
-  thing in ``main``): blocks already mapped keep being mapped and unmapped.
+  thing in ``main``): blocks already mapped keep being mapped and unmapped. When it applied, the
+  time loop's CPU defaults switch to those measured for a reused heap (:class:`jaxgru.ScanOptions`).
   """
   settings = {"M_MMAP_THRESHOLD": int(mmap_threshold), "M_TRIM_THRESHOLD": int(trim_threshold),
               "M_ARENA_MAX": int(arena_max)}
@@ -90,4 +91,6 @@ def tune_malloc(enable: bool = True, mmap_threshold: int = MMAP_THRESHOLD,
   if refused:
     return {"applied": False, "reason": f"mallopt refused {', '.join(refused)}",
             "settings": settings}
+  from jaxgru import _tuning  # the CPU defaults of the time loop depend on it
+  _tuning.set_heap_reuse(True)
   return {"applied": True, "reason": "glibc mallopt", "settings": settings}
