@@ -282,8 +282,7 @@ def _jaxgru(shape: Shape, seed: int, dtype: Optional[str] = None, vmap: bool = F
     def apply(p, x, lengths):
       if heap is None:
         return cfg.apply(p, x, lengths, options=opts)[0]
-      saved = _tuning._heap_reused  # the defaults are resolved while this traces
-      _tuning.set_heap_reuse(heap)
+      saved = _tuning.set_heap_reuse(heap)  # the defaults are resolved while this traces
       try:
         return cfg.apply(p, x, lengths, options=opts)[0]
       finally:

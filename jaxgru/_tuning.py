@@ -57,9 +57,9 @@ _TUNED = {
 # jaxgru.training.malloc.tune_malloc, or MALLOC_MMAP_THRESHOLD_ of at least 1 GiB in the
 # environment). Temporaries then cost no page faults, and the small working set above no longer
 # pays: keeping every step's residuals in one chunk, projecting the inputs before the loop and
-# the per-step backward made the training step 0.79-0.87 of the table above's time at batch
+# the per-step backward made the training step 0.76-0.83 of the table above's time at batch
 # >= 64 (benchmarks/results/cpu_heap_reuse.md, `speed.py --mallopt`). At batch 16 (16x1024x8x64)
-# the table above stayed faster (its bulk products over chunks of 2048 rows; 0.90), so batches
+# the table above stayed faster (its bulk products over chunks of 2048 rows; 0.90-0.94), so batches
 # below min_batch keep it. Past 2 GiB of residuals the table above's chunking decides.
 _TUNED["cpu_heap"] = dict(
     _TUNED["cpu"], whole_bytes=2**31, hoist_macs=2**19, big_bytes=2**31,
@@ -69,12 +69,13 @@ _HEAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 _heap_reused = False
 
 
-def set_heap_reuse(reused: bool = True) -> None:
+def set_heap_reuse(reused: bool = True) -> bool:
   """Tells the defaults whether this process's heap is reused (``tune_malloc`` calls it when it
   applied); only the CPU's defaults depend on it. Options already resolved (traced programs)
-  keep what they were."""
+  keep what they were. Returns the previous setting."""
   global _heap_reused
-  _heap_reused = bool(reused)
+  previous, _heap_reused = _heap_reused, bool(reused)
+  return previous
 
 
 def heap_reused() -> bool:

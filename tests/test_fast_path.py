@@ -338,6 +338,34 @@ def test_options_resolve_to_the_heap_reuse_table_once_malloc_is_tuned(monkeypatc
   assert not _tuning.heap_reused()
 
 
+def test_heap_reuse_defaults_past_the_custom_vjp_threshold_equal_the_plain_path(monkeypatch):
+  # What run.py runs once tune_malloc applied: the defaults at T >= 64 and batch >= 32.
+  from jaxgru import _tuning  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_tuning, "_heap_reused", True)
+  steps, batch = 70, 32
+  cell = GRUConfig(I, H)
+  opts = ScanOptions().resolved(steps, batch, H, inputs=I)
+  assert (opts.custom_vjp, opts.chunk, opts.remat, opts.diagonal_backward) == (
+      True, steps, "none", False)
+  lengths = jnp.asarray(np.random.default_rng(5).integers(0, steps + 1, batch).astype(np.int32))
+  args = (random_params(cell, 3), randn(steps, batch, I, seed=4), randn(batch, H, seed=5),
+          randn(steps, batch, H, seed=6), randn(batch, H, seed=7))
+
+  def run_with(fn):  # a fresh jit: the defaults are resolved while it traces, under the patch
+    @jax.jit
+    def both(params, xs, h0, w_ys, w_h):
+      run = lambda p, x, h: fn(p, x, h)
+      grads = jax.grad(functools.partial(loss, run), argnums=(0, 1, 2))(params, xs, h0, w_ys,
+                                                                         w_h)
+      return run(params, xs, h0), grads
+    return both(*args)
+
+  got = run_with(lambda p, x, h: scan_layer(cell, p, x, h, lengths, reverse=True))
+  want = run_with(lambda p, x, h: reference(cell, p, x, h, lengths, True))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},
                                     {"unroll": 1.5}, {"remat": "some"},
                                     {"diagonal_backward": "yes"}])
