@@ -362,8 +362,11 @@ def test_heap_reuse_defaults_past_the_custom_vjp_threshold_equal_the_plain_path(
 
   got = run_with(lambda p, x, h: scan_layer(cell, p, x, h, lengths, reverse=True))
   want = run_with(lambda p, x, h: reference(cell, p, x, h, lengths, True))
+  # The kernels' gradients sum 70 x 32 terms, in another order on each path: float32 rounding
+  # grows with the sum's size, so the absolute tolerance is scaled by each array's largest entry.
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    w = np.asarray(w)
+    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(w).max()))
 
 
 @pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},
