@@ -47,7 +47,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxgru.cell import split_gates
-from jaxgru._loop import _Static, _flat, _forward, _layer, _over_chunks, _reset, _starts, _step
+from jaxgru._loop import (_Static, _chunked, _flat, _forward, _layer, _over_chunks, _reset,
+                          _starts, _step)
 
 
 def _is_zero(t) -> bool:
@@ -259,9 +260,9 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
   Per chunk, ``h_starts`` is its first state (remat "full" and "products"; for "products" the
   other states are the outputs shifted by one step, see :func:`_chunk_tangent`) and ``saved``
   what else it keeps: (states, gate inputs, products) per step for remat "none", else None.
+  With ``st.single`` no array has a chunk axis.
   """
-  n, c = xs_NCBI.shape[:2]
-  chunks = (xs_NCBI, _starts(xs_NCBI), resets_NCB)
+  chunks = (xs_NCBI, _starts(st, xs_NCBI), resets_NCB)
   save = "all" if st.remat == "none" else None
 
   def chunk(h, inp):
@@ -270,24 +271,26 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
     return h_last, (ys, h if st.remat == "full" else r)
 
   if st.remat == "full" or st.hoist:  # chunk by chunk (a hoisted projection is made per chunk)
-    h_last, (ys, kept) = _over_chunks(chunk, h0, chunks, st.reverse)
+    h_last, (ys, kept) = _over_chunks(st, chunk, h0, chunks)
     if st.remat == "full":
       return ys, h_last, kept, None
     saved = kept
   else:
-    ys, h_last, saved = _forward(st, params, _flat(xs_NCBI), h0, lengths, 0, save=save,
-                                 resets_CB=_flat(resets_NCB), h_init=h0)
-    ys, saved = jax.tree.map(lambda a: a.reshape((n, c) + a.shape[1:]), (ys, saved))
+    ys, h_last, saved = _forward(st, params, _flat(st, xs_NCBI), h0, lengths, 0, save=save,
+                                 resets_CB=_flat(st, resets_NCB), h_init=h0)
+    ys, saved = jax.tree.map(lambda a: _chunked(st, a, xs_NCBI), (ys, saved))
   if saved is not None and st.remat == "none":
     hs, gs, outs = saved
     saved = (hs, split_gates(gs, 3), outs)
   if st.remat == "products":
-    if st.reverse:
+    if st.single:  # one chunk, in either direction, starts from h0
+      h_starts = h0
+    elif st.reverse:
       h_starts = jnp.concatenate([ys[1:, 0], h0[None]])
     else:
       h_starts = jnp.concatenate([h0[None], ys[:-1, -1]])
-  else:
-    h_starts = jnp.zeros((n, 0), h0.dtype)  # unused: the saved states hold every state
+  else:  # unused: the saved states hold every state
+    h_starts = jnp.zeros((0,) if st.single else (xs_NCBI.shape[0], 0), h0.dtype)
   return ys, h_last, h_starts, saved
 
 
@@ -329,8 +332,7 @@ def _layer_jvp_rule(st: _Static, primals, tangents):
 
   dh = jnp.zeros_like(h_last) if dh0 is None else dh0
   dh_last, dys = _over_chunks(
-      chunk, dh, (xs_NCBI, _starts(xs_NCBI), h_starts, saved, ys_kept, resets_NCB, dxs),
-      st.reverse)
+      st, chunk, dh, (xs_NCBI, _starts(st, xs_NCBI), h_starts, saved, ys_kept, resets_NCB, dxs))
   return (ys, h_last), (dys, dh_last)
 
 

@@ -28,6 +28,11 @@ class _Static:
   hoist: bool
   remat: str
   diagonal: bool = False
+  # One chunk: the layer's arrays carry no chunk axis, (T, B, ...) instead of (1, T, B, ...).
+  # Under jax.vmap (many models) every reshape moves the models' axis to the front, so adding
+  # and removing a unit chunk axis around the time loops (whose stacked arrays hold that axis
+  # second) would transpose every residual, twice.
+  single: bool = False
 
 
 
@@ -120,31 +125,40 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
 # -- over the chunks ------------------------------------------------------------------------------
 
 
-def _over_chunks(fn, carry, xs, reverse: bool):
-  """``lax.scan(fn, carry, xs)`` over the leading (chunk) axis; a plain call for one chunk."""
-  if jax.tree.leaves(xs)[0].shape[0] == 1:
-    carry, out = fn(carry, jax.tree.map(lambda a: a[0], xs))
-    return carry, jax.tree.map(lambda a: a[None], out)
-  return jax.lax.scan(fn, carry, xs, reverse=reverse)
+def _over_chunks(st: _Static, fn, carry, xs):
+  """``lax.scan(fn, carry, xs)`` over the leading (chunk) axis; one call when ``st.single``."""
+  if st.single:
+    return fn(carry, xs)
+  return jax.lax.scan(fn, carry, xs, reverse=st.reverse)
 
 
-def _starts(xs_NCBI):
+def _starts(st: _Static, xs_NCBI):
+  """Each chunk's first time index."""
+  if st.single:
+    return jnp.zeros((), jnp.int32)
   return jnp.arange(xs_NCBI.shape[0], dtype=jnp.int32) * xs_NCBI.shape[1]
 
 
-def _flat(a):
-  """(N, C, ...) -> (N*C, ...); None stays None."""
-  return None if a is None else a.reshape((-1,) + a.shape[2:])
+def _flat(st: _Static, a):
+  """(N, C, ...) -> (N*C, ...); None, or an array without a chunk axis, stays as it is."""
+  return a if a is None or st.single else a.reshape((-1,) + a.shape[2:])
+
+
+def _chunked(st: _Static, a, like_NCBI):
+  """(N*C, ...) -> (N, C, ...) as ``like_NCBI`` is chunked (unchanged when ``st.single``)."""
+  return a if st.single else a.reshape(like_NCBI.shape[:2] + a.shape[1:])
 
 
 def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
-  """The loop differentiated by JAX (with jax.checkpoint per chunk unless remat is "none")."""
+  """The loop differentiated by JAX (with jax.checkpoint per chunk unless remat is "none").
+
+  ``xs_NCBI`` (N, C, B, I) and ``resets_NCB`` (N, C, B) are in chunks, or (T, B, I) and (T, B)
+  when ``st.single``; the outputs ``ys`` are shaped alike."""
   if st.remat == "none" and not st.hoist:
     # Chunks only bound the memory of a backward pass or of a hoisted projection: one loop.
-    n, c = xs_NCBI.shape[:2]
-    ys, h_last, _ = _forward(st, params, _flat(xs_NCBI), h0, lengths, 0, save=None,
-                             resets_CB=_flat(resets_NCB), h_init=h0)
-    return ys.reshape((n, c) + ys.shape[1:]), h_last
+    ys, h_last, _ = _forward(st, params, _flat(st, xs_NCBI), h0, lengths, 0, save=None,
+                             resets_CB=_flat(st, resets_NCB), h_init=h0)
+    return _chunked(st, ys, xs_NCBI), h_last
 
   def chunk(h, inp):
     x, t0, r = inp
@@ -153,6 +167,5 @@ def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
 
   if st.remat != "none":
     chunk = jax.checkpoint(chunk)
-  h_last, ys = _over_chunks(chunk, h0, (xs_NCBI, _starts(xs_NCBI), resets_NCB), st.reverse)
+  h_last, ys = _over_chunks(st, chunk, h0, (xs_NCBI, _starts(st, xs_NCBI), resets_NCB))
   return ys, h_last
-

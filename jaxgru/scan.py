@@ -149,6 +149,8 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   chunk = opts.chunk
   num_chunks = -(-steps // chunk)
   pad = num_chunks * chunk - steps
+  # One chunk runs on (T, ...) arrays: under jax.vmap a unit chunk axis would cost transposes.
+  single = num_chunks == 1
   if lengths_B is not None:
     # Under jit a length above T acts as T; with padding it must not reach the padded steps.
     lengths_B = jnp.minimum(jnp.asarray(lengths_B).astype(jnp.int32), steps)
@@ -157,16 +159,18 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     resets_TB = _reset_mask(jnp.asarray(resets_BT), lengths_B, reverse)
     if pad:
       resets_TB = jnp.concatenate([resets_TB, jnp.zeros((pad, batch), jnp.bool_)])
-    resets_NCB = resets_TB.reshape((num_chunks, chunk, batch))
+    resets_NCB = resets_TB if single else resets_TB.reshape((num_chunks, chunk, batch))
   if pad:
     # Whole chunks only: the padded steps are masked out, so states and outputs are unchanged.
     xs_TBI = jnp.concatenate([xs_TBI, jnp.zeros((pad,) + xs_TBI.shape[1:], xs_TBI.dtype)])
     if lengths_B is None:
       lengths_B = jnp.full((batch,), steps, jnp.int32)
-  xs_NCBI = xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
+  xs_NCBI = xs_TBI if single else xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
   st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
-               opts.diagonal_backward and diagonal_backward_applies(cell))
+               opts.diagonal_backward and diagonal_backward_applies(cell), single)
   run = _layer_jvp if opts.custom_vjp else _layer
-  ys_NCBH, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
-  return ys_NCBH.reshape((num_chunks * chunk,) + ys_NCBH.shape[2:])[:steps], h_last
+  ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
+  if not single:
+    ys = ys.reshape((num_chunks * chunk,) + ys.shape[2:])
+  return (ys[:steps] if pad else ys), h_last
 
