@@ -35,8 +35,15 @@ _TUNED = {
             # ...or, when one (T, B, H) array alone exceeds this (the step cannot avoid fresh
             # memory anyway), of about this many rows (C*B), for efficient weight products.
             "big_bytes": 2**24, "chunk_rows": 2048,
-            # The custom rule's products over all steps pay off from this many steps on.
+            # The custom rule's products over all steps pay off from this many steps on...
             "custom_vjp_steps": 64,
+            # ...for at most this many models under jax.vmap (ScanOptions.models). Vmapped over
+            # models, its bulk weight products are batched per model: they stack about a dozen
+            # (T, N, B, H) arrays and transpose them, where JAX's own derivative adds each step's
+            # share in the loop. At the addition task's consolidation shape (B=128, T=65, H=16)
+            # 16 and 64 models trained in 0.77 and 0.66 of the custom rule's time
+            # (benchmarks/models.py; docs/benchmarks.md).
+            "custom_vjp_models": 1,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
             "diagonal_bytes": 2**24,
@@ -48,6 +55,7 @@ _TUNED = {
     # measured on a GPU yet.
     "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
+            "custom_vjp_models": None,  # not measured on a GPU: the custom rule for any number
             "diagonal_bytes": None,
             # Parallel on the H200: forward passes 1.7-15x faster at H <= 16, T >= 1000; training
             # slower everywhere (0.19-0.76); cells with large weights fell back (0.12x).
@@ -136,7 +144,7 @@ class ScanOptions:
       mode as it stands and reverse mode through JAX's transposition, with the weights' share
       as one product per chunk. Both settings support ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``
       and ``jax.linearize``. None: the custom rule, except on the CPU for sequences shorter
-      than 64 steps.
+      than 64 steps or for more than one model (``models``).
     diagonal_backward: in the custom rule, compute the step Jacobians' diagonals of a chunk in
       bulk before its loop (True), or take the JVP of each step inside the loop (False).
       Only a cell that acts on each unit alone allows it (:func:`diagonal_backward_applies`);
@@ -156,6 +164,10 @@ class ScanOptions:
     tol: the parallel method's largest accepted per-step residual; None: 1e-5 (float32),
       1e-10 (float64).
     max_iters: the parallel method's Newton iterations at most, before it finishes sequentially.
+    models: how many models run this loop at once under ``jax.vmap`` over their parameters
+      (an ensemble, a population, a sweep). The loop cannot see such a vmap; its defaults can
+      differ for it: on the CPU, from 2 models on, JAX's own derivative (``custom_vjp`` off),
+      which trained 16 to 64 addition models 1.3 to 1.5 times as fast. Nothing else reads it.
   """
 
   unroll: Optional[int] = None
@@ -168,6 +180,7 @@ class ScanOptions:
   newton: str = "quasi"
   tol: Optional[float] = None
   max_iters: int = 100
+  models: int = 1
 
   def __post_init__(self):
     if self.method is not None and self.method not in SCAN_METHODS:
@@ -179,6 +192,8 @@ class ScanOptions:
     if isinstance(self.max_iters, bool) or not isinstance(self.max_iters, int) \
         or self.max_iters < 0:
       raise ValueError(f"max_iters must be a non-negative integer, got {self.max_iters!r}")
+    if isinstance(self.models, bool) or not isinstance(self.models, int) or self.models < 1:
+      raise ValueError(f"models must be a positive integer, got {self.models!r}")
     for name in ("unroll", "chunk"):
       value = getattr(self, name)
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -213,7 +228,9 @@ class ScanOptions:
       remat = "none" if small else "products"
     custom_vjp = self.custom_vjp
     if custom_vjp is None:
-      custom_vjp = steps >= tuned["custom_vjp_steps"]
+      custom_vjp = (steps >= tuned["custom_vjp_steps"]
+                    and (tuned["custom_vjp_models"] is None
+                         or self.models <= tuned["custom_vjp_models"]))
     diagonal = self.diagonal_backward
     if diagonal is None:
       diagonal = tuned["diagonal_bytes"] is None or steps * step_bytes <= tuned["diagonal_bytes"]

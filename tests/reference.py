@@ -60,9 +60,11 @@ def plain_rnn(rnn):
 
   @dataclasses.dataclass(frozen=True)
   class PlainRNN(type(rnn)):
-    def apply(self, params, xs, lengths=None, h0=None, *, dropout_key=None, **options):
-      if options or (dropout_key is not None and self.dropout > 0):
-        raise NotImplementedError(f"the plain stack has no {sorted(options) or 'dropout'}")
+    def apply(self, params, xs, lengths=None, h0=None, *, dropout_key=None, options=None,
+              **rest):
+      del options  # how jaxgru's loops run (ScanOptions) changes no result; the plain loop has none
+      if rest or (dropout_key is not None and self.dropout > 0):
+        raise NotImplementedError(f"the plain stack has no {sorted(rest) or 'dropout'}")
       return stack(self, params, xs, lengths, h0)
 
   return PlainRNN(**{f.name: getattr(rnn, f.name) for f in dataclasses.fields(rnn)})

@@ -6,6 +6,7 @@ padding to whole chunks, rematerialization, the projection before or inside the 
 autodiff instead of the custom VJP) must give the same values and the same gradients.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -301,6 +302,22 @@ def test_options_resolve_per_backend_and_shape():
   assert not ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "gpu").diagonal_backward
   assert not ScanOptions(diagonal_backward=False).resolved(128, 64, 256, "gpu").diagonal_backward
+
+
+@pytest.mark.parametrize("heap_reused", [False, True])
+def test_many_models_take_jax_autodiff_on_the_cpu(heap_reused, monkeypatch):
+  """ScanOptions(models=N), N >= 2: the CPU defaults drop the custom rule, in either table; the
+  GPU's (not measured for it) keep it; an explicit custom_vjp wins; nothing else changes."""
+  from jaxgru import _tuning  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_tuning, "_heap_reused", heap_reused)
+  one = ScanOptions().resolved(65, 128, 16, "cpu")
+  assert one.custom_vjp
+  for n in (2, 64):
+    many = ScanOptions(models=n).resolved(65, 128, 16, "cpu")
+    assert not many.custom_vjp
+    assert dataclasses.replace(many, custom_vjp=True, models=1) == one
+    assert ScanOptions(models=n).resolved(65, 128, 16, "gpu").custom_vjp
+    assert ScanOptions(models=n, custom_vjp=True).resolved(65, 128, 16, "cpu").custom_vjp
 
 
 def test_options_resolve_to_the_heap_reuse_table_once_malloc_is_tuned(monkeypatch):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxgru._extras import require
 from jaxgru.cell import INITIALIZERS
 from jaxgru.rnn import RNNConfig
+from jaxgru.scan import ScanOptions
 
 optax = require("optax")
 
@@ -24,6 +25,9 @@ class AdditionModel:
   """A unidirectional jaxgru stack and a per-step linear readout to one logit."""
 
   rnn: RNNConfig
+  # How the stack's time loops run; None: their defaults. The training step of many models
+  # passes ScanOptions(models=N) here (the loop's defaults differ under a vmap over models).
+  options: Optional[ScanOptions] = None
 
   def __post_init__(self):
     if self.rnn.input_size != 2 or self.rnn.bidirectional:
@@ -41,7 +45,7 @@ class AdditionModel:
              ) -> tuple[jax.Array, jax.Array]:
     """Per-bit logits ``logits_BT`` and the final states ``h_LBH`` (L, B, H) (pass them as
     ``h0_LBH`` to continue the sequences)."""
-    ys_BTH, h_LBH = self.rnn.apply(params["gru"], x_BTI, h0=h0_LBH)
+    ys_BTH, h_LBH = self.rnn.apply(params["gru"], x_BTI, h0=h0_LBH, options=self.options)
     out = params["readout"]
     logits_BT = jnp.matmul(ys_BTH, out["w"], precision=self.rnn.cell.precision)[..., 0] \
         + out["b"][0]

@@ -26,6 +26,7 @@ import numpy as np
 from jaxgru import training
 from jaxgru.cell import INITIALIZERS, GRUConfig
 from jaxgru.rnn import RNNConfig
+from jaxgru.scan import ScanOptions
 from jaxgru.tasks import common
 from jaxgru.tasks.addition import input_pipeline
 from jaxgru.tasks.addition.models import AdditionModel, loss_and_metrics
@@ -191,11 +192,25 @@ def consolidate_optimizer_config(cfg: AdditionConfig) -> training.OptimizerConfi
 
 # Many models in one step: the models are vmapped in groups whose training-step working set
 # (about _RESIDUAL_BYTES_PER_UNIT bytes per model, problem, time step, layer and hidden unit) is
-# at most _GROUP_BYTES; more models run as a loop over such groups. On the CPU a larger vmapped
-# group became memory-bound: 256 models at the consolidation shape cost as much as 256 separate
-# steps, against 0.5-0.7 of them for 64 (benchmarks/models.py; docs/benchmarks.md).
-_GROUP_BYTES = 2**29
+# at most _GROUP_BYTES; more models run as a loop over equal groups. On the CPU a larger vmapped
+# group became memory-bound: at the consolidation shape (about 8.5 MB per model) 256 models in one
+# group cost 0.97 of 256 separate steps, in groups of 128 0.59, of 64 0.50, of 32 0.53
+# (benchmarks/models.py; docs/benchmarks.md).
+_GROUP_BYTES = 2**30
 _RESIDUAL_BYTES_PER_UNIT = 4 * 16
+
+
+def _group_size(num_models: int, most: int) -> int:
+  """Models per vmapped group: all of them up to ``most``; beyond, about equal groups, as few as
+  ``most`` allows, of a size that divides ``num_models`` where one lies within a factor of 2
+  (else the last group is smaller)."""
+  if num_models <= most:
+    return num_models
+  even = -(-num_models // -(-num_models // most))
+  for size in range(even, max(1, even // 2) - 1, -1):
+    if num_models % size == 0:
+      return size
+  return even
 
 
 def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = None,
@@ -208,11 +223,15 @@ def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = Non
   fraction ``mixed`` of them with long carry chains (``cfg.mixed_carries``); ``optimizer``
   defaults to cfg's.
   """
-  model = cfg.model()
   opt = training.make_optimizer(optimizer or cfg.optimizer_config())
   bits = cfg.bits if bits is None else bits
   mixed = cfg.mixed_carries if mixed is None else mixed
   batch_size = cfg.batch_size if batch_size is None else batch_size
+  per_model = (batch_size * (bits + 1) * cfg.rnn.num_layers * cfg.rnn.hidden_size
+               * _RESIDUAL_BYTES_PER_UNIT)
+  group = _group_size(cfg.num_models, max(1, _GROUP_BYTES // per_model))
+  # The loops' defaults for `group` models under one vmap (jaxgru.ScanOptions.models).
+  model = dataclasses.replace(cfg.model(), options=ScanOptions(models=group))
 
   def loss_fn(params, key, step):
     del step
@@ -221,9 +240,6 @@ def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = Non
     return loss_and_metrics(model, params, x_BTI, y_BT)
 
   one = training.make_train_step(loss_fn, opt)
-  per_model = (batch_size * (bits + 1) * cfg.rnn.num_layers * cfg.rnn.hidden_size
-               * _RESIDUAL_BYTES_PER_UNIT)
-  group = max(1, _GROUP_BYTES // per_model)
 
   def step(states):
     if jax.tree.leaves(states)[0].shape[0] <= group:
