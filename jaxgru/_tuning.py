@@ -41,8 +41,8 @@ _TUNED = {
             # models, its bulk weight products are batched per model: they stack about a dozen
             # (T, N, B, H) arrays and transpose them, where JAX's own derivative adds each step's
             # share in the loop. At the addition task's consolidation shape (B=128, T=65, H=16)
-            # 16 and 64 models trained in 0.77 and 0.66 of the custom rule's time
-            # (benchmarks/models.py; docs/benchmarks.md).
+            # 16 and 64 models trained in 0.77 of the custom rule's time (benchmarks/models.py;
+            # docs/benchmarks.md).
             "custom_vjp_models": 1,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
@@ -167,7 +167,7 @@ class ScanOptions:
     models: how many models run this loop at once under ``jax.vmap`` over their parameters
       (an ensemble, a population, a sweep). The loop cannot see such a vmap; its defaults can
       differ for it: on the CPU, from 2 models on, JAX's own derivative (``custom_vjp`` off),
-      which trained 16 to 64 addition models 1.3 to 1.5 times as fast. Nothing else reads it.
+      which trained 16 and 64 addition models 1.3 times as fast. Nothing else reads it.
   """
 
   unroll: Optional[int] = None
