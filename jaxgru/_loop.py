@@ -11,12 +11,14 @@ which can also record what the backward pass needs), the loop over chunks, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from jaxgru.cell import GRUConfig, Params, split_gates
+from jaxgru import activations as _act
+from jaxgru.cell import GRUConfig, Params, add_bias, split_gates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,8 @@ class _Static:
   # and removing a unit chunk axis around the time loops (whose stacked arrays hold that axis
   # second) would transpose every residual, twice.
   single: bool = False
+  # The step's own JVP (:func:`_recur_step`) in the loop JAX differentiates: for many models.
+  step_jvp: bool = False
 
 
 
@@ -43,15 +47,66 @@ def _project(cell: GRUConfig, params: Params, x: jax.Array) -> tuple[jax.Array, 
   return split_gates(cell._project_inputs(params, x), 3)
 
 
-def _step(cell: GRUConfig, h, g, t, lengths, product):
+def _step(cell: GRUConfig, h, g, t, lengths, product, recur=None):
   """One step, masked by lengths (as the plain reference loop of tests/reference.py): returns
-  (carry, output)."""
-  h_new = cell._recur_with(h, g, product)
+  (carry, output). ``recur(h, g)``, if given, replaces the cell's step (:func:`_recur_step`)."""
+  h_new = cell._recur_with(h, g, product) if recur is None else recur(h, g)
   if lengths is None:
     return h_new, h_new
   valid = (t < lengths)[:, None]
   h_new = jnp.where(valid, h_new, h)
   return h_new, jnp.where(valid, h_new, jnp.zeros_like(h_new))
+
+
+def step_jvp_applies(cell: GRUConfig) -> bool:
+  """Whether :func:`_recur_step` can stand for ``cell``'s step: reset_after, with tanh and
+  sigmoid, whose derivatives it writes from their outputs."""
+  return (cell.variant == "reset_after"
+          and _act.resolve(cell.activation) is _act.ACTIVATIONS["tanh"]
+          and _act.resolve(cell.recurrent_activation) is _act.ACTIVATIONS["sigmoid"])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _recur_step(cell: GRUConfig, w: Params, h: jax.Array, g: tuple[jax.Array, ...]) -> jax.Array:
+  """The cell's reset_after step (:meth:`GRUConfig._recur_gates`) from the recurrent weights
+  ``w`` (``w_h``, and ``b_h`` with a bias), the state ``h`` (B, H) and the projected input ``g``
+  (three (B, H) gates), with a JVP of its own (:func:`_recur_step_jvp`)."""
+  return cell._recur_gates(h, g, cell._recurrent_product(w, 0, h))[0]
+
+
+@_recur_step.defjvp
+def _recur_step_jvp(cell, primals, tangents):
+  """The step's JVP, written so that every product of a tangent with a value of the step takes
+  one of ``h, z, r, n, gh_n`` as that value. JAX, which saves for the backward pass each value
+  that multiplies a tangent, then keeps these five per step, not the ten or so that its own
+  rules for sigmoid, tanh and the update leave (``z * (1 - z)``, ``1 - z``, ``1 - n**2``, ...):
+  with ``dA = dgx_A + dgh_A`` (dgh = dh @ w_h + h @ dw_h + db_h),
+
+    dz = dA_z * z * (1 - z)      dr = dA_r * r * (1 - r)
+    dn = (dgx_n + dr * gh_n + dgh_n * r) * (1 - n**2)
+    dh' = dn * (1 - z) + dz * (h - n) + dh * z
+
+  each product expanded so that a tangent comes first. Under jax.vmap over 64 addition models
+  (B=128, T=65, H=16) the training step took 0.90-0.96 of the time of JAX's own rules
+  (docs/benchmarks.md).
+  """
+  w, h, g = primals
+  dw, dh, dg = tangents
+  h_new, (z, r, n, gh_n) = cell._recur_gates(h, g, cell._recurrent_product(w, 0, h))
+  dgh = cell._dot(dh, w["w_h"]) + cell._dot(h, dw["w_h"])
+  if "b_h" in dw:
+    dgh = add_bias(dgh, dw["b_h"].astype(dgh.dtype))
+  # jnp.split (not slicing): its transpose concatenates the gates' cotangents in one pass,
+  # where a slice's would pad each to 3H and add them.
+  dgh_z, dgh_r, dgh_n = split_gates(dgh, 3)
+  dg_z, dg_r, dg_n = split_gates(dg, 3)
+  da_z = dg_z + dgh_z
+  dz = da_z * z - (da_z * z) * z
+  da_r = dg_r + dgh_r
+  dr = da_r * r - (da_r * r) * r
+  da_n = dg_n + dr * gh_n + dgh_n * r
+  dn = da_n - (da_n * n) * n
+  return h_new, dn - dn * z + dz * h - dz * n + dh * z
 
 
 def _reset(h, h_init, r):
@@ -63,6 +118,10 @@ def _reset(h, h_init, r):
   if r is None:
     return h
   return jnp.where(r[:, None], h_init, h)
+
+
+def _recurrent_weights(params: Params) -> Params:
+  return {k: params[k] for k in ("w_h", "b_h") if k in params}
 
 
 def _join(parts: tuple[jax.Array, ...]) -> jax.Array:
@@ -112,7 +171,10 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
       outs.append(y)
       return y
 
-    h_new, y = _step(cell, h, g, t, lengths, product)
+    recur = None
+    if st.step_jvp and save is None:
+      recur = lambda h, g: _recur_step(cell, _recurrent_weights(params), h, tuple(g))
+    h_new, y = _step(cell, h, g, t, lengths, product, recur)
     res = (h, None if st.hoist else g, tuple(outs)) if save == "all" else None
     return _reset(h_new, h_init, r_next), (y, res)
 

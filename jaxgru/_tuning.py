@@ -44,6 +44,11 @@ _TUNED = {
             # 16 and 64 models trained in 0.77 of the custom rule's time (benchmarks/models.py;
             # docs/benchmarks.md).
             "custom_vjp_models": 1,
+            # From this many models on, JAX's derivative of the loop takes the step's own JVP
+            # (jaxgru._loop._recur_step, the default cell only), which leaves the backward pass
+            # five of the step's arrays to keep instead of about ten: 0.90-0.96 of the training
+            # step's time at the consolidation shape, 64 models (docs/benchmarks.md).
+            "step_jvp_models": 2,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
             "diagonal_bytes": 2**24,
@@ -56,6 +61,7 @@ _TUNED = {
     "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
             "custom_vjp_models": None,  # not measured on a GPU: the custom rule for any number
+            "step_jvp_models": None,  # not measured on a GPU: JAX's own rules
             "diagonal_bytes": None,
             # Parallel on the H200: forward passes 1.7-15x faster at H <= 16, T >= 1000; training
             # slower everywhere (0.19-0.76); cells with large weights fell back (0.12x).
@@ -247,6 +253,13 @@ class ScanOptions:
         remat=remat, hoist_projection=hoist,
         custom_vjp=custom_vjp, diagonal_backward=diagonal,
         method=pick(self.method, "method"))
+
+
+def step_jvp_default(models: int, batch: int, backend: Optional[str] = None) -> bool:
+  """Whether JAX's derivative of the loop, for ``models`` models under jax.vmap, takes the
+  step's own JVP (where the cell allows it) by default on the backend."""
+  least = _table(backend or jax.default_backend(), batch)["step_jvp_models"]
+  return least is not None and models >= least
 
 
 def diagonal_backward_applies(cell: GRUConfig) -> bool:

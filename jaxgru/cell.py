@@ -282,22 +282,32 @@ class GRUConfig:
     ``(gx_z, gx_r, gx_n)``. A time loop over gate-split arrays avoids slicing each step's
     columns out of a wide (T, B, 3H) array, which XLA:CPU fuses into slow element loops.
     """
+    h = h.astype(self.state_dtype)
+    if self.variant == "reset_after":
+      return self._recur_gates(h, gx, product(0, h))[0]
     act = _act.resolve(self.activation)
     ract = _act.resolve(self.recurrent_activation)
-    h = h.astype(self.state_dtype)
     gx_z, gx_r, gx_n = split_gates(gx, 3)
-    if self.variant == "reset_after":
-      gh_z, gh_r, gh_n = split_gates(product(0, h), 3)
-      z = ract(gx_z + gh_z)
-      r = ract(gx_r + gh_r)
-      n = act(gx_n + r * gh_n)
-    else:
-      gh_z, gh_r = split_gates(product(0, h), 2)
-      z = ract(gx_z + gh_z)
-      r = ract(gx_r + gh_r)
-      (gh_n,) = split_gates(product(1, r * h), 1)
-      n = act(gx_n + gh_n)
+    gh_z, gh_r = split_gates(product(0, h), 2)
+    z = ract(gx_z + gh_z)
+    r = ract(gx_r + gh_r)
+    (gh_n,) = split_gates(product(1, r * h), 1)
+    n = act(gx_n + gh_n)
     return (1.0 - z) * n + z * h
+
+  def _recur_gates(self, h: jax.Array, gx: Any, gh: Any
+                   ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """A reset_after step from its state ``h`` (..., H), projected input ``gx`` and recurrent
+    product ``gh`` (each (..., 3H) or split by gate): ``(h', (z, r, n, gh_n))``, the new state
+    and the gates the step's derivative needs (``gh_n`` is the candidate's recurrent product)."""
+    act = _act.resolve(self.activation)
+    ract = _act.resolve(self.recurrent_activation)
+    gx_z, gx_r, gx_n = split_gates(gx, 3)
+    gh_z, gh_r, gh_n = split_gates(gh, 3)
+    z = ract(gx_z + gh_z)
+    r = ract(gx_r + gh_r)
+    n = act(gx_n + r * gh_n)
+    return (1.0 - z) * n + z * h, (z, r, n, gh_n)
 
   def step(self, params: Params, h: jax.Array, x: jax.Array) -> jax.Array:
     """One GRU step for ONE example, carry first: ``h`` (H,), ``x`` (I,) -> ``h'`` (H,).

@@ -40,6 +40,11 @@ OPTIONS = {
                               diagonal_backward=False),
     "autodiff": ScanOptions(custom_vjp=False, chunk=1000),
     "autodiff_remat": ScanOptions(custom_vjp=False, chunk=2, remat=True),
+    # Many models (ScanOptions.models): on the CPU, JAX's derivative of the loop with the step's
+    # own JVP (jaxgru._loop._recur_step); in one chunk, and in chunks with the projection
+    # hoisted and each chunk rematerialized.
+    "models": ScanOptions(models=4),
+    "models_chunks": ScanOptions(models=4, chunk=3, remat=True, hoist_projection=True),
 }
 
 
@@ -108,7 +113,8 @@ def test_variants(variant, use_bias, options):
   check_against_reference(cell, OPTIONS[options], True, True, 1e-5, 1e-6)
 
 
-@pytest.mark.parametrize("options", ["default", "chunks", "remat", "products", "autodiff"])
+@pytest.mark.parametrize("options", ["default", "chunks", "remat", "products", "autodiff",
+                                     "models"])
 def test_float64_to_rounding(options):
   """In float64 the only difference left is the order of additions."""
   with jax.enable_x64(True):
@@ -419,3 +425,46 @@ def test_activation_that_mixes_units_takes_the_per_step_vjp(monkeypatch):
   jax.clear_caches()
   with pytest.raises(AssertionError):
     check_against_reference(cell, options, True, True, 1e-5, 1e-6)
+
+
+def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults():
+  """From 2 models on (ScanOptions.models) the CPU's defaults differentiate the loop by JAX with
+  the step's own JVP, for the default cell only; one model, other activations, reset_before and
+  the custom rule keep JAX's rules for the step."""
+  def takes_it(cell, options):
+    xs, h0 = randn(70, B, I), randn(B, H, seed=2)
+    jaxpr = jax.make_jaxpr(lambda p: scan_layer(cell, p, xs, h0, options=options))(
+        random_params(cell))
+    return "jvp=_recur_step_jvp" in str(jaxpr)
+  cell = GRUConfig(I, H)
+  assert takes_it(cell, ScanOptions(models=2))
+  assert takes_it(GRUConfig(I, H, use_bias=False), ScanOptions(models=2))
+  assert not takes_it(cell, ScanOptions())
+  assert not takes_it(cell, ScanOptions(models=2, custom_vjp=True))
+  assert not takes_it(GRUConfig(I, H, activation="softsign"), ScanOptions(models=2))
+  assert not takes_it(GRUConfig(I, H, variant="reset_before"), ScanOptions(models=2))
+
+
+def test_many_models_under_vmap_equal_each_model_alone():
+  """What the hint is for: N models vmapped over their parameters, with lengths, at T=70 (past
+  the custom rule's threshold, which one model alone takes): each model's values and
+  gradients equal its own plain loop's."""
+  cell, n, steps = GRUConfig(I, H), 3, 70
+  params = jax.vmap(lambda s: random_params(cell, 0))(jnp.arange(n))
+  params = jax.tree.map(lambda a: a * jnp.linspace(0.5, 1.5, n).reshape((n,) + (1,) * (a.ndim - 1)),
+                        params)
+  xs, h0, w = randn(steps, B, I), randn(B, H, seed=2), randn(steps, B, H, seed=3)
+  lengths = jnp.asarray([steps, 0, 33, 69], jnp.int32)
+
+  def loss(run, p):
+    ys, h_last = run(p)
+    return jnp.sum(ys * w) + jnp.sum(h_last ** 2)
+
+  fast = lambda p: scan_layer(cell, p, xs, h0, lengths, options=ScanOptions(models=n))
+  slow = lambda p: reference(cell, p, xs, h0, lengths, False)
+  got = jax.jit(jax.vmap(lambda p: (fast(p), jax.grad(functools.partial(loss, fast))(p))))(params)
+  for i in range(n):
+    p_i = jax.tree.map(lambda a: a[i], params)
+    want = (slow(p_i), jax.grad(functools.partial(loss, slow))(p_i))
+    for g, v in zip(jax.tree.leaves(jax.tree.map(lambda a: a[i], got)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=2e-5, atol=2e-6)

@@ -31,6 +31,9 @@ OPTIONS = {
     "per_step": ScanOptions(chunk=16, remat="products", custom_vjp=True,
                             diagonal_backward=False),
     "autodiff": ScanOptions(custom_vjp=False),
+    # Many models: JAX's derivative of the loop with the step's own JVP (jaxgru._loop).
+    "models": ScanOptions(models=4),
+    "models_chunks": ScanOptions(models=4, chunk=16, remat=True, hoist_projection=True),
 }
 
 
@@ -97,7 +100,8 @@ def test_jvp_of_the_default_path_equals_the_plain_loop(steps, variant):
 
 @pytest.mark.parametrize("name, reverse", [("whole", False), ("chunks_hoisted", True),
                                            ("products", False), ("full", True),
-                                           ("per_step", True), ("autodiff", False)])
+                                           ("per_step", True), ("autodiff", False),
+                                           ("models", True), ("models_chunks", False)])
 def test_jvp_of_every_option_equals_the_plain_loop(name, reverse):
   check(GRUConfig(I, H), OPTIONS[name], 70, reverse)
 
