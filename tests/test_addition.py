@@ -134,6 +134,20 @@ def test_evaluate_against_python_reference():
     assert got[m] == pytest.approx(want)
 
 
+def test_evaluation_chunks_of_problems_follow_the_number_of_models():
+  """Chunks of problems keep a step's (models, problems, 3H) gate array near 1.5 MiB, in equal
+  chunks; the result does not depend on them."""
+  from jaxgru.tasks.addition.train import _eval_batch_chunk
+  assert _eval_batch_chunk(1000, 64, 16) == 125  # 8 chunks of at most 128
+  assert _eval_batch_chunk(512, 64, 16) == 128
+  assert _eval_batch_chunk(1000, 1, 16) == 1000  # one model: one chunk
+  assert _eval_batch_chunk(1000, 4096, 16) == 2  # at least one problem: 500 chunks of 2
+  cfg = _small_cfg(num_models=2, hidden_size=4)
+  params = addition.init_states(cfg).params
+  chunked = addition.make_evaluate(cfg, bits=20, size=30, batch_chunk=7, time_chunk=6)(params)
+  np.testing.assert_array_equal(addition.make_evaluate(cfg, bits=20, size=30)(params), chunked)
+
+
 def test_loss_and_gradient_at_70_steps_equal_the_plain_loop():
   """Past the custom VJP's threshold (64 steps on the CPU): on 69-bit problems (T = 70) the
   task's loss and its gradient through jaxgru's loop equal those of the same model whose stack
