@@ -46,7 +46,7 @@ _TUNED = {
             "custom_vjp_models": 1,
             # From this many models on, JAX's derivative of the loop takes the step's own JVP
             # (jaxgru._loop._recur_step, the default cell only), which leaves the backward pass
-            # five of the step's arrays to keep instead of about ten: 0.90-0.96 of the training
+            # five of the step's arrays to keep instead of about ten: 0.95-0.97 of the training
             # step's time at the consolidation shape, 64 models (docs/benchmarks.md).
             "step_jvp_models": 2,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
@@ -175,7 +175,7 @@ class ScanOptions:
       differ for it: on the CPU, from 2 models on, JAX's own derivative (``custom_vjp`` off),
       which trained 16 and 64 addition models (hidden size 16) 1.3 times as fast, and in it,
       for the default cell (reset_after, tanh, sigmoid), the step's own JVP, which leaves the
-      backward pass 5 arrays per step to keep instead of about 10 (0.90-0.96 of the time at 64
+      backward pass 5 arrays per step to keep instead of about 10 (0.95-0.97 of the time at 64
       models); not yet measured for larger cells. Nothing else reads it.
   """
 

@@ -462,7 +462,8 @@ def test_many_models_under_vmap_equal_each_model_alone():
 
   fast = lambda p: scan_layer(cell, p, xs, h0, lengths, options=ScanOptions(models=n))
   slow = lambda p: reference(cell, p, xs, h0, lengths, False)
-  both = lambda run: jax.jit(jax.vmap(lambda p: (run(p), jax.grad(functools.partial(loss, run))(p))))
+  def both(run):
+    return jax.jit(jax.vmap(lambda p: (run(p), jax.grad(functools.partial(loss, run))(p))))
   # The reference vmapped too: the plain loop per model, JAX's own rules (no hint to read).
   got, want = both(fast)(params), both(slow)(params)
   for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
