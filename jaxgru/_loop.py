@@ -37,14 +37,17 @@ class _Static:
   single: bool = False
   # The step's own JVP (:func:`_recur_step`) in the loop JAX differentiates: for many models.
   step_jvp: bool = False
+  # The per-step input projection as I multiply-adds (GRUConfig._project_inputs(terms=True)).
+  input_terms: bool = False
 
 
 
 # -- one step -------------------------------------------------------------------------------------
 
 
-def _project(cell: GRUConfig, params: Params, x: jax.Array) -> tuple[jax.Array, ...]:
-  return split_gates(cell._project_inputs(params, x), 3)
+def _project(cell: GRUConfig, params: Params, x: jax.Array, terms: bool = False
+             ) -> tuple[jax.Array, ...]:
+  return split_gates(cell._project_inputs(params, x, terms), 3)
 
 
 def _step(cell: GRUConfig, h, g, t, lengths, product, recur=None):
@@ -162,7 +165,7 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
 
   def body(h, inp):
     x_or_g, t, r_next = inp
-    g = x_or_g if st.hoist else _project(cell, params, x_or_g)
+    g = x_or_g if st.hoist else _project(cell, params, x_or_g, st.input_terms)
     outs = []
 
     def product(k, a):

@@ -49,6 +49,13 @@ _TUNED = {
             # five of the step's arrays to keep instead of about ten: 0.95-0.97 of the training
             # step's time at the consolidation shape, 64 models (docs/benchmarks.md).
             "step_jvp_models": 2,
+            # In that loop, an input of at most this many features is projected at each step by
+            # as many multiply-adds of (B, 1) by (1, 3H), which XLA fuses into the gates' pass,
+            # instead of a matrix product of its own. Same-process A/Bs, 64 models, B=128, T=65,
+            # H=16: the addition step (I=2) took 0.87 of the product's time, 0.91 at its solve
+            # shape; a plain layer 0.90-0.97 at I=2, 0.91-0.92 at I=4, 1.01-1.06 at I=8 and 1.13
+            # at I=16 (docs/benchmarks.md).
+            "input_terms": 4,
             # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
             # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
             "diagonal_bytes": 2**24,
@@ -62,6 +69,7 @@ _TUNED = {
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
             "custom_vjp_models": None,  # not measured on a GPU: the custom rule for any number
             "step_jvp_models": None,  # not measured on a GPU: JAX's own rules
+            "input_terms": 0,  # not measured on a GPU: a matrix product
             "diagonal_bytes": None,
             # Parallel on the H200: forward passes 1.7-15x faster at H <= 16, T >= 1000; training
             # slower everywhere (0.19-0.76); cells with large weights fell back (0.12x).
@@ -262,6 +270,15 @@ def step_jvp_default(models: int, batch: int, backend: Optional[str] = None) -> 
   step's own JVP (where the cell allows it) by default on the backend."""
   least = _table(backend or jax.default_backend(), batch)["step_jvp_models"]
   return least is not None and models >= least
+
+
+def input_terms_default(models: int, inputs: int, batch: int,
+                        backend: Optional[str] = None) -> bool:
+  """Whether the loop that takes the step's own JVP (:func:`step_jvp_default`) projects an
+  input of ``inputs`` features by multiply-adds, one per feature, instead of a matrix product."""
+  backend = backend or jax.default_backend()
+  return (step_jvp_default(models, batch, backend)
+          and inputs <= _table(backend, batch)["input_terms"])
 
 
 def diagonal_backward_applies(cell: GRUConfig) -> bool:

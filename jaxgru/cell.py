@@ -234,12 +234,23 @@ class GRUConfig:
 
   # -- the math -----------------------------------------------------------------------------------
 
-  def _project_inputs(self, params: Params, x: jax.Array) -> jax.Array:
+  def _project_inputs(self, params: Params, x: jax.Array, terms: bool = False) -> jax.Array:
     """Input projection ``gx = x @ w_x + b_x``: (..., I) -> (..., 3H).
 
-    Applied to a whole sequence (T, I) it is one matrix product for all time steps.
+    Applied to a whole sequence (T, I) it is one matrix product for all time steps. ``terms``:
+    the same sum written as I multiply-adds ``x[..., i:i+1] * w_x[i]`` (each factor rounded to
+    the compute dtype, the sum in the state dtype, as the product accumulates), which XLA fuses
+    into the elementwise work that follows instead of running a product of its own.
     """
-    gx = self._dot(x, params["w_x"])
+    if terms:
+      sd, cd = self.state_dtype, self.compute_dtype
+      xs, w = x.astype(cd).astype(sd), params["w_x"].astype(cd).astype(sd)
+      w = w.reshape((1,) * (x.ndim - 1) + w.shape)
+      gx = xs[..., 0:1] * w[..., 0, :]
+      for i in range(1, self.input_size):
+        gx = gx + xs[..., i:i + 1] * w[..., i, :]
+    else:
+      gx = self._dot(x, params["w_x"])
     if self.use_bias:
       gx = add_bias(gx, params["b_x"])
     return gx

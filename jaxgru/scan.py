@@ -58,7 +58,8 @@ import jax.numpy as jnp
 
 from jaxgru._loop import _Static, _layer, step_jvp_applies
 from jaxgru._parallel import parallel_layer
-from jaxgru._tuning import REMAT, ScanOptions, diagonal_backward_applies, step_jvp_default
+from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, input_terms_default,
+                            step_jvp_default)
 from jaxgru._jvp import _layer_jvp
 from jaxgru.cell import GRUConfig, Params
 
@@ -166,10 +167,13 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     if lengths_B is None:
       lengths_B = jnp.full((batch,), steps, jnp.int32)
   xs_NCBI = xs_TBI if single else xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
+  step_jvp = (not opts.custom_vjp and step_jvp_applies(cell)
+              and step_jvp_default(opts.models, batch))
   st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
                opts.diagonal_backward and diagonal_backward_applies(cell), single,
-               step_jvp=(not opts.custom_vjp and step_jvp_applies(cell)
-                         and step_jvp_default(opts.models, batch)))
+               step_jvp=step_jvp,
+               input_terms=(step_jvp and not opts.hoist_projection
+                            and input_terms_default(opts.models, cell.input_size, batch)))
   run = _layer_jvp if opts.custom_vjp else _layer
   ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
   if not single:

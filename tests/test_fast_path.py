@@ -445,6 +445,38 @@ def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults():
   assert not takes_it(GRUConfig(I, H, variant="reset_before"), ScanOptions(models=2))
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_many_models_project_few_inputs_by_multiply_adds(dtype):
+  """Where the step's own JVP applies, an input of at most 4 features is projected at each step
+  by multiply-adds, not a matrix product (one product per step is left, the recurrent one);
+  values and gradients equal one model's loop, which keeps the product, also with bfloat16
+  products (each factor rounded to bfloat16, the sum in float32)."""
+  def products(cell, options):
+    xs = randn(70, B, cell.input_size)
+    jaxpr = jax.make_jaxpr(lambda p: scan_layer(cell, p, xs, options=options))(
+        random_params(cell))
+    return str(jaxpr).count("dot_general")
+  for inputs, want in ((1, 1), (4, 1), (5, 2)):
+    assert products(GRUConfig(inputs, H), ScanOptions(models=2)) == want, inputs
+  assert products(GRUConfig(2, H), ScanOptions()) == 2
+  assert products(GRUConfig(2, H), ScanOptions(models=2, hoist_projection=True)) == 2
+
+  cell = GRUConfig(2, H, dtype=dtype)
+  params = random_params(cell)
+  xs, h0, w = randn(70, B, 2), randn(B, H, seed=2), randn(70, B, H, seed=3)
+  lengths = jnp.asarray([70, 0, 33, 69], jnp.int32)
+
+  def run(options, p, x):
+    ys, h_last = scan_layer(cell, p, x, h0, lengths, options=options)
+    return jnp.sum(ys * w) + jnp.sum(h_last ** 2)
+
+  many = jax.jit(jax.value_and_grad(functools.partial(run, ScanOptions(models=2)), (0, 1)))
+  one = jax.jit(jax.value_and_grad(functools.partial(run, ScanOptions(custom_vjp=False)), (0, 1)))
+  tol = 2e-5 if dtype is None else 2e-3
+  for g, v in zip(jax.tree.leaves(many(params, xs)), jax.tree.leaves(one(params, xs))):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=tol, atol=tol * 0.1)
+
+
 def test_many_models_under_vmap_equal_each_model_alone():
   """What the hint is for: N models vmapped over their parameters, with lengths, at T=70 (past
   the custom rule's threshold, which one model alone takes): each model's values and
