@@ -275,13 +275,11 @@ def step_jvp_default(models: int, batch: int, backend: Optional[str] = None) -> 
   return least is not None and models >= least
 
 
-def input_terms_default(models: int, inputs: int, batch: int,
-                        backend: Optional[str] = None) -> bool:
-  """Whether the loop that takes the step's own JVP (:func:`step_jvp_default`) projects an
-  input of ``inputs`` features by multiply-adds, one per feature, instead of a matrix product."""
-  backend = backend or jax.default_backend()
-  return (step_jvp_default(models, batch, backend)
-          and inputs <= _table(backend, batch)["input_terms"])
+def input_terms_default(inputs: int, batch: int, backend: Optional[str] = None) -> bool:
+  """Whether a loop that takes the step's own JVP (:func:`step_jvp_default`) and projects its
+  inputs at each step does so for ``inputs`` features by multiply-adds, one per feature,
+  instead of a matrix product."""
+  return inputs <= _table(backend or jax.default_backend(), batch)["input_terms"]
 
 
 def diagonal_backward_applies(cell: GRUConfig) -> bool:

@@ -173,7 +173,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                opts.diagonal_backward and diagonal_backward_applies(cell), single,
                step_jvp=step_jvp,
                input_terms=(step_jvp and not opts.hoist_projection
-                            and input_terms_default(opts.models, cell.input_size, batch)))
+                            and input_terms_default(cell.input_size, batch)))
   run = _layer_jvp if opts.custom_vjp else _layer
   ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
   if not single:
