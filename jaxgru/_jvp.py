@@ -296,8 +296,11 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _layer_jvp(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
-  """The layer over (N, C, B, I) chunks, differentiated by the rules of this module."""
-  return _layer(dataclasses.replace(st, remat="none"), params, xs_NCBI, h0, lengths, resets_NCB)
+  """The layer over (N, C, B, I) chunks, differentiated by the rules of this module. Run without
+  a derivative it keeps nothing for one, so it projects the inputs as ``st.forward_hoist`` says."""
+  hoist = st.hoist if st.forward_hoist is None else st.forward_hoist
+  return _layer(dataclasses.replace(st, remat="none", hoist=hoist), params, xs_NCBI, h0, lengths,
+                resets_NCB)
 
 
 def _layer_jvp_rule(st: _Static, primals, tangents):

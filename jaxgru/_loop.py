@@ -39,6 +39,9 @@ class _Static:
   step_jvp: bool = False
   # The per-step input projection as I multiply-adds (GRUConfig._project_inputs(terms=True)).
   input_terms: bool = False
+  # ``hoist`` for the custom rule's primal, which runs only where nothing is differentiated
+  # (None: ``hoist``).
+  forward_hoist: Optional[bool] = None
 
 
 

@@ -28,6 +28,9 @@ _TUNED = {
             # Project the inputs before the loop when a step's input product has at least this
             # many multiply-adds (B*I*3H) and a (T, B, H) array is at most big_bytes; else
             # inside the loop.
+            # A forward pass without derivative projects one chunk at a time and keeps nothing
+            # for a backward pass, so there the memory bound does not apply: B*I*3H alone
+            # decides (forward_hoist_default).
             "hoist_projection": False, "hoist_macs": 2**20,
             # Residuals of the whole sequence at most this: keep them all, one chunk.
             "whole_bytes": 2**24,
@@ -153,6 +156,9 @@ class ScanOptions:
     hoist_projection: project a chunk's inputs in one product before its loop (True) or each
       step's inside it (False). None: True off the CPU; on the CPU, True when a step's input
       product has at least 2**20 multiply-adds (B*I*3H) and a (T, B, H) array is at most 16 MB.
+      A forward pass of the custom rule (``custom_vjp``) without derivative holds one chunk's
+      projection at a time and keeps nothing for a backward pass: there None drops the memory
+      bound (:func:`forward_hoist_default`).
     custom_vjp: differentiate with jaxgru's own derivative rule (True) or with JAX's autodiff
       of the loop (False; ``jax.checkpoint`` per chunk unless remat is ``"none"``). The rule is
       a custom JVP (:mod:`jaxgru._jvp`; the option keeps its older name) that serves forward
@@ -273,6 +279,19 @@ def step_jvp_default(models: int, batch: int, backend: Optional[str] = None) -> 
   step's own JVP (where the cell allows it) by default on the backend."""
   least = _table(backend or jax.default_backend(), batch)["step_jvp_models"]
   return least is not None and models >= least
+
+
+def forward_hoist_default(batch: int, inputs: int, hidden: int,
+                          backend: Optional[str] = None) -> bool:
+  """Whether a layer run without derivative (the custom rule's primal) projects each chunk's
+  inputs before its loop: as ``ScanOptions.resolved``'s rule without its memory bound, which
+  exists for the residuals of a training step. A forward pass holds one chunk's projection at a
+  time. Same-process A/Bs of the forward pass on this CPU: 0.95 of the in-loop projection's time
+  at 128x256x128x512 (three runs, 0.93-0.96) and 0.94 at 64x1024x32x256 (docs/benchmarks.md)."""
+  tuned = _table(backend or jax.default_backend(), batch)
+  if tuned["hoist_macs"] is None:
+    return tuned["hoist_projection"]
+  return batch * inputs * 3 * hidden >= tuned["hoist_macs"]
 
 
 def input_terms_default(inputs: int, batch: int, backend: Optional[str] = None) -> bool:

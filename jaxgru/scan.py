@@ -58,8 +58,8 @@ import jax.numpy as jnp
 
 from jaxgru._loop import _Static, _layer, step_jvp_applies
 from jaxgru._parallel import parallel_layer
-from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, input_terms_default,
-                            step_jvp_default)
+from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_hoist_default,
+                            input_terms_default, step_jvp_default)
 from jaxgru._jvp import _layer_jvp
 from jaxgru.cell import GRUConfig, Params
 
@@ -173,7 +173,10 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                opts.diagonal_backward and diagonal_backward_applies(cell), single,
                step_jvp=step_jvp,
                input_terms=(step_jvp and not opts.hoist_projection
-                            and input_terms_default(cell.input_size, batch)))
+                            and input_terms_default(cell.input_size, batch)),
+               forward_hoist=(opts.hoist_projection if options.hoist_projection is not None
+                              else forward_hoist_default(batch, cell.input_size,
+                                                         cell.hidden_size)))
   run = _layer_jvp if opts.custom_vjp else _layer
   ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
   if not single:

@@ -17,6 +17,7 @@ import pytest
 import jaxgru
 import reference as plain
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
+from jaxgru._tuning import forward_hoist_default
 
 I, H, T, B = 3, 5, 7, 4
 LENGTHS = np.array([7, 0, 4, 1], np.int32)
@@ -303,6 +304,9 @@ def test_options_resolve_per_backend_and_shape():
   assert not ScanOptions().resolved(1024, 16, 64, "cpu", inputs=8).hoist_projection
   assert not ScanOptions().resolved(256, 128, 512, "cpu", inputs=128).hoist_projection
   assert ScanOptions().resolved(1024, 16, 64, "gpu", inputs=8).hoist_projection
+  # A forward pass without derivative: the input product alone decides, not the memory bound.
+  assert forward_hoist_default(128, 128, 512, "cpu") and forward_hoist_default(64, 32, 256, "cpu")
+  assert not forward_hoist_default(16, 8, 64, "cpu") and forward_hoist_default(16, 8, 64, "gpu")
   # The diagonal backward: off the CPU always; on it while a (T, B, H) array is <= 16 MB.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
   assert not ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
@@ -425,6 +429,37 @@ def test_activation_that_mixes_units_takes_the_per_step_vjp(monkeypatch):
   jax.clear_caches()
   with pytest.raises(AssertionError):
     check_against_reference(cell, options, True, True, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, monkeypatch):
+  """The custom rule's primal, which runs only where nothing is differentiated, projects each
+  chunk's inputs before its loop where forward_hoist_default says so, whatever the training
+  step's hoist_projection; an explicit hoist_projection holds for both. Values equal the plain
+  loop's, and so do gradients (their path is unchanged), with lengths and padded chunks."""
+  monkeypatch.setattr(jaxgru.scan, "forward_hoist_default", lambda *args: True)
+  cell = GRUConfig(I, H)
+  params, xs, h0 = random_params(cell), randn(70, B, I), randn(B, H, seed=2)
+  lengths = jnp.asarray([70, 0, 33, 69], jnp.int32)
+  options = ScanOptions(chunk=16, remat="products", custom_vjp=True)
+  run = lambda p, x, o=options: scan_layer(cell, p, x, h0, lengths, reverse=reverse, options=o)
+
+  def hoisted(o):  # one product of a whole chunk's (C, B, I) inputs, made before its loop
+    return f"f32[16,{B},{3 * H}] = dot_general" in str(jax.make_jaxpr(
+        lambda p: run(p, xs, o))(params))
+  assert hoisted(options)
+  assert not hoisted(dataclasses.replace(options, hoist_projection=False))
+  assert options.resolved(70, B, H, "cpu", inputs=I).hoist_projection is False
+
+  want = reference(cell, params, xs, h0, lengths, reverse)
+  for g, w in zip(jax.jit(run)(params, xs), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+  loss_of = lambda f: lambda p, x: jnp.sum(f(p, x)[0] ** 2) + jnp.sum(f(p, x)[1])
+  got = jax.jit(jax.grad(loss_of(run), (0, 1)))(params, xs)
+  ref = jax.jit(jax.grad(loss_of(lambda p, x: reference(cell, p, x, h0, lengths, reverse)),
+                         (0, 1)))(params, xs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
 
 
 def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults():
