@@ -83,13 +83,14 @@ def _given_jvp(cell, k, primals, tangents):
   return out, tuple(d + e for d, e in zip(dy, deps))
 
 
-def _within_steps(cell, params, hs, gs, outs):
+def _within_steps(cell, params, hs, gs, outs, joined=False):
   """Each step's gate inputs, product outputs and product inputs for a whole chunk.
 
   ``hs`` (C, B, H) are the states before each step (after any reset), ``gs`` the gate inputs
   (3 x (C, B, H) or (C, B, 3H)), ``outs`` the saved products (per product, its gates) or None
   (they are then computed here, each one (C*B, H) x (H, .) product). Returns ``(gs, outs, ins)``
-  with every array (C, B, ...) and split by gate.
+  with every array (C, B, ...) and split by gate; with ``joined``, the gate inputs and the
+  products computed here are returned as they were made, gates joined ((C, B, 3H)), not split.
   """
   lead = hs.shape[:2]
   rows = lambda a: a.reshape((-1,) + a.shape[2:])
@@ -99,23 +100,23 @@ def _within_steps(cell, params, hs, gs, outs):
 
   def product(k, a):
     ins.append(unrows(a))
-    if outs is not None and k < len(outs):
-      y = tuple(rows(o) for o in outs[k])
-    else:
-      y = cell._recurrent_product(params, k, a)
-      y = split_gates(y, y.shape[-1] // size)
-    got.append(tuple(unrows(o) for o in y))
-    return y
+    if outs is not None and k < len(outs):  # saved by the forward pass, split by gate
+      got.append(tuple(outs[k]))
+      return tuple(rows(o) for o in outs[k])
+    y = cell._recurrent_product(params, k, a)
+    got.append(unrows(y) if joined else tuple(unrows(o) for o in
+                                               split_gates(y, y.shape[-1] // size)))
+    return split_gates(y, y.shape[-1] // size)
 
-  gs = split_gates(gs, 3)
-  cell._recur_with(rows(hs), tuple(rows(g) for g in gs), product)
-  return gs, tuple(got), tuple(ins)
+  split = split_gates(gs, 3)
+  cell._recur_with(rows(hs), tuple(rows(g) for g in split), product)
+  return gs if joined else split, tuple(got), tuple(ins)
 
 
-def _bulk_tangents(cell, params, x, ins, dparams, dx):
+def _bulk_tangents(cell, params, x, ins, dparams, dx, joined=False):
   """The tangents that do not recur, for a whole chunk: ``dgx`` (the input projection's, split
   by gate, or None) and ``eps`` (per product, the weights' share ``a_k @ dw_k + db_k``, split by
-  gate, or None when the weights' tangents are zero)."""
+  gate, or None when the weights' tangents are zero). With ``joined``, not split: (C, B, 3H)."""
   size = cell.hidden_size
   lead = x.shape[:2]
   rows = lambda a: a.reshape((-1,) + a.shape[2:])
@@ -129,14 +130,15 @@ def _bulk_tangents(cell, params, x, ins, dparams, dx):
     else:
       _, dgx = jax.jvp(lambda p, x: cell._project_inputs(p, x), (params, rows(x)),
                        (dparams, rows(dx)))
-    dgx = tuple(unrows(g) for g in split_gates(dgx, 3))
+    dgx = unrows(dgx) if joined else tuple(unrows(g) for g in split_gates(dgx, 3))
   eps = None
   if dparams is not None:
     eps = []
     for k, a in enumerate(ins):
       _, e = jax.jvp(lambda p, a=a, k=k: cell._recurrent_product(p, k, rows(a)), (params,),
                      (dparams,))
-      eps.append(tuple(unrows(g) for g in split_gates(e, e.shape[-1] // size)))
+      eps.append(unrows(e) if joined else
+                 tuple(unrows(g) for g in split_gates(e, e.shape[-1] // size)))
     eps = tuple(eps)
   return dgx, eps
 
@@ -157,8 +159,17 @@ def _diagonal_loop(st: _Static, params, hs, gs, outs, dgx, eps, dh, dh_init, len
   """The tangent loop of a chunk whose cell acts on each unit alone (``st.diagonal``)."""
   cell = st.cell
   (out,) = outs
-  gate_major = lambda parts: jnp.stack(parts, axis=2)  # 3 x (C, B, H) -> (C, B, 3, H)
-  gates = lambda a: tuple(a[:, :, i] for i in range(3))
+  size = cell.hidden_size
+
+  def gate_major(a):
+    """(C, B, 3H), or its 3 gates (C, B, H), as (C, B, 3, H): a reshape of the joined array, so
+    that neither this nor its transpose makes a pass of its own."""
+    if isinstance(a, (tuple, list)):
+      a = jnp.concatenate(a, axis=-1)
+    return a.reshape(a.shape[:-1] + (3, size))
+
+  def gates(a):  # (C, B, 3, H) -> its 3 gates; transposed, one concatenation (slices would pad)
+    return tuple(jnp.squeeze(p, 2) for p in jnp.split(a, 3, axis=2))
 
   def cell_fn(h, g, o):
     return cell._recur_with(h, gates(g), lambda k, a: gates(o))
@@ -176,7 +187,7 @@ def _diagonal_loop(st: _Static, params, hs, gs, outs, dgx, eps, dh, dh_init, len
     u = jnp.zeros_like(hs)
   # The recurrent product's own derivative in its input (it is affine: any point will do).
   _, lin = jax.linearize(lambda a: cell._recurrent_product(params, 0, a), hs[0])
-  batch, size = hs.shape[1], cell.hidden_size
+  batch = hs.shape[1]
 
   def body(dh, inp):
     c_h_t, c_o_t, u_t, t, r = inp
@@ -245,8 +256,9 @@ def _chunk_tangent(st: _Static, params, x, h_start, saved, y, lengths, t0, reset
     gs, outs = cell._project_inputs(params, x), None
   else:
     hs, gs, outs = saved
-  gs, outs, ins = _within_steps(cell, params, hs, gs, outs)
-  dgx, eps = _bulk_tangents(cell, params, x, ins, dparams, dx)
+  # The diagonal loop takes every gate array as (C, B, 3, H): joined, it is a reshape.
+  gs, outs, ins = _within_steps(cell, params, hs, gs, outs, st.diagonal)
+  dgx, eps = _bulk_tangents(cell, params, x, ins, dparams, dx, st.diagonal)
   loop = _diagonal_loop if st.diagonal else _per_step_loop
   return loop(st, params, hs, gs, outs, dgx, eps, dh, dh_init, lengths, ts, resets_CB)
 
