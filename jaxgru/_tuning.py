@@ -29,9 +29,9 @@ _TUNED = {
             # many multiply-adds (B*I*3H) and a (T, B, H) array is at most big_bytes; else
             # inside the loop.
             # A forward pass without derivative projects one chunk at a time and keeps nothing
-            # for a backward pass, so there the memory bound does not apply: B*I*3H alone
-            # decides (forward_hoist_default).
-            "hoist_projection": False, "hoist_macs": 2**20,
+            # for a backward pass, so there the memory bound does not apply and B*I*3H alone
+            # decides, from forward_hoist_macs on (forward_hoist_default).
+            "hoist_projection": False, "hoist_macs": 2**20, "forward_hoist_macs": 2**19,
             # Residuals of the whole sequence at most this: keep them all, one chunk.
             "whole_bytes": 2**24,
             # Else chunks of about this many bytes of (B, H) states...
@@ -69,7 +69,8 @@ _TUNED = {
     # products): ahead of cuDNN at large batch x hidden (0.24-0.59 of its time), behind it at
     # small (1.6-4.3x; about 3.5 us per step of loop overhead). No alternative setting has been
     # measured on a GPU yet.
-    "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "whole_bytes": None, "chunk_bytes": None,
+    "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "forward_hoist_macs": None,
+            "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
             "custom_vjp_models": None,  # not measured on a GPU: the custom rule for any number
             "step_jvp_models": None,  # not measured on a GPU: JAX's own rules
@@ -158,7 +159,7 @@ class ScanOptions:
       product has at least 2**20 multiply-adds (B*I*3H) and a (T, B, H) array is at most 16 MB.
       A forward pass of the custom rule (``custom_vjp``) without derivative holds one chunk's
       projection at a time and keeps nothing for a backward pass: there None drops the memory
-      bound (:func:`forward_hoist_default`).
+      bound and takes 2**19 multiply-adds (:func:`forward_hoist_default`).
     custom_vjp: differentiate with jaxgru's own derivative rule (True) or with JAX's autodiff
       of the loop (False; ``jax.checkpoint`` per chunk unless remat is ``"none"``). The rule is
       a custom JVP (:mod:`jaxgru._jvp`; the option keeps its older name) that serves forward
@@ -284,14 +285,16 @@ def step_jvp_default(models: int, batch: int, backend: Optional[str] = None) -> 
 def forward_hoist_default(batch: int, inputs: int, hidden: int,
                           backend: Optional[str] = None) -> bool:
   """Whether a layer run without derivative (the custom rule's primal) projects each chunk's
-  inputs before its loop: as ``ScanOptions.resolved``'s rule without its memory bound, which
-  exists for the residuals of a training step. A forward pass holds one chunk's projection at a
-  time. Same-process A/Bs of the forward pass on this CPU: 0.95 of the in-loop projection's time
-  at 128x256x128x512 (three runs, 0.93-0.96) and 0.94 at 64x1024x32x256 (docs/benchmarks.md)."""
+  inputs before its loop. A forward pass holds one chunk's projection at a time, so the memory
+  bound of ``ScanOptions.resolved``'s rule, which exists for the residuals of a training step,
+  does not apply; on the CPU a step's input product of ``forward_hoist_macs`` (B*I*3H) decides.
+  Same-process A/Bs of the forward pass on this CPU (docs/benchmarks.md): 0.93-0.96 of the
+  in-loop projection's time at 128x256x128x512 and 0.94 at 64x1024x32x256 (above 16 MB);
+  0.90-0.98 at the five 64x256x64x64 stack shapes (2**19 <= B*I*3H < 2**20)."""
   tuned = _table(backend or jax.default_backend(), batch)
-  if tuned["hoist_macs"] is None:
+  if tuned["forward_hoist_macs"] is None:
     return tuned["hoist_projection"]
-  return batch * inputs * 3 * hidden >= tuned["hoist_macs"]
+  return batch * inputs * 3 * hidden >= tuned["forward_hoist_macs"]
 
 
 def input_terms_default(inputs: int, batch: int, backend: Optional[str] = None) -> bool:

@@ -306,6 +306,8 @@ def test_options_resolve_per_backend_and_shape():
   assert ScanOptions().resolved(1024, 16, 64, "gpu", inputs=8).hoist_projection
   # A forward pass without derivative: the input product alone decides, not the memory bound.
   assert forward_hoist_default(128, 128, 512, "cpu") and forward_hoist_default(64, 32, 256, "cpu")
+  assert forward_hoist_default(64, 64, 64, "cpu")  # 786,432 multiply-adds
+  assert not ScanOptions().resolved(256, 64, 64, "cpu", inputs=64).hoist_projection
   assert not forward_hoist_default(16, 8, 64, "cpu") and forward_hoist_default(16, 8, 64, "gpu")
   # The diagonal backward: off the CPU always; on it while a (T, B, H) array is <= 16 MB.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
