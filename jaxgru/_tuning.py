@@ -60,9 +60,12 @@ _TUNED = {
             # shape; a plain layer 0.90-0.97 at I=2, 0.91-0.92 at I=4, 1.01-1.06 at I=8 and 1.13
             # at I=16 (docs/benchmarks.md).
             "input_terms": 4,
-            # The diagonal backward writes about twice the per-chunk arrays of the per-step VJP:
-            # a gain while a (T, B, H) array is at most this large, a loss beyond (page faults).
-            "diagonal_bytes": 2**24,
+            # The diagonal backward at every size (None; else while a (T, B, H) array is at most
+            # this many bytes). Its gate arrays joined, speed.py's training step took 0.92-0.98
+            # of the per-step VJP's time above 16 MB (64x1024x32x256, 128x256x128x512), where it
+            # used to be about 6% slower, and 0.94-0.99 with the heap reused
+            # (docs/benchmarks.md).
+            "diagonal_bytes": None,
             # benchmarks/parallel.py: the parallel method was slower at every size tried.
             "method": "sequential"},
     # Measured once, as they stand, on an NVIDIA H200 (benchmarks/results/gpu_h200, TF32
@@ -84,14 +87,14 @@ _TUNED = {
 # jaxgru.training.malloc.tune_malloc, or MALLOC_MMAP_THRESHOLD_ of at least 1 GiB in the
 # environment). Temporaries then cost no page faults, and the small working set above no longer
 # pays: keeping every step's residuals in one chunk, projecting the inputs before the loop and
-# the per-step backward made the training step 0.76-0.83 of the table above's time at batch
-# >= 64 (benchmarks/results/cpu_heap_reuse.md, `speed.py --mallopt`). At batch 16 (16x1024x8x64)
+# (then) the per-step backward made the training step 0.76-0.83 of the table above's time at batch
+# >= 64 (benchmarks/results/cpu_heap_reuse.md, `speed.py --mallopt`). Since the diagonal backward
+# keeps its gate arrays joined it is the faster here too (0.94-0.99), as in the table above. At
+# batch 16 (16x1024x8x64)
 # the table above stayed faster (its bulk products over chunks of 2048 rows; 0.90-0.94), so batches
 # below min_batch keep it. Past 2 GiB of residuals the table above's chunking decides.
 _TUNED["cpu_heap"] = dict(
-    _TUNED["cpu"], whole_bytes=2**31, hoist_macs=2**19, big_bytes=2**31,
-    diagonal_bytes=0,  # the diagonal backward never: its larger per-chunk arrays cost more
-    min_batch=32)
+    _TUNED["cpu"], whole_bytes=2**31, hoist_macs=2**19, big_bytes=2**31, min_batch=32)
 _HEAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 _heap_reused = False
 
@@ -138,8 +141,8 @@ class ScanOptions:
   the GPU's) and the shape. The CPU rules below are those of a process whose large temporaries
   are fresh pages; once it reuses its heap (:func:`heap_reused`: ``tune_malloc`` applied, as
   ``run.py`` does), every None at batch 32 and above picks what that setting measured instead:
-  remat ``"none"`` and one chunk up to 2 GiB of residuals, the inputs projected before the loop
-  from 2**19 multiply-adds per step on, and the per-step backward.
+  remat ``"none"`` and one chunk up to 2 GiB of residuals, and the inputs projected before the
+  loop from 2**19 multiply-adds per step on.
 
   Attributes:
     unroll: steps per iteration of the inner loops (``lax.scan``'s ``unroll``).
@@ -170,9 +173,7 @@ class ScanOptions:
     diagonal_backward: in the custom rule, compute the step Jacobians' diagonals of a chunk in
       bulk before its loop (True), or take the JVP of each step inside the loop (False).
       Only a cell that acts on each unit alone allows it (:func:`diagonal_backward_applies`);
-      any other takes the per-step form whatever this says. None: True off the CPU; on the CPU,
-      True while one (T, B, H) array is at most 16 MB (beyond, its larger per-chunk arrays cost
-      more than it saves).
+      any other takes the per-step form whatever this says. None: True.
     method: ``"sequential"`` (the loop above) or ``"parallel"``: Newton iterations over the
       whole sequence whose linear steps are associative scans, O(log T) deep each (DEER and its
       quasi/damped forms; :func:`jaxgru._parallel.parallel_layer`). Equal to the sequential

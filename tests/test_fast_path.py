@@ -38,7 +38,7 @@ OPTIONS = {
                                       diagonal_backward=False),
     # What the CPU defaults pick once the heap is reused (tune_malloc): see below.
     "heap_reuse": ScanOptions(chunk=1000, remat=False, hoist_projection=True, custom_vjp=True,
-                              diagonal_backward=False),
+                              diagonal_backward=True),
     "autodiff": ScanOptions(custom_vjp=False, chunk=1000),
     "autodiff_remat": ScanOptions(custom_vjp=False, chunk=2, remat=True),
     # Many models (ScanOptions.models): on the CPU, JAX's derivative of the loop with the step's
@@ -311,7 +311,7 @@ def test_options_resolve_per_backend_and_shape():
   assert not forward_hoist_default(16, 8, 64, "cpu") and forward_hoist_default(16, 8, 64, "gpu")
   # The diagonal backward: off the CPU always; on it while a (T, B, H) array is <= 16 MB.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
-  assert not ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
+  assert ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "gpu").diagonal_backward
   assert not ScanOptions(diagonal_backward=False).resolved(128, 64, 256, "gpu").diagonal_backward
 
@@ -342,11 +342,11 @@ def test_options_resolve_to_the_heap_reuse_table_once_malloc_is_tuned(monkeypatc
   assert not _tuning.heap_reused() and fresh.remat == "products" and fresh.chunk < 128
   _tuning.set_heap_reuse(True)  # as tune_malloc does when it applied
   assert _tuning.heap_reused()
-  # Every step's residuals in one chunk, the per-step backward, the projection hoisted from
-  # 2**19 multiply-adds per step (B*I*3H) on.
+  # Every step's residuals in one chunk, the projection hoisted from 2**19 multiply-adds per
+  # step (B*I*3H) on, the diagonal backward.
   heap = ScanOptions().resolved(128, 64, 256, "cpu", inputs=32)
   assert (heap.chunk, heap.remat, heap.diagonal_backward, heap.hoist_projection) == (
-      128, "none", False, True)
+      128, "none", True, True)
   tested = OPTIONS["heap_reuse"]  # against the plain loop above, at its T = 7 (one chunk)
   assert heap.custom_vjp and all(getattr(heap, k) == getattr(tested, k) for k in (
       "remat", "hoist_projection", "custom_vjp", "diagonal_backward"))
@@ -375,7 +375,7 @@ def test_heap_reuse_defaults_past_the_custom_vjp_threshold_equal_the_plain_path(
   cell = GRUConfig(I, H)
   opts = ScanOptions().resolved(steps, batch, H, inputs=I)
   assert (opts.custom_vjp, opts.chunk, opts.remat, opts.diagonal_backward) == (
-      True, steps, "none", False)
+      True, steps, "none", True)
   lengths = jnp.asarray(np.random.default_rng(5).integers(0, steps + 1, batch).astype(np.int32))
   args = (random_params(cell, 3), randn(steps, batch, I, seed=4), randn(batch, H, seed=5),
           randn(steps, batch, H, seed=6), randn(batch, H, seed=7))
