@@ -87,12 +87,12 @@ _TUNED = {
 # jaxgru.training.malloc.tune_malloc, or MALLOC_MMAP_THRESHOLD_ of at least 1 GiB in the
 # environment). Temporaries then cost no page faults, and the small working set above no longer
 # pays: keeping every step's residuals in one chunk, projecting the inputs before the loop and
-# (then) the per-step backward made the training step 0.76-0.83 of the table above's time at batch
-# >= 64 (benchmarks/results/cpu_heap_reuse.md, `speed.py --mallopt`). Since the diagonal backward
-# keeps its gate arrays joined it is the faster here too (0.94-0.99), as in the table above. At
-# batch 16 (16x1024x8x64)
-# the table above stayed faster (its bulk products over chunks of 2048 rows; 0.90-0.94), so batches
-# below min_batch keep it. Past 2 GiB of residuals the table above's chunking decides.
+# (then) the per-step backward made the training step 0.76-0.83 of the table above's time at
+# batch >= 64 (benchmarks/results/cpu_heap_reuse.md, `speed.py --mallopt`). Since the diagonal
+# backward keeps its gate arrays joined it is the faster one here too (0.94-0.99). At batch 16
+# (16x1024x8x64) the table above stayed faster (its bulk products over chunks of 2048 rows;
+# 0.90-0.94), so batches below min_batch keep it. Past 2 GiB of residuals the table above's
+# chunking decides.
 _TUNED["cpu_heap"] = dict(
     _TUNED["cpu"], whole_bytes=2**31, hoist_macs=2**19, big_bytes=2**31, min_batch=32)
 _HEAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -289,7 +289,7 @@ def forward_hoist_default(batch: int, inputs: int, hidden: int,
   inputs before its loop. A forward pass holds one chunk's projection at a time, so the memory
   bound of ``ScanOptions.resolved``'s rule, which exists for the residuals of a training step,
   does not apply; on the CPU a step's input product of ``forward_hoist_macs`` (B*I*3H) decides.
-  Same-process A/Bs of the forward pass on this CPU (docs/benchmarks.md): 0.93-0.96 of the
+  Same-process A/Bs of the forward pass on this CPU (docs/benchmarks.md): 0.93-0.98 of the
   in-loop projection's time at 128x256x128x512 and 0.94 at 64x1024x32x256 (above 16 MB);
   0.90-0.98 at the five 64x256x64x64 stack shapes (2**19 <= B*I*3H < 2**20)."""
   tuned = _table(backend or jax.default_backend(), batch)

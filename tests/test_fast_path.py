@@ -309,7 +309,7 @@ def test_options_resolve_per_backend_and_shape():
   assert forward_hoist_default(64, 64, 64, "cpu")  # 786,432 multiply-adds
   assert not ScanOptions().resolved(256, 64, 64, "cpu", inputs=64).hoist_projection
   assert not forward_hoist_default(16, 8, 64, "cpu") and forward_hoist_default(16, 8, 64, "gpu")
-  # The diagonal backward: off the CPU always; on it while a (T, B, H) array is <= 16 MB.
+  # The diagonal backward: the default at every size and backend; an explicit False holds.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "gpu").diagonal_backward
