@@ -104,9 +104,9 @@ def _within_steps(cell, params, hs, gs, outs, joined=False):
       got.append(tuple(outs[k]))
       return tuple(rows(o) for o in outs[k])
     y = cell._recurrent_product(params, k, a)
-    got.append(unrows(y) if joined else tuple(unrows(o) for o in
-                                               split_gates(y, y.shape[-1] // size)))
-    return split_gates(y, y.shape[-1] // size)
+    parts = split_gates(y, y.shape[-1] // size)
+    got.append(unrows(y) if joined else tuple(unrows(o) for o in parts))
+    return parts
 
   split = split_gates(gs, 3)
   cell._recur_with(rows(hs), tuple(rows(g) for g in split), product)
