@@ -38,7 +38,6 @@ layer's inputs, a zero initial state) are never formed: their tangents are symbo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -47,8 +46,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxgru.cell import split_gates
-from jaxgru._loop import (_Static, _chunked, _flat, _forward, _layer, _over_chunks, _reset,
-                          _starts, _step)
+from jaxgru._loop import (_Static, _chunked, _flat, _forward, _forward_only, _layer,
+                          _over_chunks, _reset, _starts, _step)
 
 
 def _is_zero(t) -> bool:
@@ -310,9 +309,7 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
 def _layer_jvp(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
   """The layer over (N, C, B, I) chunks, differentiated by the rules of this module. Run without
   a derivative it keeps nothing for one, so it projects the inputs as ``st.forward_hoist`` says."""
-  hoist = st.hoist if st.forward_hoist is None else st.forward_hoist
-  return _layer(dataclasses.replace(st, remat="none", hoist=hoist), params, xs_NCBI, h0, lengths,
-                resets_NCB)
+  return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB)
 
 
 def _layer_jvp_rule(st: _Static, primals, tangents):

@@ -4,7 +4,8 @@ This module owns how a layer's steps run forward: the one masked step (:func:`_s
 place where ``lengths`` act on the state), the reset of a state to its initial value at episode
 boundaries (:func:`_reset`, the only place where ``resets`` act on the state), the loop over one chunk's steps (:func:`_forward`,
 which can also record what the backward pass needs), the loop over chunks, and
-:func:`_layer`, the layer as JAX differentiates it by itself. The GRU math is the cell's
+:func:`_layer`, the layer as JAX differentiates it by itself (:func:`_layer_autodiff` runs it
+where nothing is differentiated as the custom rule's forward pass). The GRU math is the cell's
 (:meth:`GRUConfig._recur_with`); its custom derivative lives in :mod:`jaxgru._jvp`.
 """
 
@@ -51,41 +52,7 @@ class _Static:
 
 def _project(cell: GRUConfig, params: Params, x: jax.Array, terms: bool = False
              ) -> tuple[jax.Array, ...]:
-  if terms:
-    gx = _projection_by_terms(cell, {k: params[k] for k in ("w_x", "b_x") if k in params}, x)
-  else:
-    gx = cell._project_inputs(params, x)
-  return split_gates(gx, 3)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _projection_by_terms(cell: GRUConfig, w: Params, x: jax.Array) -> jax.Array:
-  """A step's input projection (``w``: ``w_x``, and ``b_x`` with a bias; ``x`` (B, I)) whose
-  derivatives are those of I multiply-adds (``GRUConfig._project_inputs`` with ``terms``) and
-  whose value, where nothing is differentiated, is the cell's matrix product.
-
-  Differentiated, the multiply-adds fuse into the gates' elementwise pass and leave the backward
-  step no product of its own for the input weights' gradient (docs/benchmarks.md). Not
-  differentiated, the same multiply-adds made a vmapped forward pass 2.4-2.6 times as slow as
-  the product, so there the product stays. The two values differ by rounding only.
-  """
-  return cell._project_inputs(w, x)
-
-
-@functools.partial(_projection_by_terms.defjvp, symbolic_zeros=True)
-def _projection_by_terms_jvp(cell, primals, tangents):
-  leaves, tree = jax.tree.flatten(primals)
-  dleaves = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
-  live = [i for i, t in enumerate(dleaves) if not isinstance(t, SymbolicZero)]
-
-  def terms(*values):
-    full = list(leaves)
-    for i, v in zip(live, values):
-      full[i] = v
-    w, x = jax.tree.unflatten(tree, full)
-    return cell._project_inputs(w, x, True)
-
-  return jax.jvp(terms, [leaves[i] for i in live], [dleaves[i] for i in live])
+  return split_gates(cell._project_inputs(params, x, terms), 3)
 
 
 def _step(cell: GRUConfig, h, g, t, lengths, product, recur=None):
@@ -272,3 +239,49 @@ def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
     chunk = jax.checkpoint(chunk)
   h_last, ys = _over_chunks(st, chunk, h0, (xs_NCBI, _starts(st, xs_NCBI), resets_NCB))
   return ys, h_last
+
+
+def _forward_only(st: _Static) -> _Static:
+  """How a layer runs where nothing is differentiated: it keeps nothing for a backward pass
+  (remat "none"), projects the inputs as ``st.forward_hoist`` says (:func:`jaxgru._tuning.
+  forward_hoist_default`), and drops what exists only for JAX's derivative (the step's own JVP,
+  the multiply-add projection)."""
+  hoist = st.hoist if st.forward_hoist is None else st.forward_hoist
+  return dataclasses.replace(st, remat="none", hoist=hoist, step_jvp=False, input_terms=False)
+
+
+def _jvp_of_live(fn, primals, tangents):
+  """``jax.jvp(fn, primals, tangents)`` over the arguments whose tangents are not symbolic zeros
+  (as a ``custom_jvp`` rule with ``symbolic_zeros=True`` receives them), the others held fixed:
+  no work on a tangent known to be zero."""
+  leaves, tree = jax.tree.flatten(primals)
+  dleaves = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, SymbolicZero))
+  assert len(dleaves) == len(leaves), (len(dleaves), len(leaves))
+  live = [i for i, t in enumerate(dleaves) if not isinstance(t, SymbolicZero)]
+
+  def of_live(*values):
+    full = list(leaves)
+    for i, v in zip(live, values):
+      full[i] = v
+    return fn(*jax.tree.unflatten(tree, full))
+
+  return jax.jvp(of_live, [leaves[i] for i in live], [dleaves[i] for i in live])
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _layer_autodiff(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
+  """:func:`_layer` as JAX differentiates it (``ScanOptions.custom_vjp`` off), which runs where
+  nothing is differentiated as the custom rule's forward pass does (:func:`_forward_only`).
+
+  Under jax.vmap, that forward pass took 0.88 of the time of the loop JAX differentiates at 4
+  models of 64x256x64x64 (B x T x I x H), 0.92 at 8 of 32x128x32x128, and 0.43 at 64 addition
+  models (128x65x2x16), whose multiply-add projection made the loop's own forward pass slow
+  (docs/benchmarks.md). Its JVP is JAX's JVP of :func:`_layer`, so a differentiated program is
+  what it was without this rule.
+  """
+  return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB)
+
+
+@functools.partial(_layer_autodiff.defjvp, symbolic_zeros=True)
+def _layer_autodiff_jvp(st, primals, tangents):
+  return _jvp_of_live(functools.partial(_layer, st), primals, tangents)

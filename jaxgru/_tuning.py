@@ -58,8 +58,8 @@ _TUNED = {
             # instead of a matrix product of its own. Same-process A/Bs, 64 models, B=128, T=65,
             # H=16: the addition step (I=2) took 0.87 of the product's time, 0.91 at its solve
             # shape; a plain layer 0.90-0.97 at I=2, 0.91-0.92 at I=4, 1.01-1.06 at I=8 and 1.13
-            # at I=16 (docs/benchmarks.md). Only where the loop is differentiated: its value
-            # without derivative keeps the product, which was 2.2-2.6 times as fast there.
+            # at I=16 (docs/benchmarks.md). Only where the loop is differentiated: without
+            # derivative it keeps the product, which was 2.2-2.6 times as fast there.
             "input_terms": 4,
             # The diagonal backward at every size (None; else while a (T, B, H) array is at most
             # this many bytes). Its gate arrays joined, speed.py's training step took 0.92-0.98
@@ -195,9 +195,10 @@ class ScanOptions:
       for the default cell (reset_after, tanh, sigmoid), the step's own JVP, which leaves the
       backward pass 5 arrays per step to keep instead of about 10 (0.95-0.97 of the time at 64
       models), with an input of at most 4 features projected by multiply-adds instead of a
-      matrix product where the loop is differentiated (0.87 at 64 addition models; a pass
-      without derivative keeps the product); not yet measured for larger cells. Nothing else
-      reads it.
+      matrix product (0.87 at 64 addition models); not yet measured for larger cells. All of
+      this is how the loop is differentiated: run without derivative, it runs as the custom
+      rule's forward pass does (no hint, the product, the forward projection rule). Nothing
+      else reads it.
   """
 
   unroll: Optional[int] = None
@@ -304,7 +305,7 @@ def input_terms_default(inputs: int, batch: int, backend: Optional[str] = None) 
   """Whether a loop that takes the step's own JVP (:func:`step_jvp_default`) and projects its
   inputs at each step does so for ``inputs`` features by multiply-adds, one per feature,
   instead of a matrix product, where it is differentiated; a pass without derivative keeps the
-  product (``jaxgru._loop._projection_by_terms``)."""
+  product (``jaxgru._loop._layer_autodiff``)."""
   return inputs <= _table(backend or jax.default_backend(), batch)["input_terms"]
 
 

@@ -56,7 +56,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxgru._loop import _Static, _layer, step_jvp_applies
+from jaxgru._loop import _Static, _layer_autodiff, step_jvp_applies
 from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_hoist_default,
                             input_terms_default, step_jvp_default)
@@ -177,7 +177,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                forward_hoist=(opts.hoist_projection if options.hoist_projection is not None
                               else forward_hoist_default(batch, cell.input_size,
                                                          cell.hidden_size)))
-  run = _layer_jvp if opts.custom_vjp else _layer
+  run = _layer_jvp if opts.custom_vjp else _layer_autodiff
   ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
   if not single:
     ys = ys.reshape((num_chunks * chunk,) + ys.shape[2:])

@@ -17,6 +17,7 @@ import pytest
 import jaxgru
 import reference as plain
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
+from jaxgru import _loop
 from jaxgru._tuning import forward_hoist_default
 
 I, H, T, B = 3, 5, 7, 4
@@ -433,23 +434,31 @@ def test_activation_that_mixes_units_takes_the_per_step_vjp(monkeypatch):
     check_against_reference(cell, options, True, True, 1e-5, 1e-6)
 
 
+@pytest.mark.parametrize("path", ["custom_rule", "models"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, monkeypatch):
-  """The custom rule's primal, which runs only where nothing is differentiated, projects each
-  chunk's inputs before its loop where forward_hoist_default says so, whatever the training
-  step's hoist_projection; an explicit hoist_projection holds for both. Values equal the plain
-  loop's, and so do gradients (their path is unchanged), with lengths and padded chunks."""
+def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, path, monkeypatch):
+  """A forward pass where nothing is differentiated (the custom rule's primal, or the value of
+  the loop JAX differentiates for many models) projects each chunk's inputs before its loop
+  where forward_hoist_default says so, whatever the training step's hoist_projection; an
+  explicit hoist_projection holds for both. The loop JAX differentiates does not. Values equal
+  the plain loop's, and so do gradients, with lengths and padded chunks."""
   monkeypatch.setattr(jaxgru.scan, "forward_hoist_default", lambda *args: True)
   cell = GRUConfig(I, H)
   params, xs, h0 = random_params(cell), randn(70, B, I), randn(B, H, seed=2)
   lengths = jnp.asarray([70, 0, 33, 69], jnp.int32)
-  options = ScanOptions(chunk=16, remat="products", custom_vjp=True)
+  options = (ScanOptions(chunk=16, remat="products", custom_vjp=True) if path == "custom_rule"
+             else ScanOptions(chunk=16, remat="products", models=2))
+  assert options.resolved(70, B, H, "cpu", inputs=I).custom_vjp == (path == "custom_rule")
   run = lambda p, x, o=options: scan_layer(cell, p, x, h0, lengths, reverse=reverse, options=o)
 
-  def hoisted(o):  # one product of a whole chunk's (C, B, I) inputs, made before its loop
-    return f"f32[16,{B},{3 * H}] = dot_general" in str(jax.make_jaxpr(
-        lambda p: run(p, xs, o))(params))
+  def hoisted(o, derivative=False):  # a product of a whole chunk's (C, B, I) inputs
+    f = lambda p: run(p, xs, o)
+    if derivative:
+      f = lambda p, f=f: jax.jvp(f, (p,), (p,))[1]
+    return f"f32[16,{B},{3 * H}] = dot_general" in str(jax.make_jaxpr(f)(params))
   assert hoisted(options)
+  if path == "models":  # (the custom rule's tangents are made of chunk-wide products anyway)
+    assert not hoisted(options, derivative=True)
   assert not hoisted(dataclasses.replace(options, hoist_projection=False))
   assert options.resolved(70, B, H, "cpu", inputs=I).hoist_projection is False
 
@@ -464,15 +473,25 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, mo
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
 
 
-def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults():
+def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults(monkeypatch):
   """From 2 models on (ScanOptions.models) the CPU's defaults differentiate the loop by JAX with
   the step's own JVP, for the default cell only; one model, other activations, reset_before and
-  the custom rule keep JAX's rules for the step."""
+  the custom rule keep JAX's rules for the step. What JAX differentiates there is
+  ``jaxgru._loop._layer`` (the JVP of ``_layer_autodiff``); a pass without derivative runs the
+  custom rule's forward pass, without the hint."""
   def takes_it(cell, options):
     xs, h0 = randn(70, B, I), randn(B, H, seed=2)
-    jaxpr = jax.make_jaxpr(lambda p: scan_layer(cell, p, xs, h0, options=options))(
-        random_params(cell))
-    return "jvp=_recur_step_jvp" in str(jaxpr)
+    params = random_params(cell)
+    seen = []
+    real = jaxgru.scan._layer_autodiff
+    monkeypatch.setattr(jaxgru.scan, "_layer_autodiff",
+                        lambda st, *args: seen.append(st) or real(st, *args))
+    forward = str(jax.make_jaxpr(lambda p: scan_layer(cell, p, xs, h0, options=options))(params))
+    assert "jvp=_recur_step_jvp" not in forward
+    if not seen:  # the custom rule
+      return False
+    differentiated = jax.make_jaxpr(functools.partial(_loop._layer, seen[0]))(params, xs, h0, None)
+    return "jvp=_recur_step_jvp" in str(differentiated)
   cell = GRUConfig(I, H)
   assert takes_it(cell, ScanOptions(models=2))
   assert takes_it(GRUConfig(I, H, use_bias=False), ScanOptions(models=2))
