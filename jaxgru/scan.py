@@ -51,6 +51,7 @@ order of floating-point additions (tests/test_fast_path.py checks this).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional
 
 import jax
@@ -130,6 +131,10 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     ``(ys_TBH, h_last_BH)``: every step's output and the final states.
   """
   check_options(options, "scan_layer options")
+  if isinstance(params, Mapping) and not isinstance(params, dict):
+    # A read-only mapping (types.MappingProxyType, say) is not a pytree; the loops' custom
+    # derivative rules take their arguments as pytrees.
+    params = dict(params)
   steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
   dtype = cell.state_dtype
   if h0_BH is None:

@@ -111,12 +111,19 @@ def test_step_and_sequence_check_params():
   with raises("GRU params", "expected keys"):
     cfg.sequence({k: v for k, v in params.items() if k != "b_x"}, jnp.zeros((T, I)))
   # Inside vmap over models each model's weights have the per-model shape, so this still runs,
-  # and a read-only mapping (such as Flax's FrozenDict) is accepted like a dict.
+  # and a read-only mapping (such as Flax's FrozenDict) is accepted like a dict: below and above
+  # 64 steps, where the loop's derivative rules take over, and differentiated.
   stacked = jax.tree.map(lambda p: jnp.stack([p, p + 1.0]), params)
-  ys = jax.vmap(lambda p: cfg.sequence(types.MappingProxyType(p), jnp.ones((T, I)))[0])(stacked)
-  for i in range(2):
-    one = jax.tree.map(lambda p: p[i], stacked)
-    np.testing.assert_allclose(ys[i], cfg.sequence(one, jnp.ones((T, I)))[0], rtol=1e-6)
+  for steps in (T, 70):
+    xs = jnp.ones((steps, I))
+    ys = jax.vmap(lambda p: cfg.sequence(types.MappingProxyType(p), xs)[0])(stacked)
+    grads = jax.grad(lambda p: jnp.sum(cfg.sequence(types.MappingProxyType(p), xs)[0]))(params)
+    for i in range(2):
+      one = jax.tree.map(lambda p: p[i], stacked)
+      np.testing.assert_allclose(ys[i], cfg.sequence(one, xs)[0], rtol=1e-6)
+    want = jax.grad(lambda p: jnp.sum(cfg.sequence(p, xs)[0]))(params)
+    for name in params:
+      np.testing.assert_allclose(grads[name], want[name], rtol=1e-6)
 
 
 @pytest.mark.parametrize("length, parts", [
