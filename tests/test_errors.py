@@ -116,14 +116,15 @@ def test_step_and_sequence_check_params():
   stacked = jax.tree.map(lambda p: jnp.stack([p, p + 1.0]), params)
   for steps in (T, 70):
     xs = jnp.ones((steps, I))
-    ys = jax.vmap(lambda p: cfg.sequence(types.MappingProxyType(p), xs)[0])(stacked)
-    grads = jax.grad(lambda p: jnp.sum(cfg.sequence(types.MappingProxyType(p), xs)[0]))(params)
-    for i in range(2):
-      one = jax.tree.map(lambda p: p[i], stacked)
-      np.testing.assert_allclose(ys[i], cfg.sequence(one, xs)[0], rtol=1e-6)
-    want = jax.grad(lambda p: jnp.sum(cfg.sequence(p, xs)[0]))(params)
-    for name in params:
-      np.testing.assert_allclose(grads[name], want[name], rtol=1e-6)
+    run = lambda p, wrap: cfg.sequence(wrap(p), xs)[0]
+    for wrap in (types.MappingProxyType, dict):  # the mapping, then the dict it stands for
+      ys = jax.jit(jax.vmap(lambda p: run(p, wrap)))(stacked)
+      grads = jax.jit(jax.grad(lambda p: jnp.sum(run(p, wrap))))(params)
+      if wrap is dict:
+        np.testing.assert_allclose(got[0], ys, rtol=1e-6)
+        for name in params:
+          np.testing.assert_allclose(got[1][name], grads[name], rtol=1e-6)
+      got = ys, grads
 
 
 @pytest.mark.parametrize("length, parts", [
