@@ -44,6 +44,8 @@ class _Static:
   # ``hoist`` for the custom rule's primal, which runs only where nothing is differentiated
   # (None: ``hoist``).
   forward_hoist: Optional[bool] = None
+  # ``unroll`` for that primal (None: ``unroll``).
+  forward_unroll: Optional[int] = None
 
 
 
@@ -243,11 +245,14 @@ def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
 
 def _forward_only(st: _Static) -> _Static:
   """How a layer runs where nothing is differentiated: it keeps nothing for a backward pass
-  (remat "none"), projects the inputs as ``st.forward_hoist`` says (:func:`jaxgru._tuning.
-  forward_hoist_default`), and drops what exists only for JAX's derivative (the step's own JVP,
-  the multiply-add projection)."""
+  (remat "none"), projects the inputs and unrolls its loop as ``st.forward_hoist`` and
+  ``st.forward_unroll`` say (:func:`jaxgru._tuning.forward_hoist_default`,
+  :func:`jaxgru._tuning.forward_unroll_default`), and drops what exists only for JAX's
+  derivative (the step's own JVP, the multiply-add projection)."""
   hoist = st.hoist if st.forward_hoist is None else st.forward_hoist
-  return dataclasses.replace(st, remat="none", hoist=hoist, step_jvp=False, input_terms=False)
+  unroll = st.unroll if st.forward_unroll is None else st.forward_unroll
+  return dataclasses.replace(st, remat="none", hoist=hoist, unroll=unroll, step_jvp=False,
+                             input_terms=False)
 
 
 def _jvp_of_live(fn, primals, tangents):

@@ -18,7 +18,7 @@ import jaxgru
 import reference as plain
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 from jaxgru import _loop
-from jaxgru._tuning import forward_hoist_default
+from jaxgru._tuning import forward_hoist_default, forward_unroll_default
 
 I, H, T, B = 3, 5, 7, 4
 LENGTHS = np.array([7, 0, 4, 1], np.int32)
@@ -310,6 +310,13 @@ def test_options_resolve_per_backend_and_shape():
   assert forward_hoist_default(64, 64, 64, "cpu")  # 786,432 multiply-adds
   assert not ScanOptions().resolved(256, 64, 64, "cpu", inputs=64).hoist_projection
   assert not forward_hoist_default(16, 8, 64, "cpu") and forward_hoist_default(16, 8, 64, "gpu")
+  # ...and unrolls by 2 with the projection in the loop from 2**21 recurrent multiply-adds.
+  assert forward_unroll_default(64, 256, "cpu") == 2 and forward_unroll_default(16, 256, "cpu") == 2
+  assert forward_unroll_default(128, 512, "cpu") == 2
+  assert forward_unroll_default(64, 64, "cpu") is None  # 786,432 multiply-adds
+  assert forward_unroll_default(16, 64, "cpu") is None and forward_unroll_default(43, 128, "cpu")
+  assert forward_unroll_default(42, 128, "cpu") is None  # 2,064,384 < 2**21
+  assert forward_unroll_default(64, 256, "gpu") is None
   # The diagonal backward: the default at every size and backend; an explicit False holds.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
@@ -471,6 +478,61 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, pa
                          (0, 1)))(params, xs)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
+  """From 2**21 multiply-adds in a step's recurrent product (B*H*3H; here 16 x 256 x 768), a
+  forward pass where nothing is differentiated runs one loop unrolled by 2 with each step's
+  inputs projected inside it, where the options leave unroll and hoist_projection to the
+  defaults; an explicit unroll or hoist_projection, or many models, keeps the projection rule
+  (which projects before the loop here: 16 x 64 x 768 >= 2**19) and the options' unroll. The training step's loop is not unrolled. Values equal the plain
+  loop's, and so do gradients, with lengths, at 70 steps (the custom rule)."""
+  cell = GRUConfig(64, 256)
+  b, t = 16, 70
+  # Weights of scale 0.05: with 256 units, larger ones make 70 steps chaotic.
+  params = jax.tree.map(lambda a: a / 10, random_params(cell))
+  xs, h0 = randn(t, b, 64), randn(b, 256, seed=2)
+  lengths = jnp.asarray(np.arange(b) * 5 % (t + 1), jnp.int32)
+  run = lambda p, x, o=ScanOptions(): scan_layer(cell, p, x, h0, lengths, reverse=reverse,
+                                                 options=o)
+  assert ScanOptions().resolved(t, b, 256, "cpu", inputs=64).custom_vjp
+
+  def loops(o, derivative=False):
+    """The unroll of every scan in the program, and whether a chunk-wide product projects."""
+    f = lambda p: run(p, xs, o)
+    if derivative:
+      f = lambda p, f=f: jax.jvp(f, (p,), (p,))[1]
+    jaxpr = jax.make_jaxpr(f)(params)
+    unrolls = set()
+
+    def visit(jx):
+      for eqn in jx.eqns:
+        if eqn.primitive.name == "scan":
+          unrolls.add(eqn.params["unroll"])
+        for value in eqn.params.values():
+          for sub in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):  # a Jaxpr or a ClosedJaxpr
+              visit(getattr(sub, "jaxpr", sub))
+    visit(jaxpr.jaxpr)
+    chunk_product = any(f"f32[{c},{b},768] = dot_general" in str(jaxpr) for c in (t, 35, 10, 14))
+    return unrolls, chunk_product
+
+  assert loops(ScanOptions()) == ({2}, False)
+  assert 2 not in loops(ScanOptions(), derivative=True)[0]
+  assert loops(ScanOptions(unroll=1)) == ({1}, True)
+  assert loops(ScanOptions(hoist_projection=False)) == ({1}, False)
+  assert loops(ScanOptions(models=2)) == ({1}, True)
+
+  want = reference(cell, params, xs, h0, lengths, reverse)
+  for g, w in zip(jax.jit(run)(params, xs), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+  loss_of = lambda f: lambda p, x: jnp.sum(f(p, x)[0] ** 2) + jnp.sum(f(p, x)[1])
+  got = jax.jit(jax.grad(loss_of(run), (0, 1)))(params, xs)
+  ref = jax.jit(jax.grad(loss_of(lambda p, x: reference(cell, p, x, h0, lengths, reverse)),
+                         (0, 1)))(params, xs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=2e-4)
 
 
 def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults(monkeypatch):
