@@ -40,7 +40,8 @@ _TUNED = {
             # A/Bs of the forward pass: 0.84-0.96 of the time at 12 shapes from 3.1M to 200M
             # multiply-adds (64x128x32x256: 0.86-0.87), 0.88 and 1.00 at 64x128x32x128, 0.98
             # and 1.00 at 128x256x128x512; level or slower below 2M (docs/benchmarks.md). One
-            # model only (not measured under jax.vmap).
+            # model of a reset_after cell only: not measured under jax.vmap, and mixed for
+            # reset_before, whose step makes a second product (0.93-1.08).
             "forward_unroll_macs": 2**21, "forward_unroll": 2,
             # Residuals of the whole sequence at most this: keep them all, one chunk.
             "whole_bytes": 2**24,
@@ -160,7 +161,8 @@ class ScanOptions:
     unroll: steps per iteration of the inner loops (``lax.scan``'s ``unroll``). None: 1 on the
       CPU, 8 off it; on the CPU a forward pass without derivative, with ``hoist_projection``
       None too, takes 2 (and projects each step's inputs inside the loop) from 2**21
-      multiply-adds in a step's recurrent product, B*H*3H (:func:`forward_unroll_default`).
+      multiply-adds in a step's recurrent product, B*H*3H, for one model of a reset_after cell
+      (:func:`forward_unroll_default`).
     chunk: steps per chunk C of the training loops (the whole sequence when larger than T).
       None: T off the CPU; on the CPU, T when the whole sequence's residuals are small, else
       about 512 kB of (B, H) states per chunk, or 2048 rows (C*B) for very large layers.
@@ -318,13 +320,13 @@ def forward_hoist_default(batch: int, inputs: int, hidden: int,
 
 def forward_unroll_default(batch: int, hidden: int, backend: Optional[str] = None
                            ) -> Optional[int]:
-  """The unroll of a layer run without derivative whose ``ScanOptions`` leave both ``unroll``
-  and ``hoist_projection`` to the defaults: ``forward_unroll`` (2 on the CPU), with each step's
-  inputs projected inside the loop, from ``forward_unroll_macs`` multiply-adds in a step's
-  recurrent product (B*H*3H); None below it, or on a backend without the rule, where
-  :func:`forward_hoist_default` and the options' unroll decide. Two steps per iteration give
-  XLA:CPU's runtime enough operations (more than 8) to run the input products, which do not
-  wait for the state, beside the recurrent ones."""
+  """The unroll of a layer run without derivative (one model, a reset_after cell) whose
+  ``ScanOptions`` leave both ``unroll`` and ``hoist_projection`` to the defaults:
+  ``forward_unroll`` (2 on the CPU), with each step's inputs projected inside the loop, from
+  ``forward_unroll_macs`` multiply-adds in a step's recurrent product (B*H*3H); None below it,
+  or on a backend without the rule, where :func:`forward_hoist_default` and the options' unroll
+  decide. Two steps per iteration give XLA:CPU's runtime enough operations (more than 8) to run
+  the input products, which do not wait for the state, beside the recurrent ones."""
   tuned = _table(backend or jax.default_backend(), batch)
   if tuned["forward_unroll_macs"] is None or batch * hidden * 3 * hidden < tuned[
       "forward_unroll_macs"]:

@@ -175,9 +175,11 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   step_jvp = (not opts.custom_vjp and step_jvp_applies(cell)
               and step_jvp_default(opts.models, batch))
   # A pass without derivative: its own projection and unroll rules, where the options leave
-  # them to the defaults (the unroll rule for one model only).
+  # them to the defaults (the unroll rule for one model of a cell with one recurrent product
+  # per step, as measured).
   forward_unroll = None
-  if options.unroll is None and options.hoist_projection is None and opts.models == 1:
+  if (options.unroll is None and options.hoist_projection is None and opts.models == 1
+      and cell._num_recurrent_products == 1):
     forward_unroll = forward_unroll_default(batch, cell.hidden_size)
   if options.hoist_projection is not None:
     forward_hoist = opts.hoist_projection

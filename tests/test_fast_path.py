@@ -485,11 +485,11 @@ def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
   """From 2**21 multiply-adds in a step's recurrent product (B*H*3H; here 16 x 256 x 768), a
   forward pass where nothing is differentiated runs one loop unrolled by 2 with each step's
   inputs projected inside it, where the options leave unroll and hoist_projection to the
-  defaults. An explicit unroll or hoist_projection, or many models, keeps the projection rule
-  (before the loop here: 16 x 64 x 768 >= 2**19) and the options' unroll. The training step's
-  loop is not unrolled. Values equal the plain loop's with lengths, at 70 steps (the custom
-  rule), and so do gradients (forward in time: the differentiated program is the one the
-  other tests here run)."""
+  defaults. An explicit unroll or hoist_projection, many models, or a reset_before cell keeps
+  the projection rule (before the loop here: 16 x 64 x 768 >= 2**19) and the options' unroll.
+  The training step's loop is not unrolled. Values equal the plain loop's with lengths, at 70
+  steps (the custom rule), and so do gradients (forward in time: the differentiated program is
+  the one the other tests here run)."""
   cell = GRUConfig(64, 256)
   b, t = 16, 70
   # Weights of scale 0.05: with 256 units, larger ones make 70 steps chaotic.
@@ -525,6 +525,9 @@ def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
   assert loops(ScanOptions(unroll=1)) == ({1}, True)
   assert loops(ScanOptions(hoist_projection=False)) == ({1}, False)
   assert loops(ScanOptions(models=2)) == ({1}, True)
+  before = GRUConfig(64, 256, variant="reset_before")  # two recurrent products per step
+  text = str(jax.make_jaxpr(lambda p: scan_layer(before, p, xs)[0])(random_params(before)))
+  assert "unroll=1" in text and "unroll=2" not in text
 
   want = reference(cell, params, xs, h0, lengths, reverse)
   for g, w in zip(jax.jit(run)(params, xs), want):
