@@ -100,6 +100,23 @@ def check_against_reference(cell, options, reverse, masked, rtol, atol, seed=0):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
 
 
+def check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, tol, grad_tol):
+  """``run(params, xs)`` (outputs, final state) against the plain loop: values to ``tol``
+  (rtol, atol), then gradients of a loss of both with respect to params and xs to ``grad_tol``
+  (rtol, atol; None: values only)."""
+  want = reference(cell, params, xs, h0, lengths, reverse)
+  for g, w in zip(jax.jit(run)(params, xs), want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol[0], atol=tol[1])
+  if grad_tol is None:
+    return
+  loss_of = lambda f: lambda p, x: jnp.sum(f(p, x)[0] ** 2) + jnp.sum(f(p, x)[1])
+  got = jax.jit(jax.grad(loss_of(run), (0, 1)))(params, xs)
+  ref = jax.jit(jax.grad(loss_of(lambda p, x: reference(cell, p, x, h0, lengths, reverse)),
+                         (0, 1)))(params, xs)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=grad_tol[0], atol=grad_tol[1])
+
+
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("reverse,masked", [(False, False), (True, True)])
 def test_values_and_gradients_equal_the_plain_path(options, reverse, masked):
@@ -469,15 +486,8 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, pa
   assert not hoisted(dataclasses.replace(options, hoist_projection=False))
   assert options.resolved(70, B, H, "cpu", inputs=I).hoist_projection is False
 
-  want = reference(cell, params, xs, h0, lengths, reverse)
-  for g, w in zip(jax.jit(run)(params, xs), want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
-  loss_of = lambda f: lambda p, x: jnp.sum(f(p, x)[0] ** 2) + jnp.sum(f(p, x)[1])
-  got = jax.jit(jax.grad(loss_of(run), (0, 1)))(params, xs)
-  ref = jax.jit(jax.grad(loss_of(lambda p, x: reference(cell, p, x, h0, lengths, reverse)),
-                         (0, 1)))(params, xs)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+  check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, (2e-5, 2e-6),
+                              (2e-5, 2e-6))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -529,17 +539,8 @@ def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
   text = str(jax.make_jaxpr(lambda p: scan_layer(before, p, xs)[0])(random_params(before)))
   assert "unroll=1" in text and "unroll=2" not in text
 
-  want = reference(cell, params, xs, h0, lengths, reverse)
-  for g, w in zip(jax.jit(run)(params, xs), want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
-  if reverse:
-    return
-  loss_of = lambda f: lambda p, x: jnp.sum(f(p, x)[0] ** 2) + jnp.sum(f(p, x)[1])
-  got = jax.jit(jax.grad(loss_of(run), (0, 1)))(params, xs)
-  ref = jax.jit(jax.grad(loss_of(lambda p, x: reference(cell, p, x, h0, lengths, reverse)),
-                         (0, 1)))(params, xs)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=2e-4)
+  check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, (2e-5, 2e-5),
+                              None if reverse else (2e-4, 2e-4))
 
 
 def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults(monkeypatch):
