@@ -32,17 +32,19 @@ _TUNED = {
             # for a backward pass, so there the memory bound does not apply and B*I*3H alone
             # decides, from forward_hoist_macs on (forward_hoist_default).
             "hoist_projection": False, "hoist_macs": 2**20, "forward_hoist_macs": 2**19,
-            # ...except that from this many multiply-adds in a step's recurrent product (B*H*3H)
-            # a forward pass without derivative projects each step's inputs inside the loop and
-            # unrolls it by forward_unroll: two steps per iteration make more operations than
-            # XLA:CPU's runtime runs one after the other (8), so the steps' input products,
-            # which do not wait for the state, run beside the recurrent products. Same-process
-            # A/Bs of the forward pass: 0.84-0.96 of the time at 12 shapes from 3.1M to 200M
-            # multiply-adds (64x128x32x256: 0.86-0.87), 0.88 and 1.00 at 64x128x32x128, 0.98
-            # and 1.00 at 128x256x128x512; level or slower below 2M (docs/benchmarks.md). One
-            # model of a reset_after cell only: not measured under jax.vmap, and mixed for
-            # reset_before, whose step makes a second product (0.93-1.08).
-            "forward_unroll_macs": 2**21, "forward_unroll": 2,
+            # ...except that from this many multiply-adds in a step's recurrent product (B*H*3H),
+            # with at least forward_unroll_hidden units and at most forward_unroll_inputs
+            # inputs per unit (I/H), a forward pass without derivative projects each step's
+            # inputs inside the loop and unrolls it by forward_unroll: two steps per iteration
+            # make more operations than XLA:CPU's runtime runs one after the other (8), so the
+            # steps' input products, which do not wait for the state, run beside the recurrent
+            # products. Same-process A/Bs of the forward pass, new over old: 0.84-0.96 at 12
+            # such shapes (64x128x32x256: 0.86-0.87), 0.88-1.00 at three more; level or slower
+            # below 2M multiply-adds; 1.05-1.19 at H=64 with B=256, or at I/H >= 1/2 with
+            # B=128 (docs/benchmarks.md). One model of a reset_after cell only: not measured
+            # under jax.vmap, and mixed for reset_before (0.96-1.08).
+            "forward_unroll_macs": 2**21, "forward_unroll_hidden": 128,
+            "forward_unroll_inputs": 0.25, "forward_unroll": 2,
             # Residuals of the whole sequence at most this: keep them all, one chunk.
             "whole_bytes": 2**24,
             # Else chunks of about this many bytes of (B, H) states...
@@ -85,7 +87,8 @@ _TUNED = {
     # small (1.6-4.3x; about 3.5 us per step of loop overhead). No alternative setting has been
     # measured on a GPU yet.
     "gpu": {"unroll": 8, "hoist_projection": True, "hoist_macs": None, "forward_hoist_macs": None,
-            "forward_unroll_macs": None, "forward_unroll": None,
+            "forward_unroll_macs": None, "forward_unroll_hidden": None,
+            "forward_unroll_inputs": None, "forward_unroll": None,
             "whole_bytes": None, "chunk_bytes": None,
             "big_bytes": None, "chunk_rows": None, "custom_vjp_steps": 1,
             "custom_vjp_models": None,  # not measured on a GPU: the custom rule for any number
@@ -161,8 +164,8 @@ class ScanOptions:
     unroll: steps per iteration of the inner loops (``lax.scan``'s ``unroll``). None: 1 on the
       CPU, 8 off it; on the CPU a forward pass without derivative, with ``hoist_projection``
       None too, takes 2 (and projects each step's inputs inside the loop) from 2**21
-      multiply-adds in a step's recurrent product, B*H*3H, for one model of a reset_after cell
-      (:func:`forward_unroll_default`).
+      multiply-adds in a step's recurrent product (B*H*3H), with H >= 128 and I <= H/4, for one
+      model of a reset_after cell (:func:`forward_unroll_default`).
     chunk: steps per chunk C of the training loops (the whole sequence when larger than T).
       None: T off the CPU; on the CPU, T when the whole sequence's residuals are small, else
       about 512 kB of (B, H) states per chunk, or 2048 rows (C*B) for very large layers.
@@ -318,18 +321,24 @@ def forward_hoist_default(batch: int, inputs: int, hidden: int,
   return batch * inputs * 3 * hidden >= tuned["forward_hoist_macs"]
 
 
-def forward_unroll_default(batch: int, hidden: int, backend: Optional[str] = None
-                           ) -> Optional[int]:
+def forward_unroll_default(batch: int, inputs: int, hidden: int,
+                           backend: Optional[str] = None) -> Optional[int]:
   """The unroll of a layer run without derivative (one model, a reset_after cell) whose
   ``ScanOptions`` leave both ``unroll`` and ``hoist_projection`` to the defaults:
   ``forward_unroll`` (2 on the CPU), with each step's inputs projected inside the loop, from
-  ``forward_unroll_macs`` multiply-adds in a step's recurrent product (B*H*3H); None below it,
-  or on a backend without the rule, where :func:`forward_hoist_default` and the options' unroll
-  decide. Two steps per iteration give XLA:CPU's runtime enough operations (more than 8) to run
-  the input products, which do not wait for the state, beside the recurrent ones."""
+  ``forward_unroll_macs`` multiply-adds in a step's recurrent product (B*H*3H), with at least
+  ``forward_unroll_hidden`` units and at most ``forward_unroll_inputs`` input features per unit
+  (I/H). None otherwise, or on a backend without the rule, where :func:`forward_hoist_default`
+  and the options' unroll decide. Two steps per iteration give XLA:CPU's runtime enough
+  operations (more than 8) to run the input products, which do not wait for the state, beside
+  the recurrent ones; a large input product (I/H) or a narrow state (H=64 at B=256) loses
+  that."""
   tuned = _table(backend or jax.default_backend(), batch)
-  if tuned["forward_unroll_macs"] is None or batch * hidden * 3 * hidden < tuned[
-      "forward_unroll_macs"]:
+  if tuned["forward_unroll_macs"] is None:
+    return None
+  if (batch * hidden * 3 * hidden < tuned["forward_unroll_macs"]
+      or hidden < tuned["forward_unroll_hidden"]
+      or inputs > tuned["forward_unroll_inputs"] * hidden):
     return None
   return tuned["forward_unroll"]
 

@@ -180,7 +180,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   forward_unroll = None
   if (options.unroll is None and options.hoist_projection is None and opts.models == 1
       and cell._num_recurrent_products == 1):
-    forward_unroll = forward_unroll_default(batch, cell.hidden_size)
+    forward_unroll = forward_unroll_default(batch, cell.input_size, cell.hidden_size)
   if options.hoist_projection is not None:
     forward_hoist = opts.hoist_projection
   else:

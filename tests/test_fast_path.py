@@ -327,13 +327,17 @@ def test_options_resolve_per_backend_and_shape():
   assert forward_hoist_default(64, 64, 64, "cpu")  # 786,432 multiply-adds
   assert not ScanOptions().resolved(256, 64, 64, "cpu", inputs=64).hoist_projection
   assert not forward_hoist_default(16, 8, 64, "cpu") and forward_hoist_default(16, 8, 64, "gpu")
-  # ...and unrolls by 2 with the projection in the loop from 2**21 recurrent multiply-adds.
-  assert forward_unroll_default(64, 256, "cpu") == 2 and forward_unroll_default(16, 256, "cpu") == 2
-  assert forward_unroll_default(128, 512, "cpu") == 2
-  assert forward_unroll_default(64, 64, "cpu") is None  # 786,432 multiply-adds
-  assert forward_unroll_default(16, 64, "cpu") is None and forward_unroll_default(43, 128, "cpu")
-  assert forward_unroll_default(42, 128, "cpu") is None  # 2,064,384 < 2**21
-  assert forward_unroll_default(64, 256, "gpu") is None
+  # ...and unrolls by 2 with the projection in the loop from 2**21 recurrent multiply-adds,
+  # H >= 128 and I <= H/4 (B, I, H).
+  assert forward_unroll_default(64, 32, 256, "cpu") == 2
+  assert forward_unroll_default(16, 64, 256, "cpu") == 2
+  assert forward_unroll_default(128, 128, 512, "cpu") == 2
+  assert forward_unroll_default(64, 64, 64, "cpu") is None  # 786,432 multiply-adds
+  assert forward_unroll_default(43, 32, 128, "cpu") == 2
+  assert forward_unroll_default(42, 32, 128, "cpu") is None  # 2,064,384 < 2**21
+  assert forward_unroll_default(256, 16, 64, "cpu") is None  # H < 128
+  assert forward_unroll_default(128, 33, 128, "cpu") is None  # I > H/4
+  assert forward_unroll_default(64, 32, 256, "gpu") is None
   # The diagonal backward: the default at every size and backend; an explicit False holds.
   assert ScanOptions().resolved(128, 64, 256, "cpu").diagonal_backward
   assert ScanOptions().resolved(256, 128, 512, "cpu").diagonal_backward
@@ -492,14 +496,15 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, pa
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
-  """From 2**21 multiply-adds in a step's recurrent product (B*H*3H; here 16 x 256 x 768), a
-  forward pass where nothing is differentiated runs one loop unrolled by 2 with each step's
-  inputs projected inside it, where the options leave unroll and hoist_projection to the
-  defaults. An explicit unroll or hoist_projection, many models, or a reset_before cell keeps
-  the projection rule (before the loop here: 16 x 64 x 768 >= 2**19) and the options' unroll.
-  The training step's loop is not unrolled. Values equal the plain loop's with lengths, at 70
-  steps (the custom rule), and so do gradients (forward in time: the differentiated program is
-  the one the other tests here run)."""
+  """From 2**21 multiply-adds in a step's recurrent product (B*H*3H; here 16 x 256 x 768),
+  with H >= 128 and I <= H/4 (here 64), a forward pass where nothing is differentiated runs one
+  loop unrolled by 2 with each step's inputs projected inside it, where the options leave
+  unroll and hoist_projection to the defaults. An explicit unroll or hoist_projection, many
+  models, a reset_before cell or I > H/4 keeps the projection rule (before the loop here:
+  16 x 64 x 768 >= 2**19) and the options' unroll. The training step's loop is not unrolled.
+  Values equal the plain loop's with lengths, at 70 steps (the custom rule), and so do
+  gradients (forward in time: the differentiated program is the one the other tests here
+  run)."""
   cell = GRUConfig(64, 256)
   b, t = 16, 70
   # Weights of scale 0.05: with 256 units, larger ones make 70 steps chaotic.
@@ -535,6 +540,10 @@ def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
   assert loops(ScanOptions(unroll=1)) == ({1}, True)
   assert loops(ScanOptions(hoist_projection=False)) == ({1}, False)
   assert loops(ScanOptions(models=2)) == ({1}, True)
+  wide = GRUConfig(65, 256)  # I > H/4
+  text = str(jax.make_jaxpr(lambda p: scan_layer(wide, p, randn(t, b, 65))[0])(
+      random_params(wide)))
+  assert "unroll=1" in text and "unroll=2" not in text
   before = GRUConfig(64, 256, variant="reset_before")  # two recurrent products per step
   text = str(jax.make_jaxpr(lambda p: scan_layer(before, p, xs)[0])(random_params(before)))
   assert "unroll=1" in text and "unroll=2" not in text
