@@ -486,15 +486,17 @@ _ending = False
 def _raise_interrupt(signum, frame):
   """SIGTERM or SIGINT outside the training loop (compiling, evaluating, reading data) stops the
   run; while a checkpoint is written it is put off until the save is done (a signal then never
-  goes missing), and once the run is ending it is ignored."""
-  del frame
+  goes missing), and once the run is ending it is ignored. Where Python would drop the
+  exception (a signal handled inside JAX's garbage-collector callback, which a signal during
+  compiling can hit), it is raised at the next instruction outside."""
   from jaxgru.training.checkpoints import defer_signal, saving
+  from jaxgru.training.metrics import raise_where_it_propagates
   if _ending:
     return
   if saving():  # raised again once the save is done, so that it is not lost
     defer_signal(signum)
     return
-  raise KeyboardInterrupt(f"signal {signum}")
+  raise_where_it_propagates(signum, frame, KeyboardInterrupt(f"signal {signum}"))
 
 
 def main(argv):

@@ -299,6 +299,61 @@ def test_two_sigterms_while_compiling_saving_or_exiting_then_resume_equals_one_r
   assert steps == list(range(1, 31)), "a step was logged twice or not at all"
 
 
+def _signal_inside_a_gc_callback(handler):
+  """Runs a garbage collection whose callback raises SIGUSR1, so that ``handler`` runs inside
+  the callback (as a SIGTERM during compiling can land in JAX's); returns the KeyboardInterrupt
+  that escaped from the collection or the second after it, or None."""
+  import gc
+  fired = []
+
+  def callback(phase, info):
+    del info
+    if phase == "start" and not fired:
+      fired.append(True)
+      signal.raise_signal(signal.SIGUSR1)
+      fired.append(len(fired))  # instructions for the handler to run at, inside the callback
+
+  old = signal.signal(signal.SIGUSR1, handler)
+  gc.callbacks.append(callback)
+  try:
+    try:
+      gc.collect()
+      for _ in range(100):  # a signal sent again from another thread arrives meanwhile
+        time.sleep(0.01)
+    except KeyboardInterrupt as e:
+      return e
+    return None
+  finally:
+    gc.callbacks.remove(callback)
+    signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the naive one
+def test_a_signal_handled_inside_a_gc_callback_is_not_dropped():
+  """Python prints and drops an exception raised inside a garbage-collector callback, so a
+  handler that stops the run by raising there would lose the signal: run.py then trained to the
+  end after a SIGTERM during compiling (exit 0). raise_where_it_propagates sends the signal
+  again until the handler runs outside the callback, where KeyboardInterrupt propagates; the
+  training loop's second-signal handler does the same."""
+  from jaxgru.training import metrics
+
+  def naive(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+  assert _signal_inside_a_gc_callback(naive) is None  # dropped: what the fix is for
+
+  frames = []
+
+  def handler(signum, frame):
+    frames.append(frame.f_code.co_name)
+    metrics.raise_where_it_propagates(signum, frame, KeyboardInterrupt(f"signal {signum}"))
+  assert isinstance(_signal_inside_a_gc_callback(handler), KeyboardInterrupt)
+  assert frames[0] == "callback" and frames[-1] != "callback", frames
+
+  stop = metrics.StopSignals()
+  stop.signum = signal.SIGTERM  # a first signal already taken: the second gives up at once
+  assert isinstance(_signal_inside_a_gc_callback(stop._handle), KeyboardInterrupt)
+
+
 def test_a_signal_put_off_during_a_save_is_delivered_once_after_it():
   """A handler that runs while a checkpoint is written (run.py's, outside the training loop)
   puts the signal off; it is raised again, once, when the save is done, and not lost."""

@@ -2,15 +2,19 @@
 
 Owns :class:`MetricsWriter` (metrics.jsonl), :class:`Progress` (the progress bar or log lines),
 :class:`StopSignals` and :class:`Interrupted` (SIGTERM/SIGINT turned into a checkpoint and a
-clean stop), :class:`Diverged` and :func:`first_nan_step` (a non-finite loss).
+clean stop), :func:`raise_where_it_propagates` (a signal handler's exception never dropped),
+:class:`Diverged` and :func:`first_nan_step` (a non-finite loss).
 """
 
 from __future__ import annotations
 
+import _thread
+import gc
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -79,6 +83,33 @@ class Progress:
       self.stream.flush()
 
 
+def _drops_exceptions(frame) -> bool:
+  """Whether an exception raised at ``frame`` is printed and dropped by Python instead of
+  propagated: ``frame`` or one of its callers is a garbage-collector callback (JAX registers
+  one) or a ``__del__`` finalizer."""
+  callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+      return True
+    frame = frame.f_back
+  return False
+
+
+def raise_where_it_propagates(signum: int, frame, exc: BaseException) -> None:
+  """For a signal handler that stops the program by raising ``exc``: raises it, unless the
+  handler runs inside a garbage-collector callback or a finalizer (``frame``), where Python
+  would print the exception and drop it, and the signal would be lost. There the signal is sent
+  to the main thread again from another thread, so that Python runs the handler again at the
+  main thread's next check, until that is outside. (Raised from the handler itself, the signal
+  would run the handler again at once, inside it.)"""
+  if _drops_exceptions(frame):
+    # _thread, not threading: Thread.start() waits for the thread in the main thread, where the
+    # signal would run this handler again inside this one.
+    _thread.start_new_thread(signal.pthread_kill, (threading.main_thread().ident, signum))
+    return
+  raise exc
+
+
 class Interrupted(Exception):
   """Raised by :class:`StopSignals` after SIGTERM or SIGINT, at a safe point."""
 
@@ -99,9 +130,9 @@ class StopSignals:
     return self
 
   def _handle(self, signum, frame):
-    del frame
     if self.signum is not None and not saving():  # a second signal: give up at once
-      raise KeyboardInterrupt
+      raise_where_it_propagates(signum, frame, KeyboardInterrupt())
+      return
     self.signum = signum
 
   def __exit__(self, *exc):
