@@ -308,7 +308,7 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _layer_jvp(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
   """The layer over (N, C, B, I) chunks, differentiated by the rules of this module. Run without
-  a derivative it keeps nothing for one, so it projects the inputs as ``st.forward_hoist`` says."""
+  a derivative it keeps nothing for one, and runs as :func:`jaxgru._loop._forward_only` says."""
   return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB)
 
 

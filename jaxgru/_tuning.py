@@ -343,6 +343,25 @@ def forward_unroll_default(batch: int, inputs: int, hidden: int,
   return tuned["forward_unroll"]
 
 
+def forward_loop_default(options: ScanOptions, cell: GRUConfig, batch: int,
+                         backend: Optional[str] = None) -> tuple[bool, Optional[int]]:
+  """(hoist, unroll) of a layer run without derivative, for ``options`` as the user gave them
+  (unresolved): an explicit ``hoist_projection`` holds; where ``unroll`` and
+  ``hoist_projection`` are both left to the defaults, one model of a cell with one recurrent
+  product per step (reset_after, as measured) takes :func:`forward_unroll_default`, with the
+  projection in the loop; else :func:`forward_hoist_default` decides, and the unroll (None) is
+  the options'."""
+  unroll = None
+  if (options.unroll is None and options.hoist_projection is None and options.models == 1
+      and cell._num_recurrent_products == 1):
+    unroll = forward_unroll_default(batch, cell.input_size, cell.hidden_size, backend)
+  if options.hoist_projection is not None:
+    return options.hoist_projection, unroll
+  hoist = unroll is None and forward_hoist_default(batch, cell.input_size, cell.hidden_size,
+                                                   backend)
+  return hoist, unroll
+
+
 def input_terms_default(inputs: int, batch: int, backend: Optional[str] = None) -> bool:
   """Whether a loop that takes the step's own JVP (:func:`step_jvp_default`) and projects its
   inputs at each step does so for ``inputs`` features by multiply-adds, one per feature,

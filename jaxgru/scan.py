@@ -59,8 +59,8 @@ import jax.numpy as jnp
 
 from jaxgru._loop import _Static, _layer_autodiff, step_jvp_applies
 from jaxgru._parallel import parallel_layer
-from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_hoist_default,
-                            forward_unroll_default, input_terms_default, step_jvp_default)
+from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_loop_default,
+                            input_terms_default, step_jvp_default)
 from jaxgru._jvp import _layer_jvp
 from jaxgru.cell import GRUConfig, Params
 
@@ -174,18 +174,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   xs_NCBI = xs_TBI if single else xs_TBI.reshape((num_chunks, chunk) + xs_TBI.shape[1:])
   step_jvp = (not opts.custom_vjp and step_jvp_applies(cell)
               and step_jvp_default(opts.models, batch))
-  # A pass without derivative: its own projection and unroll rules, where the options leave
-  # them to the defaults (the unroll rule for one model of a cell with one recurrent product
-  # per step, as measured).
-  forward_unroll = None
-  if (options.unroll is None and options.hoist_projection is None and opts.models == 1
-      and cell._num_recurrent_products == 1):
-    forward_unroll = forward_unroll_default(batch, cell.input_size, cell.hidden_size)
-  if options.hoist_projection is not None:
-    forward_hoist = opts.hoist_projection
-  else:
-    forward_hoist = (forward_unroll is None
-                     and forward_hoist_default(batch, cell.input_size, cell.hidden_size))
+  forward_hoist, forward_unroll = forward_loop_default(options, cell, batch)
   st = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, opts.remat,
                opts.diagonal_backward and diagonal_backward_applies(cell), single,
                step_jvp=step_jvp,

@@ -470,7 +470,7 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, pa
   where forward_hoist_default says so, whatever the training step's hoist_projection; an
   explicit hoist_projection holds for both. The loop JAX differentiates does not. Values equal
   the plain loop's, and so do gradients, with lengths and padded chunks."""
-  monkeypatch.setattr(jaxgru.scan, "forward_hoist_default", lambda *args: True)
+  monkeypatch.setattr(jaxgru._tuning, "forward_hoist_default", lambda *args: True)
   cell = GRUConfig(I, H)
   params, xs, h0 = random_params(cell), randn(70, B, I), randn(B, H, seed=2)
   lengths = jnp.asarray([70, 0, 33, 69], jnp.int32)
