@@ -17,7 +17,8 @@ and the summary names the part's last line of output:
   failure with its reason; all of it goes to ``DIR/tests.txt``, and the summary gives the
   counts and the failures. With pytest-timeout installed, a test over 30 s fails alone;
 * ``speed_f32``: benchmarks/speed.py's grid against the peers (PyTorch's cuDNN GRU, Flax, Keras,
-  Equinox), float32, on the four plain shapes;
+  Equinox), float32, on the four plain shapes, with ``product_loop``'s forward bound (a loop of
+  the recurrent product alone: whether any XLA loop can reach cuDNN there);
 * ``speed_stacks``: the same for 2-layer stacks and bidirectional GRUs, with variable lengths;
 * ``speed_bf16``: jaxgru with bfloat16 products against PyTorch under bfloat16 autocast and the
   float32 peers, on two shapes (64x128x32x256, 128x256x128x512);
@@ -112,10 +113,11 @@ def parts(out: str) -> list[Part]:
            ["tests/test_rnn.py", "-k", "output_size or h0_defaults"],
            110, ["tests.txt"], ("pytest",)),
       Part("speed_f32", "benchmarks.speed",
-           [f"--out={j('speed_f32.json')}", f"--impls=jaxgru,jaxgru[precision=default],{SPEED_PEERS}",
+           [f"--out={j('speed_f32.json')}",
+            f"--impls=jaxgru,jaxgru[precision=default],{SPEED_PEERS},product_loop",
             "--shapes=256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512", *speed_common],
            [f"--out={j('speed_f32.json')}", "--shapes=2x4x2x3",
-            "--impls=jaxgru,jaxgru[precision=default],torch,keras", *speed_quick],
+            "--impls=jaxgru,jaxgru[precision=default],torch,keras,product_loop", *speed_quick],
            75, ["speed_f32.json", "speed_f32.md", "speed_f32.png"]),
       Part("speed_stacks", "benchmarks.speed",
            [f"--out={j('speed_stacks.json')}", f"--shapes={stacks}",

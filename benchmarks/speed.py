@@ -51,12 +51,15 @@ _SHAPES = flags.DEFINE_list(
     "Pick a few for a quick run.")
 _IMPLS = flags.DEFINE_list(
     "impls", DEFAULT_IMPLS,
-    "Implementations: jaxgru, flax_linen, flax_nnx, keras, torch, equinox, jax_scan; jaxgru "
+    "Implementations: jaxgru, flax_linen, flax_nnx, keras, torch, equinox, jax_scan, "
+    "product_loop; jaxgru "
     "variants as jaxgru[key=value;...] with the keys of jaxgru.ScanOptions and dtype, vmap, "
     "precision, heap (heap=False: the CPU defaults for fresh pages even under --mallopt) "
     "(use ';' between keys inside brackets, as ',' separates implementations); "
     "torch[dtype=bfloat16] runs PyTorch under bfloat16 autocast. flax_nnx and jax_scan run the "
-    "plain shapes (one layer, one direction, full lengths) only.")
+    "plain shapes (one layer, one direction, full lengths) only. product_loop (forward only) is "
+    "not a GRU but the bound of its forward pass: per layer and direction one input product "
+    "and a loop of only tanh(h_t @ W), each run alone, one after another.")
 _MODES = flags.DEFINE_list("modes", "train,forward", "Modes: train and/or forward.")
 _REPEATS = flags.DEFINE_integer("repeats", 25, "Timed runs per implementation, at most.")
 _MIN_REPEATS = flags.DEFINE_integer("min_repeats", 5, "Timed runs per implementation, at least.")
@@ -244,9 +247,10 @@ def main(argv):
         result["skipped"].append({"impl": spec, "shape": str(shape), "reason": str(e)})
         log(f"  skipped {spec}: {e}")
     for mode in modes:
-      records = time_shape(shape, runners, mode, peak["gflops"], log)
+      active = [r for r in runners if mode in r.run]  # product_loop has a forward mode only
+      records = time_shape(shape, active, mode, peak["gflops"], log)
       if _MEMORY.value:
-        for rec, r in zip(records, runners):
+        for rec, r in zip(records, active):
           rec["peak_memory_bytes"], rec["memory_source"] = peak_memory(r, mode)
       result["records"].extend(records)
     del runners

@@ -10,6 +10,15 @@ forward pass, the mean squared error against a fixed target (B, T, D*H) over the
 the backward pass and an Adam update (learning rate 1e-3); a forward pass is the outputs alone,
 without gradients.
 
+``product_loop`` is not a GRU but the least work of its forward pass with XLA's products, a
+bound for a loop of them one step after another: for each layer and direction, the inputs
+projected in one product (B*T, I_l) x (I_l, 3H), and T steps of only ``tanh(h_t @ W)`` (B, 3H),
+whose first H is the next state: the recurrent product and one transcendental per gate value,
+as a GRU's step makes, without the gates' other arithmetic or the inputs' addition. Each part is
+compiled alone, and they run one after another, each waited for, so the time is their sum (with
+each call's dispatch, tens of microseconds: no bound at tiny shapes). It ignores lengths (a
+batched loop runs every step) and has a forward mode only.
+
 :func:`build` returns a :class:`Runner` with the compiled (or eager) step of each mode. An
 implementation whose library is not installed raises :class:`Unavailable`.
 
@@ -47,7 +56,10 @@ IMPLS = {
     "torch": ("torch", True),
     "equinox": ("equinox", True),
     "jax_scan": ("jax", False),
+    "product_loop": ("jax", False),
 }
+# Not GRUs: lower bounds on a GRU's time, shown beside them (forward mode only).
+BOUNDS = ("product_loop",)
 
 
 class Unavailable(Exception):
@@ -188,6 +200,8 @@ def build(spec: str, shape: Shape, modes: tuple[str, ...], seed: int = 0,
     if set(options) - {"dtype"}:
       raise ValueError(f"torch takes only dtype, got {spec!r}")
     return _torch(spec, shape, modes, seed, torch_threads, **options)
+  if name == "product_loop":
+    return _product_loop(shape, modes, seed)
   builder = {"jaxgru": _jaxgru, "flax_linen": _flax_linen, "flax_nnx": _flax_nnx,
              "keras": _keras, "equinox": _equinox, "jax_scan": _jax_scan}[name]
   if not shape.plain and name in ("flax_nnx", "jax_scan"):
@@ -442,6 +456,48 @@ def _jax_scan(shape: Shape, seed: int):
     return jnp.swapaxes(jax.lax.scan(body, s0, jnp.swapaxes(x, 0, 1))[1], 0, 1)
 
   return params, apply, "jax"
+
+
+def _product_loop(shape: Shape, modes, seed: int) -> Runner:
+  """The bound of a forward pass (see the module docstring). Each layer and direction's two
+  parts, the inputs' product and a lax.scan of ``tanh(h @ W)`` (B, 3H) whose first H is the
+  state, are compiled alone and run one after the other, each waited for: their sum, with no
+  overlap between them."""
+  import jax
+  import jax.numpy as jnp
+  h, t, b = shape.hidden, shape.time, shape.batch
+  keys = iter(jax.random.split(jax.random.key(seed), 3 * shape.layers * shape.directions))
+  parts, compile_s, width = [], 0.0, shape.input
+
+  def step(s, w):
+    s = jnp.tanh(s @ w)[:, :h]
+    return s, s
+
+  def loop(w, reverse):
+    return jax.lax.scan(lambda s, _: step(s, w), jnp.full((b, h), 0.5), None, length=t,
+                        reverse=reverse)[1]
+
+  for _ in range(shape.layers):
+    for d in range(shape.directions):
+      x = jax.random.normal(next(keys), (t * b, width))
+      w_x = jax.random.normal(next(keys), (width, 3 * h)) / np.sqrt(width)
+      w_h = jax.random.normal(next(keys), (h, 3 * h)) / np.sqrt(h)
+      t0 = time.perf_counter()
+      project = jax.jit(jnp.matmul).lower(x, w_x).compile()
+      recur = jax.jit(loop, static_argnums=1).lower(w_h, d == 1).compile()
+      compile_s += time.perf_counter() - t0
+      parts += [lambda f=project, a=(x, w_x): f(*a), lambda f=recur, w=w_h: f(w)]
+    width = shape.directions * h
+
+  def forward():
+    for part in parts:
+      out = jax.block_until_ready(part())
+    return out
+
+  run = {"forward": forward} if "forward" in modes else {}
+  return Runner("product_loop", "jax", version_of("jax") or "?", False, run,
+                jax.block_until_ready, {"forward": compile_s}, {"forward": None},
+                str(jax.devices()[0]))
 
 
 # -- PyTorch ---------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+from benchmarks.speed_impls import BOUNDS
+
 MODES = {"train": "Training step (forward, backward, Adam update)", "forward": "Forward pass"}
 TARGET_RATIO = 0.67
 TARGET_PEAK_SHAPE = "64x128x32x256"
@@ -55,17 +57,22 @@ def markdown(result: dict) -> str:
       "(T/2 to T; PyTorch PackedSequence, Flax seq_lengths, Keras mask, jaxgru lengths). Peers are "
       "the GRU libraries (flax_linen: `nn.RNN(nn.GRUCell)`, flax_nnx, keras: `keras.layers.GRU`"
       " on JAX, torch: `torch.nn.GRU`, equinox: `eqx.nn.GRUCell` in `lax.scan` under `vmap`); "
-      "jax_scan is a plain fused-gate `lax.scan` written by hand, shown for reference. "
+      "jax_scan is a plain fused-gate `lax.scan` written by hand, shown for reference; "
+      "product_loop is not a GRU but the bound of a forward pass with XLA's products one step "
+      "after another: per layer and direction one input product and a loop of only "
+      "`tanh(h_t @ W)`, each part run alone, one after another; \"jaxgru vs product_loop\" is "
+      "jaxgru's time over their sum. "
       "\"vs peer\" is jaxgru's time over the fastest peer's; \"% peak\" is jaxgru's model FLOP "
       "rate (2BT(I+H)3H per forward pass, 3x that per training step) over the matmul peak.\n")
   for mode, title in MODES.items():
     shapes, impls, cell = _by(result["records"], mode)
     if not shapes:
       continue
+    bounds = [i for i in impls if i in BOUNDS]
     rows = []
     for s in shapes:
       recs = [cell.get((s, i)) for i in impls]
-      best = min((r["median_ms"] for r in recs if r), default=None)
+      best = min((r["median_ms"] for r in recs if r and r["impl"] not in BOUNDS), default=None)
       row = [s]
       for r in recs:
         text = _ms(r and r["median_ms"])
@@ -73,10 +80,14 @@ def markdown(result: dict) -> str:
       j = cell.get((s, "jaxgru"))
       row.append("-" if not j or j["ratio_to_fastest_peer"] is None else
                  f"{j['ratio_to_fastest_peer']:.2f} ({j['fastest_peer']})")
+      for b in bounds:
+        bound = cell.get((s, b))
+        row.append("-" if not j or not bound else f"{j['median_ms'] / bound['median_ms']:.2f}")
       row.append("-" if not j else f"{j['percent_of_peak']:.0f}%")
       rows.append(row)
     out.append(f"## {title}, ms\n")
-    out.append(_table(["shape"] + impls + ["jaxgru vs peer", "jaxgru % peak"], rows))
+    out.append(_table(["shape"] + impls + ["jaxgru vs peer"]
+                      + [f"jaxgru vs {b}" for b in bounds] + ["jaxgru % peak"], rows))
   out.append("## Compile time, s (train / forward)\n")
   shapes, impls, _ = _by(result["records"], "train")
   if not shapes:

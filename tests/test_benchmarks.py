@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,3 +155,39 @@ def test_parallel_trained_imdb_skips_without_its_flags(tmp_path, capsys):
                  f"--imdb_data={tmp_path}/none.tar.gz"])
   with open(out + ".json") as f:
     assert "no finished checkpoint" in json.load(f)["trained_imdb"]["skipped"]
+
+
+def test_product_loop_is_a_forward_only_bound_of_loops_of_tanh():
+  """benchmarks/speed.py's product_loop: forward mode only, and its last part is the last
+  direction's loop of tanh(h @ W) from 0.5, as a Python loop makes it (reversed here)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from benchmarks import speed_impls  # pylint: disable=import-outside-toplevel
+  shape = speed_impls.Shape.parse("3x5x2x4:bi:l2")
+  runner = speed_impls.build("product_loop", shape, ("train", "forward"))
+  assert set(runner.run) == {"forward"} and not runner.peer
+  out = np.asarray(runner.run["forward"]())
+  # The keys as _product_loop draws them: x, w_x, w_h per layer and direction; the last is
+  # layer 2's reverse direction.
+  keys = jax.random.split(jax.random.key(0), 3 * shape.layers * shape.directions)
+  w_h = np.asarray(jax.random.normal(keys[-1], (4, 12))) / 2.0
+  s, want = np.full((3, 4), 0.5), np.zeros((5, 3, 4))
+  for t in reversed(range(5)):
+    s = np.tanh(s @ w_h)[:, :4]
+    want[t] = s
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_speed_report_sets_jaxgru_against_the_bound_apart_from_the_peers():
+  from benchmarks import speed_report  # pylint: disable=import-outside-toplevel
+  def rec(impl, ms, peer):
+    return {"impl": impl, "shape": "8x16x4x8:bi", "mode": "forward", "median_ms": ms,
+            "peer": peer, "ratio_to_fastest_peer": ms / 30.0, "fastest_peer": "equinox",
+            "percent_of_peak": 1.0, "compile_s": None}
+  result = {"environment": {"versions": {}, "device_kind": "cpu", "platform": "cpu"},
+            "records": [rec("jaxgru", 24.0, False), rec("equinox", 30.0, True),
+                        rec("product_loop", 20.0, False)]}
+  text = speed_report.markdown(result)
+  row = [line for line in text.splitlines() if line.startswith("| 8x16x4x8:bi |")][0]
+  # the fastest GRU is in bold, not the bound; jaxgru over the bound is 24 / 20
+  assert row.split(" | ")[1:4] == ["**24.0**", "30.0", "20.0"]
+  assert "| 0.80 (equinox) | 1.20 |" in row
