@@ -57,9 +57,10 @@ _IMPLS = flags.DEFINE_list(
     "precision, heap (heap=False: the CPU defaults for fresh pages even under --mallopt) "
     "(use ';' between keys inside brackets, as ',' separates implementations); "
     "torch[dtype=bfloat16] runs PyTorch under bfloat16 autocast. flax_nnx and jax_scan run the "
-    "plain shapes (one layer, one direction, full lengths) only. product_loop (forward only) is "
-    "not a GRU but the bound of its forward pass: per layer and direction one input product "
-    "and a loop of only tanh(h_t @ W), each run alone, one after another.")
+    "plain shapes (one layer, one direction, full lengths) only. product_loop is not a GRU but "
+    "a bound: per layer and direction the input product and a loop of only tanh(h_t @ W) (and "
+    "for a training step the backward loop's and the gradients' products), each run alone, one "
+    "after another.")
 _MODES = flags.DEFINE_list("modes", "train,forward", "Modes: train and/or forward.")
 _REPEATS = flags.DEFINE_integer("repeats", 25, "Timed runs per implementation, at most.")
 _MIN_REPEATS = flags.DEFINE_integer("min_repeats", 5, "Timed runs per implementation, at least.")
@@ -247,7 +248,7 @@ def main(argv):
         result["skipped"].append({"impl": spec, "shape": str(shape), "reason": str(e)})
         log(f"  skipped {spec}: {e}")
     for mode in modes:
-      active = [r for r in runners if mode in r.run]  # product_loop has a forward mode only
+      active = [r for r in runners if mode in r.run]
       records = time_shape(shape, active, mode, peak["gflops"], log)
       if _MEMORY.value:
         for rec, r in zip(records, active):

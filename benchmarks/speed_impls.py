@@ -14,10 +14,14 @@ without gradients.
 bound for a loop of them one step after another: for each layer and direction, the inputs
 projected in one product (B*T, I_l) x (I_l, 3H), and T steps of only ``tanh(h_t @ W)`` (B, 3H),
 whose first H is the next state: the recurrent product and one transcendental per gate value,
-as a GRU's step makes, without the gates' other arithmetic or the inputs' addition. Each part is
-compiled alone, and they run one after another, each waited for, so the time is their sum (with
-each call's dispatch, tens of microseconds: no bound at tiny shapes). It ignores lengths (a
-batched loop runs every step) and has a forward mode only.
+as a GRU's step makes, without the gates' other arithmetic or the inputs' addition. Its training
+step adds, per layer and direction, the backward pass's products: a loop of T steps of only
+``(g_t = [d, d, d] / 2) @ W^T`` (one multiply per gate value, then the recurrent product's
+transpose), the weight gradients ``X^T G`` and ``H^T G`` over all steps, and below the top layer
+the inputs' cotangent ``G W_x^T``; no elementwise work besides, no recomputation, no optimizer
+update. Each part is compiled alone, and they run one after another, each waited for, so the
+time is their sum (with each call's dispatch, tens of microseconds: no bound at tiny shapes). It
+ignores lengths (a batched loop runs every step).
 
 :func:`build` returns a :class:`Runner` with the compiled (or eager) step of each mode. An
 implementation whose library is not installed raises :class:`Unavailable`.
@@ -58,7 +62,7 @@ IMPLS = {
     "jax_scan": ("jax", False),
     "product_loop": ("jax", False),
 }
-# Not GRUs: lower bounds on a GRU's time, shown beside them (forward mode only).
+# Not GRUs: lower bounds on a GRU's time, shown beside them.
 BOUNDS = ("product_loop",)
 
 
@@ -459,15 +463,16 @@ def _jax_scan(shape: Shape, seed: int):
 
 
 def _product_loop(shape: Shape, modes, seed: int) -> Runner:
-  """The bound of a forward pass (see the module docstring). Each layer and direction's two
-  parts, the inputs' product and a lax.scan of ``tanh(h @ W)`` (B, 3H) whose first H is the
-  state, are compiled alone and run one after the other, each waited for: their sum, with no
-  overlap between them."""
+  """The bound of a forward pass and of a training step (see the module docstring). Every part
+  is compiled alone, and a mode runs its parts one after the other, each waited for: their sum,
+  with no overlap between them."""
   import jax
   import jax.numpy as jnp
   h, t, b = shape.hidden, shape.time, shape.batch
   keys = iter(jax.random.split(jax.random.key(seed), 3 * shape.layers * shape.directions))
-  parts, compile_s, width = [], 0.0, shape.input
+  more = iter(jax.random.split(jax.random.key(seed + 1), 3 * shape.layers * shape.directions))
+  forward_parts, backward_parts, compile_s, width = [], [], {"forward": 0.0, "train": 0.0}, \
+      shape.input
 
   def step(s, w):
     s = jnp.tanh(s @ w)[:, :h]
@@ -477,27 +482,60 @@ def _product_loop(shape: Shape, modes, seed: int) -> Runner:
     return jax.lax.scan(lambda s, _: step(s, w), jnp.full((b, h), 0.5), None, length=t,
                         reverse=reverse)[1]
 
-  for _ in range(shape.layers):
+  def back_step(d, w_t):
+    g = jnp.concatenate([d, d, d], axis=-1) * 0.5  # (B, 3H): one multiply per gate value
+    return g @ w_t, g
+
+  def back_loop(w_t, reverse):
+    return jax.lax.scan(lambda d, _: back_step(d, w_t), jnp.full((b, h), 0.5), None, length=t,
+                        reverse=not reverse)[1]
+
+  def weight_grads(x, states, g):  # (I, 3H) and (H, 3H) from (T*B, ...) arrays
+    return x.T @ g, states.T @ g
+
+  def compiled(fn, *args, static=()):
+    t0 = time.perf_counter()
+    out = jax.jit(fn, static_argnums=static).lower(*args).compile()
+    return out, time.perf_counter() - t0
+
+  for layer in range(shape.layers):
     for d in range(shape.directions):
       x = jax.random.normal(next(keys), (t * b, width))
       w_x = jax.random.normal(next(keys), (width, 3 * h)) / np.sqrt(width)
       w_h = jax.random.normal(next(keys), (h, 3 * h)) / np.sqrt(h)
-      t0 = time.perf_counter()
-      project = jax.jit(jnp.matmul).lower(x, w_x).compile()
-      recur = jax.jit(loop, static_argnums=1).lower(w_h, d == 1).compile()
-      compile_s += time.perf_counter() - t0
-      parts += [lambda f=project, a=(x, w_x): f(*a), lambda f=recur, w=w_h: f(w)]
+      project, c1 = compiled(jnp.matmul, x, w_x)
+      recur, c2 = compiled(loop, w_h, d == 1, static=(1,))
+      compile_s["forward"] += c1 + c2
+      forward_parts += [lambda f=project, a=(x, w_x): f(*a), lambda f=recur, w=w_h: f(w)]
+      if "train" not in modes:
+        continue
+      w_t = jnp.array(w_h.T)
+      states = jax.random.normal(next(more), (t * b, h))
+      g = jax.random.normal(next(more), (t * b, 3 * h))
+      back, c3 = compiled(back_loop, w_t, d == 1, static=(1,))
+      grads, c4 = compiled(weight_grads, x, states, g)
+      parts = [lambda f=back, w=w_t: f(w), lambda f=grads, a=(x, states, g): f(*a)]
+      compile_s["train"] += c1 + c2 + c3 + c4
+      if layer > 0:  # the input's cotangent, for the layer below
+        input_grad, c5 = compiled(jnp.matmul, g, w_x.T)
+        compile_s["train"] += c5
+        parts.append(lambda f=input_grad, a=(g, jnp.array(w_x.T)): f(*a))
+      backward_parts[:0] = parts  # the backward pass runs the layers top down
     width = shape.directions * h
 
-  def forward():
+  def run_parts(parts):
     for part in parts:
       out = jax.block_until_ready(part())
     return out
 
-  run = {"forward": forward} if "forward" in modes else {}
+  run = {}
+  if "forward" in modes:
+    run["forward"] = lambda: run_parts(forward_parts)
+  if "train" in modes:
+    run["train"] = lambda: run_parts(forward_parts + backward_parts)
   return Runner("product_loop", "jax", version_of("jax") or "?", False, run,
-                jax.block_until_ready, {"forward": compile_s}, {"forward": None},
-                str(jax.devices()[0]))
+                jax.block_until_ready, {m: compile_s[m] for m in run},
+                {m: None for m in run}, str(jax.devices()[0]))
 
 
 # -- PyTorch ---------------------------------------------------------------------------------------

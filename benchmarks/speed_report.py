@@ -58,9 +58,10 @@ def markdown(result: dict) -> str:
       "the GRU libraries (flax_linen: `nn.RNN(nn.GRUCell)`, flax_nnx, keras: `keras.layers.GRU`"
       " on JAX, torch: `torch.nn.GRU`, equinox: `eqx.nn.GRUCell` in `lax.scan` under `vmap`); "
       "jax_scan is a plain fused-gate `lax.scan` written by hand, shown for reference; "
-      "product_loop is not a GRU but the bound of a forward pass with XLA's products one step "
+      "product_loop is not a GRU but the bound of a GRU with XLA's products one step "
       "after another: per layer and direction one input product and a loop of only "
-      "`tanh(h_t @ W)`, each part run alone, one after another; \"jaxgru vs product_loop\" is "
+      "`tanh(h_t @ W)` (a training step adds the backward loop's and the gradients' products), "
+      "each part run alone, one after another; \"jaxgru vs product_loop\" is "
       "jaxgru's time over their sum. "
       "\"vs peer\" is jaxgru's time over the fastest peer's; \"% peak\" is jaxgru's model FLOP "
       "rate (2BT(I+H)3H per forward pass, 3x that per training step) over the matmul peak.\n")

@@ -157,17 +157,18 @@ def test_parallel_trained_imdb_skips_without_its_flags(tmp_path, capsys):
     assert "no finished checkpoint" in json.load(f)["trained_imdb"]["skipped"]
 
 
-def test_product_loop_is_a_forward_only_bound_of_loops_of_tanh():
-  """benchmarks/speed.py's product_loop: forward mode only, and its last part is the last
-  direction's loop of tanh(h @ W) from 0.5, as a Python loop makes it (reversed here)."""
+def test_product_loop_runs_the_parts_of_a_bound():
+  """benchmarks/speed.py's product_loop. Its forward mode ends with the last direction's loop of
+  tanh(h @ W) from 0.5, as a Python loop makes it (reversed here); its training step ends with
+  the first layer's weight gradients X^T G and H^T G."""
   import jax  # pylint: disable=import-outside-toplevel
   from benchmarks import speed_impls  # pylint: disable=import-outside-toplevel
   shape = speed_impls.Shape.parse("3x5x2x4:bi:l2")
   runner = speed_impls.build("product_loop", shape, ("train", "forward"))
-  assert set(runner.run) == {"forward"} and not runner.peer
+  assert set(runner.run) == {"train", "forward"} and not runner.peer
   out = np.asarray(runner.run["forward"]())
-  # The keys as _product_loop draws them: x, w_x, w_h per layer and direction; the last is
-  # layer 2's reverse direction.
+  # The keys as _product_loop draws them: x, w_x, w_h per layer and direction (the last is layer
+  # 2's reverse direction); the backward pass's states and G from the next seed's keys.
   keys = jax.random.split(jax.random.key(0), 3 * shape.layers * shape.directions)
   w_h = np.asarray(jax.random.normal(keys[-1], (4, 12))) / 2.0
   s, want = np.full((3, 4), 0.5), np.zeros((5, 3, 4))
@@ -175,6 +176,13 @@ def test_product_loop_is_a_forward_only_bound_of_loops_of_tanh():
     s = np.tanh(s @ w_h)[:, :4]
     want[t] = s
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  more = jax.random.split(jax.random.key(1), 3 * shape.layers * shape.directions)
+  x = np.asarray(jax.random.normal(keys[0], (15, 2)), np.float64)
+  states = np.asarray(jax.random.normal(more[0], (15, 4)), np.float64)
+  g = np.asarray(jax.random.normal(more[1], (15, 12)), np.float64)
+  dw_x, dw_h = runner.run["train"]()
+  np.testing.assert_allclose(dw_x, x.T @ g, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw_h, states.T @ g, rtol=1e-5, atol=1e-5)
 
 
 def test_speed_report_sets_jaxgru_against_the_bound_apart_from_the_peers():
