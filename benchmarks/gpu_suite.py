@@ -17,8 +17,7 @@ and the summary names the part's last line of output:
   failure with its reason; all of it goes to ``DIR/tests.txt``, and the summary gives the
   counts and the failures. With pytest-timeout installed, a test over 30 s fails alone;
 * ``speed_f32``: benchmarks/speed.py's grid against the peers (PyTorch's cuDNN GRU, Flax, Keras,
-  Equinox), float32, on the four plain shapes, with ``product_loop``'s forward bound (a loop of
-  the recurrent product alone: whether any XLA loop can reach cuDNN there);
+  Equinox), float32, on the four plain shapes;
 * ``speed_stacks``: the same for 2-layer stacks and bidirectional GRUs, with variable lengths;
 * ``speed_bf16``: jaxgru with bfloat16 products against PyTorch under bfloat16 autocast and the
   float32 peers, on two shapes (64x128x32x256, 128x256x128x512);
@@ -32,6 +31,8 @@ Two more parts run only when ``--parts`` names them (a second command, about 6.5
 * ``tuning``: jaxgru at the GPU defaults against one change each (``unroll`` 1, 2, 4 or 16, the
   input projection inside the loop, JAX's autodiff of the loop, the per-step backward), on the
   four plain shapes and a bidirectional one: what the tuning table's GPU column is set from;
+  beside them speed.py's ``product_loop``, the bound of a loop of XLA's products (whether any
+  such loop can come near cuDNN at the small shapes);
 * ``parallel``: benchmarks/parallel.py's convergence and forward timing (T up to 100,000,
   B = 1 and 16, H = 1, 16 and 64) at the cell's default precision.
 
@@ -71,10 +72,11 @@ PEERS = ("torch", "flax", "keras", "equinox")
 SPEED_PEERS = "flax_linen,keras,torch,equinox"
 # The tuning part: jaxgru at its GPU defaults beside one change each (unroll, the input
 # projection inside the loop, JAX's autodiff of the loop instead of the custom rule, the
-# per-step backward instead of the diagonal one), timed in the same rounds, no peers.
+# per-step backward instead of the diagonal one), timed in the same rounds, no peers; and the
+# bound of a loop of XLA's products (speed.py's product_loop).
 TUNING_VARIANTS = ("jaxgru,jaxgru[unroll=1],jaxgru[unroll=2],jaxgru[unroll=4],"
                    "jaxgru[unroll=16],jaxgru[hoist_projection=false],jaxgru[custom_vjp=false],"
-                   "jaxgru[diagonal_backward=false]")
+                   "jaxgru[diagonal_backward=false],product_loop")
 
 
 @dataclasses.dataclass
@@ -113,11 +115,10 @@ def parts(out: str) -> list[Part]:
            ["tests/test_rnn.py", "-k", "output_size or h0_defaults"],
            110, ["tests.txt"], ("pytest",)),
       Part("speed_f32", "benchmarks.speed",
-           [f"--out={j('speed_f32.json')}",
-            f"--impls=jaxgru,jaxgru[precision=default],{SPEED_PEERS},product_loop",
+           [f"--out={j('speed_f32.json')}", f"--impls=jaxgru,jaxgru[precision=default],{SPEED_PEERS}",
             "--shapes=256x16x2x32,64x128x32x256,16x1024x8x64,128x256x128x512", *speed_common],
            [f"--out={j('speed_f32.json')}", "--shapes=2x4x2x3",
-            "--impls=jaxgru,jaxgru[precision=default],torch,keras,product_loop", *speed_quick],
+            "--impls=jaxgru,jaxgru[precision=default],torch,keras", *speed_quick],
            75, ["speed_f32.json", "speed_f32.md", "speed_f32.png"]),
       Part("speed_stacks", "benchmarks.speed",
            [f"--out={j('speed_stacks.json')}", f"--shapes={stacks}",

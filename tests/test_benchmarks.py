@@ -66,7 +66,7 @@ def test_opt_in_parts_run_when_named(tmp_path):
                                                                   ("parallel", "ok")]
   tuning = json.loads((tmp_path / "tuning.json").read_text())
   impls = {r["impl"] for r in tuning["records"]}
-  assert {"jaxgru", "jaxgru[unroll=1]", "jaxgru[custom_vjp=false]"} <= impls
+  assert {"jaxgru", "jaxgru[unroll=1]", "jaxgru[custom_vjp=false]", "product_loop"} <= impls
   assert all(_finite(r["median_ms"]) and r["median_ms"] > 0 for r in tuning["records"])
   figs = summary["parts"][1]["figures"]
   speedups = [v["speedup"] for k, v in figs.items() if k.startswith("forward")]
