@@ -10,8 +10,8 @@ forward pass, the mean squared error against a fixed target (B, T, D*H) over the
 the backward pass and an Adam update (learning rate 1e-3); a forward pass is the outputs alone,
 without gradients.
 
-``product_loop`` is not a GRU but the least work of its forward pass with XLA's products, a
-bound for a loop of them one step after another: for each layer and direction, the inputs
+``product_loop`` is not a GRU but the least work of one with XLA's products, a bound for a loop
+of them one step after another. Its forward pass: for each layer and direction, the inputs
 projected in one product (B*T, I_l) x (I_l, 3H), and T steps of only ``tanh(h_t @ W)`` (B, 3H),
 whose first H is the next state: the recurrent product and one transcendental per gate value,
 as a GRU's step makes, without the gates' other arithmetic or the inputs' addition. Its training
