@@ -471,8 +471,8 @@ def _product_loop(shape: Shape, modes, seed: int) -> Runner:
   h, t, b = shape.hidden, shape.time, shape.batch
   keys = iter(jax.random.split(jax.random.key(seed), 3 * shape.layers * shape.directions))
   more = iter(jax.random.split(jax.random.key(seed + 1), 3 * shape.layers * shape.directions))
-  forward_parts, backward_parts, compile_s, width = [], [], {"forward": 0.0, "train": 0.0}, \
-      shape.input
+  forward_parts, backward_parts = [], []
+  compile_s, width = {"forward": 0.0, "train": 0.0}, shape.input
 
   def step(s, w):
     s = jnp.tanh(s @ w)[:, :h]
@@ -517,9 +517,10 @@ def _product_loop(shape: Shape, modes, seed: int) -> Runner:
       parts = [lambda f=back, w=w_t: f(w), lambda f=grads, a=(x, states, g): f(*a)]
       compile_s["train"] += c1 + c2 + c3 + c4
       if layer > 0:  # the input's cotangent, for the layer below
-        input_grad, c5 = compiled(jnp.matmul, g, w_x.T)
+        w_x_t = jnp.array(w_x.T)
+        input_grad, c5 = compiled(jnp.matmul, g, w_x_t)
         compile_s["train"] += c5
-        parts.append(lambda f=input_grad, a=(g, jnp.array(w_x.T)): f(*a))
+        parts.append(lambda f=input_grad, a=(g, w_x_t): f(*a))
       backward_parts[:0] = parts  # the backward pass runs the layers top down
     width = shape.directions * h
 

@@ -351,12 +351,11 @@ def forward_loop_default(options: ScanOptions, cell: GRUConfig, batch: int,
   product per step (reset_after, as measured) takes :func:`forward_unroll_default`, with the
   projection in the loop; else :func:`forward_hoist_default` decides, and the unroll (None) is
   the options'."""
-  unroll = None
-  if (options.unroll is None and options.hoist_projection is None and options.models == 1
-      and cell._num_recurrent_products == 1):
-    unroll = forward_unroll_default(batch, cell.input_size, cell.hidden_size, backend)
   if options.hoist_projection is not None:
-    return options.hoist_projection, unroll
+    return options.hoist_projection, None
+  unroll = None
+  if options.unroll is None and options.models == 1 and cell._num_recurrent_products == 1:
+    unroll = forward_unroll_default(batch, cell.input_size, cell.hidden_size, backend)
   hoist = unroll is None and forward_hoist_default(batch, cell.input_size, cell.hidden_size,
                                                    backend)
   return hoist, unroll
