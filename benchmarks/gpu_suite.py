@@ -256,8 +256,16 @@ def run_part(part: Part, out: str, quick: bool, limit_s: float) -> dict:
   rec["command"] = " ".join(cmd)
   log_path = os.path.join(out, f"{part.name}.log" if part.module else "tests.txt")
   t0 = time.perf_counter()
+  env = _child_env(quick)
+  if part.module is None and not quick:
+    # tests/conftest.py compiles the tests' programs with LLVM's optimizations off, to save
+    # time on a CPU; on the device they compile as users' programs do (XLA's default, 3), as in
+    # the suite's first runs.
+    flags = env.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+      env["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=3".strip()
   try:
-    output, code = run_limited(cmd, limit_s, _child_env(quick))
+    output, code = run_limited(cmd, limit_s, env)
   except OSError as e:
     output, code = f"could not start: {e}\n", -1
   rec["seconds"] = round(time.perf_counter() - t0, 1)
