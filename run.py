@@ -416,6 +416,11 @@ def _maybe_initialize_distributed() -> None:
   """Joins a multi-host job when asked to; JAX's own runtime does the rest."""
   address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not (address or FLAGS.distributed):
+    given = [f"--{n}" for n in ("num_processes", "process_id") if getattr(FLAGS, n) is not None]
+    if given:  # a multi-host job meant, and this process would train alone
+      verb = "joins" if len(given) == 1 else "join"
+      raise UsageError(f"{' and '.join(given)} {verb} a multi-host job: give "
+                       "--coordinator_address (or JAX_COORDINATOR_ADDRESS), or --distributed")
     return
   import jax
 
