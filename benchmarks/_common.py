@@ -245,6 +245,84 @@ def run_module(module: str, args: Sequence[str], timeout_s: float,
   return None, tail[0][:300]
 
 
+# -- the entry points' usage errors ---------------------------------------------------------------
+#
+# A mistake in an entry point's flags is reported as one line, "<program>: error: <what>", on
+# stderr, with exit status 2, before anything is measured or written: no traceback, and no run
+# that ends in a failure to write its results.
+
+
+class UsageError(Exception):
+  """A mistake in an entry point's flags or arguments (one line, exit status 2)."""
+
+
+def usage_exit(program: str, message: str) -> None:
+  print(f"{program}: error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def absl_main(main: Callable[[list], Any], program: str) -> None:
+  """``absl.app.run(main)``, with a flag that does not parse (absl's own checks: an enum's
+  values, a required flag, an integer) and a :class:`UsageError` or ``absl.app.UsageError`` that
+  ``main`` raises reported by :func:`usage_exit`, not by absl's multi-line usage text."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      usage_exit(program, str(e))
+
+  def run(argv):
+    try:
+      return main(argv)
+    except (UsageError, app.UsageError) as e:
+      usage_exit(program, str(e))
+
+  app.run(run, flags_parser=parse)
+
+
+def argument_parser(**kwargs):
+  """An ``argparse.ArgumentParser`` whose errors are one line (:func:`usage_exit`)."""
+  import argparse  # pylint: disable=import-outside-toplevel
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):
+      usage_exit(self.prog, message)
+
+  return Parser(**kwargs)
+
+
+def check_positive(**values) -> None:
+  """UsageError unless every value (a number or a list of numbers) is >= 1."""
+  for name, value in values.items():
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+      if v is None or v < 1:
+        raise UsageError(f"--{name} must be positive, got {v}")
+
+
+def check_writable(path: str, flag: str = "--out", folder: bool = False) -> None:
+  """UsageError unless results can be written at ``path``: a file (a folder with ``folder``)
+  whose folder exists or can be made, and is writable. The folder is made here."""
+  where = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+  if not folder and os.path.isdir(path):
+    raise UsageError(f"{flag}={path} is a folder; give a file name")
+  try:
+    os.makedirs(where, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"{flag}={path}: cannot make the folder {where} ({e.strerror})") from None
+  if not os.access(where, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag}={path}: the folder {where} is not writable")
+
+
+def ints(values: Sequence[str], flag: str) -> list[int]:
+  """The integers of a list flag's values; UsageError for anything else."""
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise UsageError(f"--{flag} takes integers, got {','.join(values)!r}") from None
+
+
 # -- flags shared by the entry points --------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from benchmarks import _common
 
@@ -57,8 +57,7 @@ flags.DEFINE_string("out", os.path.join(ROOT, "benchmarks", "results", "activati
 FLAGS = flags.FLAGS
 
 
-class UsageError(Exception):
-  pass
+UsageError = _common.UsageError
 
 
 def _train_models(state, train_step, total_steps, log_every, batch_fn=None, probe=None):
@@ -238,6 +237,19 @@ def main(argv):
     raise UsageError(f"unknown tasks {sorted(unknown)}; expected addition, imdb")
   if "imdb" in FLAGS.tasks and not FLAGS.data_path:
     raise UsageError("the IMDB part needs --data_path (or --tasks=addition)")
+  _common.check_positive(seeds=FLAGS.seeds, addition_steps=FLAGS.addition_steps,
+                         imdb_subset=FLAGS.imdb_subset, imdb_epochs=FLAGS.imdb_epochs,
+                         imdb_max_length=FLAGS.imdb_max_length,
+                         imdb_batch_size=FLAGS.imdb_batch_size,
+                         imdb_probe_size=FLAGS.imdb_probe_size, log_every=FLAGS.log_every)
+  try:
+    rates = [float(v) for v in FLAGS.addition_learning_rates]
+  except ValueError:
+    rates = []
+  if not rates or not all(0 < r < float("inf") for r in rates):
+    raise UsageError(f"--addition_learning_rates takes positive numbers, got "
+                     f"{FLAGS.addition_learning_rates}")
+  _common.check_writable(FLAGS.out + ".json")
   import jax
   from jaxgru.tasks import classify
   from jaxgru.tasks.classify import imdb
@@ -338,13 +350,5 @@ def main(argv):
   return 0
 
 
-def _main(argv):
-  try:
-    sys.exit(main(argv))
-  except UsageError as e:
-    print(f"activations.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(_main)
+  _common.absl_main(main, "activations.py")

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from benchmarks import _common
 from jaxgru.training import malloc as _malloc
@@ -91,11 +91,17 @@ def _median(xs):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _common.check_positive(num_models=FLAGS.num_models, long_eval_size=FLAGS.long_eval_size,
+                         run_py_repeats=FLAGS.run_py_repeats,
+                         eval_bits=_common.ints(FLAGS.eval_bits, "eval_bits"))
+  if FLAGS.steps is not None:
+    _common.check_positive(steps=FLAGS.steps)
+  _common.check_writable(FLAGS.out_dir, "--out_dir", folder=True)
   malloc = _malloc.tune_malloc(enable=_MALLOPT.value)  # before JAX allocates anything
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
   out = os.path.join(FLAGS.out_dir, f"addition_{FLAGS.part}")
   record = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
             "versions": _common.versions(), "git_revision": _short_revision(),
@@ -158,4 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "addition.py")

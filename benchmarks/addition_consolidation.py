@@ -21,11 +21,10 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from benchmarks import _common
 
@@ -49,7 +48,7 @@ _MIXED = {"uniform": 0.0, "mixed": 0.5, "chains": 1.0}
 def parse_variant(text: str) -> dict:
   m = _VARIANT.fullmatch(text)
   if not m:
-    raise app.UsageError(f"bad variant {text!r}: expected <uniform|mixed|chains>_<steps>"
+    raise _common.UsageError(f"bad variant {text!r}: expected <uniform|mixed|chains>_<steps>"
                          "[_b<batch>][_lr<scale>]")
   out = {"consolidate_mixed": _MIXED[m.group(1)], "consolidate_steps": int(m.group(2)),
          "consolidate_batch_size": 64}
@@ -80,13 +79,19 @@ def consolidate(cfg, state):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  variants = {v: parse_variant(v) for v in FLAGS.variants}
+  eval_bits = _common.ints(FLAGS.eval_bits, "eval_bits")
+  _common.check_positive(num_models=FLAGS.num_models, eval_size=FLAGS.eval_size,
+                         eval_bits=eval_bits)
+  if FLAGS.seed < 0 or FLAGS.eval_seed < 0:
+    raise _common.UsageError(f"--seed and --eval_seed must be >= 0, got {FLAGS.seed} and "
+                             f"{FLAGS.eval_seed}")
+  _common.check_writable(FLAGS.out_dir, "--out_dir", folder=True)
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
   import jax
   import numpy as np
   from jaxgru.tasks import addition
-  variants = {v: parse_variant(v) for v in FLAGS.variants}
-  eval_bits = [int(b) for b in FLAGS.eval_bits]
 
   base = addition.AdditionConfig(num_models=FLAGS.num_models, seed=FLAGS.seed,
                                  consolidate_steps=0, eval_bits=())  # phase 1 alone
@@ -140,4 +145,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "addition_consolidation.py")

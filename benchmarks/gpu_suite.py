@@ -55,7 +55,6 @@ import sys
 import time
 from typing import Optional
 
-from absl import app
 from absl import flags
 
 from benchmarks import _common
@@ -410,20 +409,20 @@ def markdown(summary: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   out = os.path.abspath(_OUT.value)
-  os.makedirs(out, exist_ok=True)
   quick = _QUICK.value
   selected = parts(out)
   if _PARTS.value:
     unknown = set(_PARTS.value) - {p.name for p in selected}
     if unknown:
-      print(f"gpu_suite.py: unknown parts {sorted(unknown)}; known: "
-            f"{[p.name for p in selected]}", file=sys.stderr)
-      sys.exit(2)
+      raise _common.UsageError(f"unknown parts {sorted(unknown)}; known: "
+                               f"{[p.name for p in selected]}")
     selected = [p for p in selected if p.name in _PARTS.value]
   else:
     selected = [p for p in selected if p.default]
+  _common.check_positive(total_s=_TOTAL.value)
+  _common.check_writable(out, "--out", folder=True)
   # The device, without starting JAX in this process (a child owns the GPU while it runs).
   device = "CPU (quick)" if quick else _gpu_name()
   missing = [lib for lib in PEERS if not _installed(lib)]
@@ -461,4 +460,4 @@ def _gpu_name() -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "gpu_suite.py")

@@ -17,10 +17,8 @@ chunk, at every T of ``--times`` (B=8, H=64, I=8 by default).
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -140,15 +138,38 @@ def markdown(result: dict) -> str:
   return head + "\n".join(rows) + "\n"
 
 
+CONFIGS = ("none", "products", "full", "autodiff", "autodiff_checkpoint")
+
+
+def _check_flags(argv) -> list[int]:
+  """The sequence lengths; a UsageError for a bad flag, before anything runs."""
+  if len(argv) > 1:
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  times = _common.ints(_TIMES.value, "times")
+  if not times or not _CONFIGS.value:
+    raise _common.UsageError("--times and --configs each need at least one value")
+  unknown = [c for c in _CONFIGS.value if c not in CONFIGS]
+  if unknown:
+    raise _common.UsageError(f"unknown --configs {unknown}; expected some of {', '.join(CONFIGS)}")
+  _common.check_positive(times=times, batch=_BATCH.value, hidden=_HIDDEN.value,
+                         input=_INPUT.value, steps=_STEPS.value, timeout_s=_TIMEOUT.value)
+  if _CHUNK.value < 0 or not _LIMIT_GB.value > 0:
+    raise _common.UsageError(f"--chunk must be >= 0 and --limit_gb > 0, got {_CHUNK.value} and "
+                             f"{_LIMIT_GB.value}")
+  if _OUT.value:
+    _common.check_writable(_OUT.value)
+  return times
+
+
 def main(argv):
-  del argv
   if _CHILD.value:
     _common.print_child_result(run_child(_CHILD.value))
     return
+  times = _check_flags(argv)
   result = {"environment": _common.environment(),
             "batch": _BATCH.value, "input": _INPUT.value, "hidden": _HIDDEN.value,
             "steps": _STEPS.value, "limit_gb": _LIMIT_GB.value, "records": []}
-  for steps in (int(t) for t in _TIMES.value):
+  for steps in times:
     for config in _CONFIGS.value:
       spec = ":".join(str(v) for v in (config, steps, _BATCH.value, _INPUT.value,
                                        _HIDDEN.value, _CHUNK.value, _STEPS.value))
@@ -176,4 +197,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "long_sequence.py")

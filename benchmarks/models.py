@@ -29,7 +29,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -205,12 +204,21 @@ def plot(result: dict, path: str) -> str:
 
 
 def _arguments():
-  n_list = [int(n) for n in _N_LIST.value]
+  """(N list, phases) from the flags; a UsageError for a bad flag (before anything runs)."""
+  n_list = _common.ints(_N_LIST.value, "n_list")
   if not n_list or min(n_list) < 1:
-    raise ValueError(f"--n_list needs positive integers, got {_N_LIST.value}")
+    raise _common.UsageError(f"--n_list needs positive integers, got {_N_LIST.value}")
+  if not _PHASES.value:
+    raise _common.UsageError(f"--phases needs at least one of {', '.join(PHASES)}")
   for p in _PHASES.value:
     if p not in PHASES:
-      raise ValueError(f"unknown phase {p!r}; expected {', '.join(PHASES)}")
+      raise _common.UsageError(f"unknown phase {p!r}; expected {', '.join(PHASES)}")
+  _common.check_positive(repeats=_REPEATS.value, timeout_s=_TIMEOUT.value)
+  if _WARMUP.value < 0 or not _MAX_SECONDS.value > 0:
+    raise _common.UsageError(f"--warmup must be >= 0 and --max_seconds_per_n > 0, got "
+                             f"{_WARMUP.value} and {_MAX_SECONDS.value}")
+  if _OUT.value and not _CHILD.value:
+    _common.check_writable(_OUT.value)
   return n_list, list(_PHASES.value)
 
 
@@ -222,12 +230,8 @@ def _child_args(n_list, phases):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    n_list, phases = _arguments()
-  except ValueError as e:
-    print(f"models.py: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  n_list, phases = _arguments()
   settings = ("off", "on") if _MALLOC.value == "both" else (_MALLOC.value,)
   if _CHILD.value or len(settings) == 1:  # one setting: measured in this process
     setting = _CHILD.value or settings[0]
@@ -282,4 +286,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "models.py")

@@ -39,7 +39,41 @@ from benchmarks import _common as common
 
 
 def _ints(text):
-  return [int(v) for v in text.split(",") if v]
+  try:
+    return [int(v) for v in text.split(",") if v]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
+
+
+PARTS = ("convergence", "timing", "trained_addition", "trained_imdb", "backward")
+
+
+def _check(ap, args) -> None:
+  """One-line usage errors (exit status 2) for values no run can use, before anything runs."""
+  parts = args.parts.split(",")
+  unknown = [p for p in parts if p not in PARTS]
+  if unknown or not parts:
+    ap.error(f"--parts: unknown {unknown}; expected some of {', '.join(PARTS)}")
+  if args.method not in ("quasi", "elk", "full"):
+    ap.error(f"--method must be quasi, elk or full, got {args.method!r}")
+  for name in ("steps", "batches", "hiddens", "conv_hiddens"):
+    values = getattr(args, name)
+    if not values or min(values) < 1:
+      ap.error(f"--{name} needs positive integers, got {values}")
+  for name in ("inputs", "max_iters", "train_max_steps", "repeats", "conv_steps",
+               "addition_bits", "addition_batch", "imdb_reviews"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+  if any(min(shape) < 1 for shape in args.backward_shapes) or any(
+      len(shape) != 3 for shape in args.backward_shapes):
+    ap.error(f"--backward_shapes takes TxBxH with three positive integers, got "
+             f"{args.backward_shapes}")
+  if not args.max_elements > 0:
+    ap.error(f"--max_elements must be positive, got {args.max_elements}")
+  try:
+    common.check_writable(args.out + ".json")
+  except common.UsageError as e:
+    ap.error(str(e))
 
 
 def build(hidden, steps, batch, inputs, scale=1.0, seed=0):
@@ -479,7 +513,7 @@ def plot(record, out):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = common.argument_parser(prog="parallel.py", description=__doc__.split("\n")[0])
   ap.add_argument("--parts", default="convergence,timing,backward")
   ap.add_argument("--backward_shapes", type=lambda t: [tuple(_ints(v.replace("x", ",")))
                                                        for v in t.split(",") if v],
@@ -517,6 +551,7 @@ def main(argv=None):
     args.steps = [1000, 10000] if args.quick else [1000, 10000, 100000]
   if args.repeats is None:
     args.repeats = 3 if args.quick else 5
+  _check(ap, args)
 
   log = lambda msg: print(msg, flush=True)
   env = common.environment()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags
+from absl import flags
+
+from benchmarks import _common
 
 flags.DEFINE_integer("batch", 64, "B.")
 flags.DEFINE_integer("hidden", 256, "H.")
@@ -31,7 +33,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _common.check_positive(batch=FLAGS.batch, hidden=FLAGS.hidden, steps=FLAGS.steps,
+                         repeats=FLAGS.repeats)
+  if FLAGS.inputs < 0:
+    raise _common.UsageError(f"--inputs must be >= 0, got {FLAGS.inputs}")
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -93,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "recurrent_product.py")

@@ -22,7 +22,6 @@ hand-written Flax step more than jaxgru's (whose defaults keep its working set s
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -75,7 +74,7 @@ def build(batch, steps, hidden, inputs, p_done, seed=0):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = common.argument_parser(prog="resets.py", description=__doc__.split("\n")[0])
   ap.add_argument("--batch", type=int, default=256)
   ap.add_argument("--steps", type=int, default=128)
   ap.add_argument("--hidden", type=int, default=64)
@@ -87,6 +86,15 @@ def main(argv=None):
                   help="raise glibc's malloc thresholds first (jaxgru/training/malloc.py, as "
                        "run.py does); by default they are left as they are")
   args = ap.parse_args(argv)
+  for name in ("batch", "steps", "hidden", "inputs", "repeats"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name} must be positive, got {getattr(args, name)}")
+  if not 0 <= args.p_done <= 1:
+    ap.error(f"--p_done must be a probability in [0, 1], got {args.p_done}")
+  try:
+    common.check_writable(args.out + ".json")
+  except common.UsageError as e:
+    ap.error(str(e))
 
   from jaxgru.training import malloc  # pylint: disable=import-outside-toplevel
   tuned = malloc.tune_malloc(enable=args.mallopt)  # before JAX allocates anything

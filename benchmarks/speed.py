@@ -23,12 +23,10 @@ from the JSON. Run from the repository root (``benchmarks`` is a package).
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -216,18 +214,30 @@ def _arguments():
   for m in modes:
     if m not in ("train", "forward"):
       raise ValueError(f"unknown mode {m!r}; expected train and/or forward")
+  if not shapes or not specs or not modes:
+    raise ValueError("--shapes, --impls and --modes each need at least one value")
+  _common.check_positive(repeats=_REPEATS.value, min_repeats=_MIN_REPEATS.value,
+                         peak_sizes=_common.ints(_PEAK_SIZES.value, "peak_sizes"),
+                         compile_t=_common.ints(_COMPILE_T.value, "compile_t"))
+  if _MIN_REPEATS.value > _REPEATS.value:
+    raise ValueError(f"--min_repeats={_MIN_REPEATS.value} is more than --repeats={_REPEATS.value}")
+  if not _BUDGET.value >= 0 or not _WARMUP.value >= 0 or _TORCH_THREADS.value < 0:
+    raise ValueError("--budget_s, --warmup and --torch_threads must be >= 0, got "
+                     f"{_BUDGET.value}, {_WARMUP.value}, {_TORCH_THREADS.value}")
+  if _OUT.value:
+    _common.check_writable(_OUT.value)
   return shapes, specs, modes
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax
   log = lambda msg: print(msg, flush=True)
   try:
     shapes, specs, modes = _arguments()
-  except ValueError as e:  # a usage error: one line, exit status 2
-    print(f"speed.py: {e}", file=sys.stderr)
-    sys.exit(2)
+  except ValueError as e:
+    raise _common.UsageError(str(e)) from None
 
   malloc = _malloc.tune_malloc(enable=_MALLOPT.value)
   result = {"environment": _common.environment({"malloc": malloc}), "records": [],
@@ -285,4 +295,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _common.absl_main(main, "speed.py")

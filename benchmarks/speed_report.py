@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from benchmarks import _common
 from benchmarks.speed_impls import BOUNDS
 
 MODES = {"train": "Training step (forward, backward, Adam update)", "forward": "Forward pass"}
@@ -208,9 +209,18 @@ def plot(result: dict, path: str) -> str:
 
 def main(argv):
   if len(argv) != 2:
-    sys.exit(f"usage: {argv[0]} RESULT.json")
-  with open(argv[1]) as f:
-    result = json.load(f)
+    _common.usage_exit("speed_report.py", "give one argument, a speed.py RESULT.json")
+  try:
+    with open(argv[1]) as f:
+      result = json.load(f)
+  except OSError as e:
+    _common.usage_exit("speed_report.py", f"{argv[1]}: {e.strerror}")
+  except ValueError as e:
+    _common.usage_exit("speed_report.py", f"{argv[1]}: not JSON ({e})")
+  if not (isinstance(result, dict) and isinstance(result.get("records"), list)
+          and isinstance(result.get("environment"), dict)):
+    _common.usage_exit("speed_report.py", f"{argv[1]}: not a speed.py result (records and "
+                       "environment)")
   base = os.path.splitext(argv[1])[0]
   with open(base + ".md", "w") as f:
     f.write(markdown(result))

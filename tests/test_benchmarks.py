@@ -4,8 +4,9 @@ The suite runs every default part (tests, speed grids, many models, long sequenc
 then the opt-in ones (tuning variants, the parallel method), at tiny sizes
 in processes of their own; parts whose peer library (PyTorch, Keras) is missing run without it.
 This checks that each part finished and wrote its files, with numbers in them. It also checks the
-arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX, and that
-benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run.
+arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX, that
+benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run, and that
+every entry point meets a bad flag with one line and exit status 2, having written nothing.
 """
 
 import json
@@ -199,3 +200,51 @@ def test_speed_report_sets_jaxgru_against_the_bound_apart_from_the_peers():
   # the fastest GRU is in bold, not the bound; jaxgru over the bound is 24 / 20
   assert row.split(" | ")[1:4] == ["**24.0**", "30.0", "20.0"]
   assert "| 0.80 (equinox) | 1.20 |" in row
+
+
+# (module, arguments with {o} for a fresh folder, what the one line says): every entry point of
+# benchmarks/ meets a mistake in its flags with "<program>: error: ..." and exit status 2, before
+# it measures or writes anything. "/proc/jaxgru_x" is a folder that cannot be made.
+BAD_FLAGS = [
+    ("speed", ["--shapes=2x4x2x3", "--budget_s=-1", "--out={o}/a.json"], "--budget_s"),
+    ("speed", ["--shapes=2x4x2x3", "--out=/proc/jaxgru_x/a.json"], "cannot make the folder"),
+    ("speed", ["--shapes=2x4x2x3", "--out={o}"], "is a folder"),
+    ("speed", ["--repeats=abc"], "--repeats=abc"),
+    ("speed_report", ["{o}/none.json"], "No such file"),
+    ("models", ["--n_list=a", "--out={o}/m.json"], "--n_list takes integers"),
+    ("long_sequence", ["--configs=zzz", "--out={o}/l.json"], "unknown --configs"),
+    ("recurrent_product", ["--hidden=-1"], "--hidden must be positive"),
+    ("parallel", ["--parts=zz", "--out={o}/p"], "--parts"),
+    ("parallel", ["--steps=0", "--out={o}/p"], "--steps needs positive integers"),
+    ("resets", ["--p_done=2", "--out={o}/r"], "--p_done"),
+    ("gpu_suite", [], "--out"),
+    ("gpu_suite", ["--parts=zz", "--out={o}/g"], "unknown parts"),
+    ("addition", ["--part=zz", "--out_dir={o}"], "--part=zz"),
+    ("addition_consolidation", ["--variants=bogus", "--out_dir={o}"], "bad variant"),
+    ("activations", ["--tasks=addition", "--seeds=0", "--out={o}/a"], "--seeds must be positive"),
+]
+
+
+def test_benchmarks_meet_bad_flags_with_one_line_and_status_2(tmp_path):
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def run(i):
+    module, args, _ = BAD_FLAGS[i]
+    out = tmp_path / str(i)
+    out.mkdir()
+    args = [a.replace("{o}", str(out)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    return proc, sorted(os.listdir(out))
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(run, range(len(BAD_FLAGS))))
+  for (module, args, message), (proc, written) in zip(BAD_FLAGS, results):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (module, args, proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, (module, args, proc.stderr[-2000:])
+    assert lines[0].startswith(f"{module}.py: error: "), (module, lines[0])
+    assert message in lines[0], (module, message, lines[0])
+    assert written == [], (module, args, written)
