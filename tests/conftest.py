@@ -20,7 +20,7 @@ So the programs the tests compile in this process are built with LLVM's optimiza
 (``--xla_backend_optimization_level=0``; XLA's default is 3), unless ``XLA_FLAGS`` already sets
 that level. XLA's own passes on the program (fusion, layout, scheduling) are the same; only the
 machine code of each fused kernel is less optimized, which does not change what is computed
-beyond rounding. On this 2-core CPU that took the suite from 319-329 s to 217 s. XLA reads
+beyond rounding. On this 2-core CPU that took the suite from 319-329 s to 217-226 s. XLA reads
 ``XLA_FLAGS`` once, when its backend starts, so the backend is started here and the variable is
 then put back: subprocesses (run.py, the benchmarks) compile as users' programs do. A test whose
 claim rests on the machine code being the default one (two different programs giving the same
