@@ -263,8 +263,9 @@ def usage_exit(program: str, message: str) -> None:
 
 def absl_main(main: Callable[[list], Any], program: str) -> None:
   """``absl.app.run(main)``, with a flag that does not parse (absl's own checks: an enum's
-  values, a required flag, an integer) and a :class:`UsageError` or ``absl.app.UsageError`` that
-  ``main`` raises reported by :func:`usage_exit`, not by absl's multi-line usage text."""
+  values, a required flag, an integer), a positional argument (no entry point takes one) and a
+  :class:`UsageError` or ``absl.app.UsageError`` that ``main`` raises reported by
+  :func:`usage_exit`, not by absl's multi-line usage text."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
 
   def parse(argv):
@@ -275,6 +276,8 @@ def absl_main(main: Callable[[list], Any], program: str) -> None:
 
   def run(argv):
     try:
+      if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
       return main(argv)
     except (UsageError, app.UsageError) as e:
       usage_exit(program, str(e))

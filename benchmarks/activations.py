@@ -226,8 +226,7 @@ def _plot(all_results: dict, path: str) -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   from jaxgru import ACTIVATIONS
   for a in FLAGS.activations + FLAGS.recurrent_activations:
     if a not in ACTIVATIONS:

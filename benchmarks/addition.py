@@ -91,8 +91,7 @@ def _median(xs):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   _common.check_positive(num_models=FLAGS.num_models, long_eval_size=FLAGS.long_eval_size,
                          run_py_repeats=FLAGS.run_py_repeats,
                          eval_bits=_common.ints(FLAGS.eval_bits, "eval_bits"))

@@ -78,8 +78,7 @@ def consolidate(cfg, state):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   variants = {v: parse_variant(v) for v in FLAGS.variants}
   eval_bits = _common.ints(FLAGS.eval_bits, "eval_bits")
   _common.check_positive(num_models=FLAGS.num_models, eval_size=FLAGS.eval_size,

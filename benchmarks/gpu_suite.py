@@ -408,8 +408,7 @@ def markdown(summary: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   out = os.path.abspath(_OUT.value)
   quick = _QUICK.value
   selected = parts(out)

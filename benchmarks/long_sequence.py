@@ -141,10 +141,8 @@ def markdown(result: dict) -> str:
 CONFIGS = ("none", "products", "full", "autodiff", "autodiff_checkpoint")
 
 
-def _check_flags(argv) -> list[int]:
+def _check_flags() -> list[int]:
   """The sequence lengths; a UsageError for a bad flag, before anything runs."""
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   times = _common.ints(_TIMES.value, "times")
   if not times or not _CONFIGS.value:
     raise _common.UsageError("--times and --configs each need at least one value")
@@ -162,10 +160,11 @@ def _check_flags(argv) -> list[int]:
 
 
 def main(argv):
+  del argv  # _common.absl_main refuses positional arguments
   if _CHILD.value:
     _common.print_child_result(run_child(_CHILD.value))
     return
-  times = _check_flags(argv)
+  times = _check_flags()
   result = {"environment": _common.environment(),
             "batch": _BATCH.value, "input": _INPUT.value, "hidden": _HIDDEN.value,
             "steps": _STEPS.value, "limit_gb": _LIMIT_GB.value, "records": []}

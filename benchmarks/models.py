@@ -229,8 +229,7 @@ def _child_args(n_list, phases):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   n_list, phases = _arguments()
   settings = ("off", "on") if _MALLOC.value == "both" else (_MALLOC.value,)
   if _CHILD.value or len(settings) == 1:  # one setting: measured in this process

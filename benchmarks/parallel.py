@@ -56,21 +56,16 @@ def _check(ap, args) -> None:
     ap.error(f"--parts: unknown {unknown}; expected some of {', '.join(PARTS)}")
   if args.method not in ("quasi", "elk", "full"):
     ap.error(f"--method must be quasi, elk or full, got {args.method!r}")
-  for name in ("steps", "batches", "hiddens", "conv_hiddens"):
-    values = getattr(args, name)
-    if not values or min(values) < 1:
-      ap.error(f"--{name} needs positive integers, got {values}")
-  for name in ("inputs", "max_iters", "train_max_steps", "repeats", "conv_steps",
-               "addition_bits", "addition_batch", "imdb_reviews"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name} must be positive, got {getattr(args, name)}")
-  if any(min(shape) < 1 for shape in args.backward_shapes) or any(
-      len(shape) != 3 for shape in args.backward_shapes):
-    ap.error(f"--backward_shapes takes TxBxH with three positive integers, got "
-             f"{args.backward_shapes}")
+  if any(len(shape) != 3 for shape in args.backward_shapes):
+    ap.error(f"--backward_shapes takes TxBxH, three integers each, got {args.backward_shapes}")
   if not args.max_elements > 0:
     ap.error(f"--max_elements must be positive, got {args.max_elements}")
+  names = ("steps", "batches", "hiddens", "conv_hiddens", "inputs", "max_iters",
+           "train_max_steps", "repeats", "conv_steps", "addition_bits", "addition_batch",
+           "imdb_reviews")
   try:
+    common.check_positive(**{n: getattr(args, n) or [0] for n in names},
+                          backward_shapes=[v for shape in args.backward_shapes for v in shape])
     common.check_writable(args.out + ".json")
   except common.UsageError as e:
     ap.error(str(e))

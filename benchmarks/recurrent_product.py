@@ -32,8 +32,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   _common.check_positive(batch=FLAGS.batch, hidden=FLAGS.hidden, steps=FLAGS.steps,
                          repeats=FLAGS.repeats)
   if FLAGS.inputs < 0:

@@ -86,12 +86,11 @@ def main(argv=None):
                   help="raise glibc's malloc thresholds first (jaxgru/training/malloc.py, as "
                        "run.py does); by default they are left as they are")
   args = ap.parse_args(argv)
-  for name in ("batch", "steps", "hidden", "inputs", "repeats"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name} must be positive, got {getattr(args, name)}")
   if not 0 <= args.p_done <= 1:
     ap.error(f"--p_done must be a probability in [0, 1], got {args.p_done}")
   try:
+    common.check_positive(**{n: getattr(args, n)
+                             for n in ("batch", "steps", "hidden", "inputs", "repeats")})
     common.check_writable(args.out + ".json")
   except common.UsageError as e:
     ap.error(str(e))

@@ -230,8 +230,7 @@ def _arguments():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise _common.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # _common.absl_main refuses positional arguments
   import jax
   log = lambda msg: print(msg, flush=True)
   try:

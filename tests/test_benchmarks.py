@@ -215,7 +215,7 @@ BAD_FLAGS = [
     ("long_sequence", ["--configs=zzz", "--out={o}/l.json"], "unknown --configs"),
     ("recurrent_product", ["--hidden=-1"], "--hidden must be positive"),
     ("parallel", ["--parts=zz", "--out={o}/p"], "--parts"),
-    ("parallel", ["--steps=0", "--out={o}/p"], "--steps needs positive integers"),
+    ("parallel", ["--steps=0", "--out={o}/p"], "--steps must be positive"),
     ("resets", ["--p_done=2", "--out={o}/r"], "--p_done"),
     ("gpu_suite", [], "--out"),
     ("gpu_suite", ["--parts=zz", "--out={o}/g"], "unknown parts"),
