@@ -87,6 +87,15 @@ def _as_dtype(name: str, value: Any) -> Optional[np.dtype]:
   return dtype
 
 
+def _available(name: str, dtype: np.dtype) -> np.dtype:
+  """``dtype`` itself, or ValueError where JAX would silently compute in a narrower one."""
+  if np.dtype(jax.dtypes.canonicalize_dtype(dtype)) != dtype:
+    raise ValueError(f"{name}={dtype} needs JAX's x64 mode, which is off (JAX would use "
+                     f"{np.dtype(jax.dtypes.canonicalize_dtype(dtype))}): call "
+                     f"jax.config.update('jax_enable_x64', True) first, or use float32")
+  return dtype
+
+
 def _as_precision(value: Any) -> Optional[str]:
   """A ``jax.lax.Precision`` level (or one of its names and aliases) as its lowercase name."""
   if value is None:
@@ -167,13 +176,19 @@ class GRUConfig:
 
   @property
   def state_dtype(self) -> np.dtype:
-    """dtype of the parameters and the state (``param_dtype`` resolved)."""
-    return self.param_dtype if self.param_dtype is not None else default_float_dtype()
+    """dtype of the parameters and the state (``param_dtype`` resolved).
+
+    Raises ValueError for a 64-bit dtype while JAX's x64 mode is off, where JAX would make the
+    arrays float32 instead (checked when used, so a config made before x64 is turned on works).
+    """
+    if self.param_dtype is None:
+      return default_float_dtype()
+    return _available("param_dtype", self.param_dtype)
 
   @property
   def compute_dtype(self) -> np.dtype:
-    """dtype of the matrix products (``dtype`` resolved)."""
-    return self.dtype if self.dtype is not None else self.state_dtype
+    """dtype of the matrix products (``dtype`` resolved; checked as ``state_dtype`` is)."""
+    return _available("dtype", self.dtype) if self.dtype is not None else self.state_dtype
 
   def _dot(self, a: jax.Array, w: jax.Array) -> jax.Array:
     cd = self.compute_dtype

@@ -329,24 +329,26 @@ def test_float32_by_default():
   assert ys.dtype == jnp.float32 and h_last.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_bfloat16_compute_with_float32_params(variant):
+@pytest.mark.parametrize("variant, dtype, atol", [
+    ("reset_after", jnp.bfloat16, 3e-2), ("reset_before", jnp.bfloat16, 3e-2),
+    ("reset_after", jnp.float16, 4e-3)])
+def test_half_precision_compute_with_float32_params(variant, dtype, atol):
   cfg32 = GRUConfig(I, H, variant=variant)
-  cfg16 = GRUConfig(I, H, variant=variant, dtype=jnp.bfloat16)
+  cfg16 = GRUConfig(I, H, variant=variant, dtype=dtype)
   # (4, 6): the shapes of the initializer tests, whose compilations this reuses.
-  fresh = init(GRUConfig(4, 6, variant=variant, dtype=jnp.bfloat16), jax.random.key(0))
-  assert all(p.dtype == jnp.float32 for p in fresh.values())  # bfloat16 is for products only
+  fresh = init(GRUConfig(4, 6, variant=variant, dtype=dtype), jax.random.key(0))
+  assert all(p.dtype == jnp.float32 for p in fresh.values())  # the dtype is for products only
   params = random_params(cfg16)
   xs, h0 = randn(T, I, seed=3), randn(H, seed=4)
   ys16, h16 = seq(cfg16, params, xs, h0)
   ys32, h32 = seq(cfg32, params, xs, h0)
   assert ys16.dtype == jnp.float32 and h16.dtype == jnp.float32  # the state stays float32
-  assert_close(ys16, ys32, atol=3e-2, rtol=0)
-  assert np.max(np.abs(ys16 - ys32)) > 0  # bfloat16 products really happened
-  # bfloat16 inputs are accepted too, and the gradients stay float32.
-  ys16b, _ = seq(cfg16, params, xs.astype(jnp.bfloat16), h0)
+  assert_close(ys16, ys32, atol=atol, rtol=0)
+  assert np.max(np.abs(ys16 - ys32)) > 0  # half-precision products really happened
+  # half-precision inputs are accepted too, and the gradients stay float32.
+  ys16b, _ = seq(cfg16, params, xs.astype(dtype), h0)
   assert ys16b.dtype == jnp.float32
-  assert_close(ys16b, ys32, atol=3e-2, rtol=0)
+  assert_close(ys16b, ys32, atol=atol, rtol=0)
   if variant == "reset_after":
     grads = jax.jit(jax.grad(lambda p: jnp.sum(cfg16.sequence(p, xs, h0)[0])))(params)
     assert all(g.dtype == jnp.float32 for g in grads.values())
@@ -366,6 +368,18 @@ def test_float64_under_x64(variant):
     ys_ref, h_ref = np_sequence(params, xs, h0, variant=variant)
     assert_close(ys, ys_ref, atol=1e-12, rtol=1e-12)
     assert_close(h_last, h_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("field", ["param_dtype", "dtype"])
+def test_64_bit_dtypes_need_x64(field):
+  # Outside x64 mode JAX would make float64 arrays float32 with only a warning; the config says
+  # so instead, when it is used (so a config made before x64 is turned on still works).
+  assert not jax.config.jax_enable_x64
+  cfg = GRUConfig(I, H, **{field: "float64"})
+  with pytest.raises(ValueError, match=f"^{field}=float64 needs JAX's x64 mode"):
+    init(cfg, jax.random.key(0)) if field == "param_dtype" else cfg.compute_dtype
+  with jax.enable_x64(True):
+    assert cfg.compute_dtype == np.float64
 
 
 def test_bfloat16_params():
