@@ -118,3 +118,14 @@ def test_configs_refuse_non_finite_numbers_and_wrapping_seeds():
   training.check_seeds(2**32 - 2, 2)
   with pytest.raises(ValueError, match="2\\*\\*32"):
     training.check_seeds(2**32 - 1, 2)
+
+
+@pytest.mark.parametrize("schedule", training.SCHEDULES)
+def test_warmup_warning_exactly_when_the_peak_is_never_reached(schedule):
+  for warmup, total in ((0, 5), (4, 5), (5, 5), (9, 5)):
+    cfg = training.OptimizerConfig(schedule=schedule, warmup_steps=warmup, total_steps=total)
+    peak = max(float(training.lr_shape(cfg)(step)) for step in range(total))
+    warning = cfg.warmup_warning()
+    assert (warning is not None) == (peak < 1.0), (warmup, total, peak)
+    if warning:
+      assert f"({warmup} steps)" in warning and f"({total} steps)" in warning

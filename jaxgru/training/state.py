@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,17 @@ class OptimizerConfig:
       value = getattr(self, name)
       if not (value >= 0 and math.isfinite(value)):  # NaN fails both
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+  def warmup_warning(self) -> Optional[str]:
+    """A line to log where the warm-up is not shorter than the run, else None.
+
+    Then the learning rate never reaches its peak (and a cosine decay never starts): legal, as
+    in a short trial run, but rarely what was meant.
+    """
+    if self.warmup_steps and self.warmup_steps >= self.total_steps:
+      return (f"warning: the warm-up ({self.warmup_steps} steps) is not shorter than the run "
+              f"({self.total_steps} steps): the learning rate never reaches its peak")
+    return None
 
 
 def lr_shape(cfg: OptimizerConfig) -> "optax.Schedule":

@@ -345,6 +345,8 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
   """
   record = {"task": TASK, "config": cfg.to_json()}
   training.check_resume(workdir, record, RESUMABLE_CHANGES)
+  if warning := cfg.optimizer_config().warmup_warning():
+    log(warning)
   os.makedirs(workdir, exist_ok=True)
   wall_start = time.time()
   mesh = parallel.make_mesh()

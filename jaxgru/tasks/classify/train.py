@@ -304,6 +304,8 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
   os.makedirs(workdir, exist_ok=True)  # only now: bad data leaves no half-made run behind
   batches = TrainBatches(data.train, cfg.batch_size, cfg.bucket, cfg.seed)
   total_steps = cfg.epochs * batches.steps_per_epoch
+  if warning := cfg.optimizer_config(total_steps).warmup_warning():
+    log(warning)
 
   ckpt = training.Checkpointer(workdir)
   state = init_states(cfg, total_steps)
