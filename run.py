@@ -512,6 +512,8 @@ def main(argv):
     raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, _raise_interrupt)
+  if FLAGS.workdir is not None and not FLAGS.workdir.strip():  # --workdir=$UNSET, most likely
+    raise UsageError("--workdir is empty; leave it out for runs/<task>, or name a folder")
   if FLAGS.mode == "predict" and FLAGS.task == "addition":  # predict needs no --task=imdb
     workdir = FLAGS.workdir or os.path.join("runs", "imdb")
   else:

@@ -211,6 +211,7 @@ CASES = [
     ("resume with another hidden size", TINY + ["--hidden_size=16", "--workdir={w}"],
      lambda t, w: _copy(t, w), "hidden_size=8 there, 16 now"),
     ("extra argument", ["stray", "--workdir={w}"], None, "unexpected arguments"),
+    ("empty workdir", ["--workdir= "], None, "--workdir is empty"),
     ("add, only damaged checkpoints", ["--mode=add", "--a=1", "--b=2", "--workdir={w}"],
      lambda t, w: _copy(t, w, _all_damaged), "checkpoint(s) are damaged"),
     ("eval, only damaged checkpoints", ["--mode=eval", "--workdir={w}"],
