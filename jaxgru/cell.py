@@ -89,10 +89,11 @@ def _as_dtype(name: str, value: Any) -> Optional[np.dtype]:
 
 def _available(name: str, dtype: np.dtype) -> np.dtype:
   """``dtype`` itself, or ValueError where JAX would silently compute in a narrower one."""
-  if np.dtype(jax.dtypes.canonicalize_dtype(dtype)) != dtype:
+  narrowed = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+  if narrowed != dtype:
     raise ValueError(f"{name}={dtype} needs JAX's x64 mode, which is off (JAX would use "
-                     f"{np.dtype(jax.dtypes.canonicalize_dtype(dtype))}): call "
-                     f"jax.config.update('jax_enable_x64', True) first, or use float32")
+                     f"{narrowed}): call jax.config.update('jax_enable_x64', True) first, or use "
+                     f"float32")
   return dtype
 
 
