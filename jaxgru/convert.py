@@ -20,9 +20,10 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
-from jaxgru.cell import GRUConfig, Params, field_default
+from jaxgru.cell import GRUConfig, Params
 from jaxgru.rnn import RNNConfig, StackParams
 
 
@@ -30,6 +31,18 @@ def _np(x: Any) -> np.ndarray:
   if hasattr(x, "detach"):  # a torch.Tensor
     x = x.detach().cpu().numpy()
   return np.asarray(x)
+
+
+def _param_dtype(what: str, found: np.dtype, dtype: Any) -> Any:
+  """The converted params' dtype: ``dtype`` if given, else the weights' own, which must then be
+  one JAX can hold (float64 needs x64 mode: JAX would silently make it float32)."""
+  if dtype is not None:
+    return dtype
+  if np.dtype(jax.dtypes.canonicalize_dtype(found)) != found:
+    raise ValueError(f"{what}: the weights are {found} and JAX's x64 mode is off; pass "
+                     f"dtype='float32' to convert them, or call "
+                     f"jax.config.update('jax_enable_x64', True) first")
+  return found
 
 
 def _expect(what: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -80,17 +93,24 @@ def _entry(what: str, tree: Mapping[str, Any], key: str) -> Any:
 _TORCH_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
 
-def from_torch(state_dict: Mapping[str, Any], dtype: Any = None) -> tuple[RNNConfig, StackParams]:
-  """Converts a ``torch.nn.GRU`` state dict (any layers, either direction count).
+def from_torch(state_dict: Any, dtype: Any = None) -> tuple[RNNConfig, StackParams]:
+  """Converts a ``torch.nn.GRU`` or its state dict (any layers, either direction count).
 
   Args:
-    state_dict: ``gru.state_dict()`` (tensors or arrays). Only ``batch_first`` differs between
-      PyTorch GRUs of the same weights; :meth:`RNNConfig.apply` takes batch-first inputs.
-    dtype: param dtype of the result; None keeps the arrays' dtype.
+    state_dict: ``gru.state_dict()`` (tensors or arrays), or the module ``gru`` itself. Only
+      ``batch_first`` differs between PyTorch GRUs of the same weights; :meth:`RNNConfig.apply`
+      takes batch-first inputs.
+    dtype: param dtype of the result; None keeps the arrays' dtype (float64 weights then need
+      JAX's x64 mode: a ValueError says so rather than letting JAX make them float32).
 
   Returns:
     ``(config, params)`` for :meth:`RNNConfig.apply`, which then reproduces ``gru(x)``.
   """
+  if callable(getattr(state_dict, "state_dict", None)):  # the module itself
+    state_dict = state_dict.state_dict()
+  if not isinstance(state_dict, Mapping):
+    raise TypeError(f"from_torch: expected a torch.nn.GRU or its state_dict(), got "
+                    f"{type(state_dict).__name__}")
   entries: dict[tuple[int, str], dict[str, np.ndarray]] = {}
   for key, value in state_dict.items():
     m = _TORCH_KEY.match(key)
@@ -113,7 +133,7 @@ def from_torch(state_dict: Mapping[str, Any], dtype: Any = None) -> tuple[RNNCon
                      f"(3H, H) matrices, got shapes {np.shape(first['weight_ih'])} and "
                      f"{np.shape(first['weight_hh'])}")
   cell = GRUConfig(input_size=first["weight_ih"].shape[-1], hidden_size=hidden, use_bias=use_bias,
-                   param_dtype=dtype if dtype is not None else first["weight_ih"].dtype)
+                   param_dtype=_param_dtype("from_torch", first["weight_ih"].dtype, dtype))
   cfg = RNNConfig(cell, num_layers=num_layers, bidirectional=bidirectional)
   params = []
   for l in range(num_layers):
@@ -166,18 +186,40 @@ def to_torch(cfg: RNNConfig, params: StackParams) -> dict[str, np.ndarray]:
 
 # -- Keras -----------------------------------------------------------------------------------------
 
-def from_keras(weights: Sequence[Any], activation: Any = field_default(GRUConfig, "activation"),
-               recurrent_activation: Any = field_default(GRUConfig, "recurrent_activation")
-               ) -> tuple[RNNConfig, StackParams]:
-  """Converts the weights of a Keras 3 ``GRU`` layer (``layer.get_weights()``).
+def from_keras(weights: Any, activation: Any = None, recurrent_activation: Any = None,
+               dtype: Any = None) -> tuple[RNNConfig, StackParams]:
+  """Converts a Keras 3 ``GRU`` layer, or its weights (``layer.get_weights()``).
 
   Returns ``(config, params)``: a one-layer :class:`RNNConfig` and its params, as every
   ``from_*`` does.
 
-  ``[kernel (I, 3H), recurrent_kernel (H, 3H)]`` plus a bias of shape (2, 3H) for
-  ``reset_after=True`` (input and recurrent rows) or (3H,) for ``reset_after=False``. Pass the
-  layer's activations by name (Keras's ``hard_sigmoid`` is ``jaxgru``'s).
+  The weights are ``[kernel (I, 3H), recurrent_kernel (H, 3H)]`` plus a bias of shape (2, 3H)
+  for ``reset_after=True`` (input and recurrent rows) or (3H,) for ``reset_after=False``.
+
+  Args:
+    weights: the built layer itself, or its ``get_weights()`` list.
+    activation, recurrent_activation: the cell's activations by name (Keras's ``hard_sigmoid``
+      is ``jaxgru``'s) or as callables. None: the layer's own, read from its config when a layer
+      is given, else ``"tanh"`` and ``"sigmoid"``.
+    dtype: param dtype of the result; None keeps the weights' dtype (float64 then needs JAX's x64
+      mode, as in :func:`from_torch`).
   """
+  if callable(getattr(weights, "get_weights", None)):  # the layer itself
+    config = weights.get_config() if callable(getattr(weights, "get_config", None)) else {}
+    named = {}
+    for key, given in (("activation", activation), ("recurrent_activation", recurrent_activation)):
+      value = config.get(key) if given is None else given
+      if given is None and value is not None and not isinstance(value, str):
+        raise ValueError(f"from_keras: the layer's {key} is {value!r}, not a name; pass "
+                         f"{key}= explicitly")
+      named[key] = value
+    activation, recurrent_activation = named["activation"], named["recurrent_activation"]
+    weights = weights.get_weights()
+  if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
+    raise TypeError(f"from_keras: expected a Keras GRU layer or its get_weights() list, got "
+                    f"{type(weights).__name__}")
+  activation = "tanh" if activation is None else activation
+  recurrent_activation = "sigmoid" if recurrent_activation is None else recurrent_activation
   if len(weights) not in (2, 3):
     raise ValueError(f"Keras GRU weights: expected [kernel, recurrent_kernel(, bias)], "
                      f"got {len(weights)} arrays")
@@ -200,7 +242,8 @@ def from_keras(weights: Sequence[Any], activation: Any = field_default(GRUConfig
                        f"({3 * hidden},) for reset_after=False, got {bias.shape}")
   cfg = GRUConfig(input_size=kernel.shape[0], hidden_size=hidden, variant=variant,
                   activation=activation, recurrent_activation=recurrent_activation,
-                  use_bias=len(weights) == 3, param_dtype=kernel.dtype)
+                  use_bias=len(weights) == 3,
+                  param_dtype=_param_dtype("from_keras", kernel.dtype, dtype))
   return RNNConfig(cfg), [{"fwd": {k: v.astype(cfg.state_dtype) for k, v in params.items()}}]
 
 
@@ -222,17 +265,22 @@ def to_keras(cfg: RNNConfig, params: StackParams) -> list[np.ndarray]:
 _LINEN_KEYS = {"ir", "iz", "in", "hr", "hz", "hn"}
 
 
-def from_flax(variables: Mapping[str, Any]) -> tuple[RNNConfig, StackParams]:
+def from_flax(variables: Mapping[str, Any], dtype: Any = None) -> tuple[RNNConfig, StackParams]:
   """Converts Flax ``GRUCell`` parameters (linen or nnx) into a one-layer :class:`RNNConfig`.
 
   Accepts linen variables (``{"params": {"ir": ..., "hn": ...}}`` or the inner dict) or the
   nested-dict state of an ``nnx.GRUCell`` (``nnx.state(cell, nnx.Param).to_pure_dict()``, with
   ``dense_i`` and ``dense_h``). Both use tanh and sigmoid unless told otherwise in the cell; pass
-  other activations to the returned config with ``dataclasses.replace``.
+  other activations to the returned config with ``dataclasses.replace``. ``dtype``: param dtype
+  of the result; None keeps the kernels' (float64 then needs JAX's x64 mode).
   """
   if not isinstance(variables, Mapping):
     raise ValueError(f"Flax GRUCell params: expected a dict, got {type(variables).__name__}")
-  p = dict(variables.get("params", variables))
+  p = variables.get("params", variables)
+  if not isinstance(p, Mapping):
+    raise ValueError(f"Flax GRUCell params: expected a dict under 'params', got "
+                     f"{type(p).__name__}")
+  p = dict(p)
   if set(p) == _LINEN_KEYS:
     ks = {k: _np(_entry(f"Flax GRUCell {k}", p[k], "kernel")) for k in _LINEN_KEYS}
     if ks["ir"].ndim != 2:
@@ -270,7 +318,7 @@ def from_flax(variables: Mapping[str, Any]) -> tuple[RNNConfig, StackParams]:
     raise ValueError(f"Flax GRUCell params: expected keys {sorted(_LINEN_KEYS)} (linen) or "
                      f"['dense_h', 'dense_i'] (nnx), got {sorted(p)}")
   cfg = GRUConfig(input_size=params["w_x"].shape[0], hidden_size=params["w_h"].shape[0],
-                  param_dtype=params["w_x"].dtype)
+                  param_dtype=_param_dtype("from_flax", params["w_x"].dtype, dtype))
   return RNNConfig(cfg), [{"fwd": {k: v.astype(cfg.state_dtype) for k, v in params.items()}}]
 
 

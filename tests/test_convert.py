@@ -92,6 +92,57 @@ def test_to_torch_round_trips(name):
     np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
+class FakeTorchGRU:
+  """What from_torch reads of a torch.nn.GRU: its state_dict() (torch is not installed here)."""
+
+  def __init__(self, state_dict):
+    self._state_dict = state_dict
+
+  def state_dict(self):
+    return self._state_dict
+
+
+def test_from_torch_takes_the_module_itself():
+  f = load("torch_gru_2layer_bidirectional")
+  cfg, params = jaxgru.from_torch(FakeTorchGRU(torch_state_dict(f)))
+  assert cfg == jaxgru.from_torch(torch_state_dict(f))[0]
+  ys, h_n = apply(cfg, params, f["x"], f["h0"])
+  assert max_err(ys, f["y"]) <= PARITY_ATOL and max_err(h_n, f["h_n"]) <= PARITY_ATOL
+
+
+def test_from_torch_module_with_real_torch():
+  torch = pytest.importorskip("torch")  # where torch is installed (not in CI's test env)
+  torch.manual_seed(0)
+  gru = torch.nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+  x = np.random.default_rng(0).normal(size=(2, 9, 3)).astype(np.float32)
+  cfg, params = jaxgru.from_torch(gru)
+  want, _ = gru(torch.from_numpy(x))
+  assert max_err(cfg.apply(params, x)[0], want.detach().numpy()) <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("convert, weights", [
+    ("from_torch", lambda: torch_state_dict(load("torch_gru_nobias"))),
+    ("from_keras", lambda: keras_weights(load("keras_gru_reset_after"))),
+    ("from_flax", lambda: jaxgru.to_flax(*keras_config(load("keras_gru_reset_after")))),
+])
+def test_float64_weights_need_x64_or_a_dtype(convert, weights):
+  """JAX would silently make float64 weights float32; the converters say so instead."""
+  convert = getattr(jaxgru, convert)
+  weights64 = jax.tree.map(lambda a: np.asarray(a, np.float64), weights())
+  with pytest.raises(ValueError, match="float64 and JAX's x64 mode is off; pass dtype="):
+    convert(weights64)
+  cfg, params = convert(weights64, dtype="float32")
+  want_cfg, want = convert(weights())
+  assert cfg == want_cfg
+  for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+  with jax.enable_x64(True):
+    cfg, params = convert(weights64)
+    assert cfg.cell.state_dtype == np.float64
+    assert all(p.dtype == np.float64 for p in jax.tree.leaves(params))
+
+
 # -- Keras ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", KERAS_FIXTURES)
@@ -105,6 +156,42 @@ def test_from_keras_reproduces_keras(name):
   assert ys.shape == f["y"].shape and h_n.shape == f["h_n"].shape
   assert max_err(ys, f["y"]) <= PARITY_ATOL
   assert max_err(h_n, f["h_n"]) <= PARITY_ATOL
+
+
+class FakeKerasGRU:
+  """What from_keras reads of a Keras GRU layer: get_weights() and get_config()."""
+
+  def __init__(self, fixture):
+    self._fixture = fixture
+
+  def get_weights(self):
+    return keras_weights(self._fixture)
+
+  def get_config(self):
+    return {"units": self._fixture["h_n"].shape[-1], "activation": str(self._fixture["activation"]),
+            "recurrent_activation": str(self._fixture["recurrent_activation"])}
+
+
+@pytest.mark.parametrize("name", KERAS_FIXTURES)
+def test_from_keras_takes_the_layer_and_its_activations(name):
+  f = load(name)
+  rnn, stack = jaxgru.from_keras(FakeKerasGRU(f))
+  assert rnn == keras_config(f)[0]  # the activations come from the layer's config
+  ys, h_n = batched_sequence(rnn.cell, stack[0]["fwd"], f["x"], f["h0"])
+  assert max_err(ys, f["y"]) <= PARITY_ATOL and max_err(h_n, f["h_n"]) <= PARITY_ATOL
+  # An activation given explicitly wins over the layer's.
+  assert jaxgru.from_keras(FakeKerasGRU(f), activation="relu")[0].cell.activation == "relu"
+
+
+def test_from_keras_layer_with_real_keras():
+  keras = pytest.importorskip("keras")  # where keras is installed (not in CI's test env)
+  layer = keras.layers.GRU(4, recurrent_activation="hard_sigmoid", return_sequences=True)
+  x = np.random.default_rng(0).normal(size=(2, 9, 3)).astype(np.float32)
+  with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+    want = np.asarray(layer(x))  # Keras's own JAX code, outside this suite's strict settings
+  cfg, params = jaxgru.from_keras(layer)
+  assert cfg.cell.recurrent_activation == "hard_sigmoid"
+  assert max_err(cfg.apply(params, x)[0], want) <= PARITY_ATOL
 
 
 @pytest.mark.parametrize("name", KERAS_FIXTURES)

@@ -257,6 +257,37 @@ def test_from_torch_wrong_keys(torch_sd):
     jaxgru.from_torch({})
 
 
+@pytest.mark.parametrize("convert, wrong, message", [
+    ("from_torch", None, "from_torch: expected a torch.nn.GRU or its state_dict(), got NoneType"),
+    ("from_torch", [np.zeros((12, 3))], "from_torch: expected a torch.nn.GRU or its state_dict(), got list"),
+    ("from_keras", None, "from_keras: expected a Keras GRU layer or its get_weights() list, got NoneType"),
+    ("from_keras", {"kernel": 1}, "from_keras: expected a Keras GRU layer or its get_weights() list, got dict"),
+    ("from_keras", "kernel", "from_keras: expected a Keras GRU layer or its get_weights() list, got str"),
+])
+def test_converters_name_the_wrong_kind_of_input(convert, wrong, message):
+  with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+    getattr(jaxgru, convert)(wrong)
+
+
+def test_from_flax_params_not_a_dict():
+  with raises("Flax GRUCell params: expected a dict under 'params', got int"):
+    jaxgru.from_flax({"params": 3})
+
+
+def test_from_keras_layer_activation_not_a_name():
+  class Layer:  # a Keras layer whose config holds a serialized (custom) activation
+    def get_weights(self):
+      return [np.zeros((I, 3 * H), np.float32), np.zeros((H, 3 * H), np.float32)]
+
+    def get_config(self):
+      return {"activation": {"class_name": "MyTanh"}, "recurrent_activation": "sigmoid"}
+
+  with raises("from_keras: the layer's activation is {'class_name': 'MyTanh'}, not a name",
+              "pass activation= explicitly"):
+    jaxgru.from_keras(Layer())
+  assert jaxgru.from_keras(Layer(), activation="tanh")[0].cell.activation == "tanh"
+
+
 def test_to_torch_unsupported():
   params = zeros_stack(RNNConfig(GRUConfig(I, H), bidirectional=True))
   with raises("reset_after", "got variant='reset_before'"):
