@@ -118,12 +118,17 @@ def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: str) -> None:
-  """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size)."""
+  """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size), or
+  where ``x`` is complex: a cast to the GRU's real dtype would drop the imaginary part."""
   shape = tuple(np.shape(x))
   ok = len(shape) == len(expected) and all(
       e is None or e == s for e, s in zip(expected, shape))
   if not ok:
     raise ValueError(f"{what}: expected shape {names}, got {shape}")
+  dtype = getattr(x, "dtype", None)
+  if dtype is not None and np.issubdtype(np.dtype(dtype), np.complexfloating):
+    raise ValueError(f"{what}: expected real numbers, got dtype {np.dtype(dtype)} (pass the real "
+                     f"and imaginary parts as separate features)")
 
 
 @dataclasses.dataclass(frozen=True)

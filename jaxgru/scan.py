@@ -62,7 +62,7 @@ from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_loop_default,
                             input_terms_default, step_jvp_default)
 from jaxgru._jvp import _layer_jvp
-from jaxgru.cell import GRUConfig, Params
+from jaxgru.cell import GRUConfig, Params, check_lengths, check_shape
 
 __all__ = ("REMAT", "ScanOptions", "diagonal_backward_applies", "scan_layer")
 
@@ -135,11 +135,19 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     # A read-only mapping (types.MappingProxyType, say) is not a pytree; the loops' custom
     # derivative rules take their arguments as pytrees.
     params = dict(params)
+  cell.check_params(params)
+  check_shape("scan_layer xs_TBI", xs_TBI, (None, None, cell.input_size),
+              f"(T, B, input_size={cell.input_size})")
   steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
   dtype = cell.state_dtype
   if h0_BH is None:
     h0_BH = jnp.zeros((batch, cell.hidden_size), dtype)
-  h0_BH = h0_BH.astype(dtype)
+  check_shape("scan_layer h0_BH", h0_BH, (batch, cell.hidden_size),
+              f"(B={batch}, hidden_size={cell.hidden_size})")
+  if lengths_B is not None:
+    check_shape("scan_layer lengths_B", lengths_B, (batch,), f"(B={batch},), one per sequence")
+    check_lengths(lengths_B, steps)
+  h0_BH = jnp.asarray(h0_BH).astype(dtype)
   if resets_BT is not None:
     if isinstance(resets_BT, (list, tuple)):
       resets_BT = jnp.asarray(resets_BT)

@@ -187,6 +187,46 @@ def test_apply_wrong_shapes():
     cfg.apply(params, xs, None, jnp.zeros((2, B, H)))
 
 
+def test_scan_layer_wrong_inputs():
+  # The one public loop checks what it is given, as the stack and the cell do (it used to fail
+  # inside a matrix product or a broadcast, naming neither the argument nor the expected shape).
+  cell = GRUConfig(I, H)
+  params, xs = zeros_params(cell), jnp.zeros((T, B, I))
+  with raises("scan_layer xs_TBI", "expected shape (T, B, input_size=3)", "got (6, 2, 5)"):
+    jaxgru.scan_layer(cell, params, jnp.zeros((T, B, I + 2)))
+  with raises("scan_layer xs_TBI", "expected shape (T, B, input_size=3)", "got (6, 3)"):
+    jaxgru.scan_layer(cell, params, jnp.zeros((T, I)))
+  with raises("scan_layer h0_BH", "expected shape (B=2, hidden_size=4)", "got (3, 4)"):
+    jaxgru.scan_layer(cell, params, xs, jnp.zeros((3, H)))
+  with raises("scan_layer lengths_B", "expected shape (B=2,)", "got (3,)"):
+    jaxgru.scan_layer(cell, params, xs, None, jnp.array([1, 2, 3]))
+  with raises("lengths must lie in [0, T=6]", "got values in [2, 9]"):
+    jaxgru.scan_layer(cell, params, xs, None, jnp.array([2, 9]))
+  with raises("lengths must be signed integers", "float32"):
+    jaxgru.scan_layer(cell, params, xs, None, jnp.array([2.0, 3.0]))
+  with raises("GRU params", "expected keys"):
+    jaxgru.scan_layer(cell, {"w_x": params["w_x"]}, xs)
+
+
+@pytest.mark.parametrize("where", ["scan_layer", "apply", "sequence", "step", "params"])
+def test_complex_numbers_are_refused(where):
+  # A cast to the GRU's real dtype would silently drop the imaginary part.
+  cell = GRUConfig(I, H)
+  params = zeros_params(cell)
+  z = lambda *shape: jnp.zeros(shape, jnp.complex64)
+  with raises("expected real numbers, got dtype complex64"):
+    if where == "scan_layer":
+      jaxgru.scan_layer(cell, params, z(T, B, I))
+    elif where == "apply":
+      RNNConfig(cell).apply([{"fwd": params}], z(B, T, I))
+    elif where == "sequence":
+      cell.sequence(params, jnp.zeros((T, I)), z(H))
+    elif where == "step":
+      cell.step(params, jnp.zeros(H), z(I))
+    else:
+      cell.step({**params, "w_h": z(H, 3 * H)}, jnp.zeros(H), jnp.zeros(I))
+
+
 def test_options_must_be_scan_options():
   cfg = RNNConfig(GRUConfig(I, H))
   params = zeros_stack(cfg)

@@ -104,7 +104,7 @@ def test_case_matches_the_plain_loop(seed):
   h0 = (0.5 * jax.random.normal(keys[2], (batch, case["H"])) if case["h0"]
         else jnp.zeros((batch, case["H"])))
   draws = np.random.default_rng(seed)
-  lengths = draws.integers(0, steps + 2, batch).astype(np.int32) if case["lengths"] else None
+  lengths = draws.integers(0, steps + 1, batch).astype(np.int32) if case["lengths"] else None
   resets = draws.random((batch, steps)) < 0.05 if case["resets"] else None
   options = ScanOptions(**case["options"], models=models)
 
