@@ -184,6 +184,7 @@ def test_from_keras_takes_the_layer_and_its_activations(name):
 
 
 def test_from_keras_layer_with_real_keras():
+  os.environ.setdefault("KERAS_BACKEND", "jax")  # before keras is imported: no TensorFlow needed
   keras = pytest.importorskip("keras")  # where keras is installed (not in CI's test env)
   layer = keras.layers.GRU(4, recurrent_activation="hard_sigmoid", return_sequences=True)
   x = np.random.default_rng(0).normal(size=(2, 9, 3)).astype(np.float32)
