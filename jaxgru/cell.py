@@ -87,10 +87,16 @@ def _as_dtype(name: str, value: Any) -> Optional[np.dtype]:
   return dtype
 
 
+def narrowed_dtype(dtype: Any) -> Optional[np.dtype]:
+  """The narrower dtype JAX would silently hold ``dtype`` as (float32 for float64 while x64 mode
+  is off), or None where JAX holds it as it is."""
+  narrowed = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+  return None if narrowed == np.dtype(dtype) else narrowed
+
+
 def _available(name: str, dtype: np.dtype) -> np.dtype:
   """``dtype`` itself, or ValueError where JAX would silently compute in a narrower one."""
-  narrowed = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
-  if narrowed != dtype:
+  if (narrowed := narrowed_dtype(dtype)) is not None:
     raise ValueError(f"{name}={dtype} needs JAX's x64 mode, which is off (JAX would use "
                      f"{narrowed}): call jax.config.update('jax_enable_x64', True) first, or use "
                      f"float32")

@@ -20,10 +20,9 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
-from jaxgru.cell import GRUConfig, Params
+from jaxgru.cell import GRUConfig, Params, field_default, narrowed_dtype
 from jaxgru.rnn import RNNConfig, StackParams
 
 
@@ -38,7 +37,7 @@ def _param_dtype(what: str, found: np.dtype, dtype: Any) -> Any:
   one JAX can hold (float64 needs x64 mode: JAX would silently make it float32)."""
   if dtype is not None:
     return dtype
-  if np.dtype(jax.dtypes.canonicalize_dtype(found)) != found:
+  if narrowed_dtype(found) is not None:
     raise ValueError(f"{what}: the weights are {found} and JAX's x64 mode is off; pass "
                      f"dtype='float32' to convert them, or call "
                      f"jax.config.update('jax_enable_x64', True) first")
@@ -186,6 +185,15 @@ def to_torch(cfg: RNNConfig, params: StackParams) -> dict[str, np.ndarray]:
 
 # -- Keras -----------------------------------------------------------------------------------------
 
+def _keras_activation(config: Mapping[str, Any], key: str) -> Any:
+  """A Keras layer config's activation by name (None where the config has none)."""
+  value = config.get(key)
+  if value is not None and not isinstance(value, str):
+    raise ValueError(f"from_keras: the layer's {key} is {value!r}, not a name; pass {key}= "
+                     f"explicitly")
+  return value
+
+
 def from_keras(weights: Any, activation: Any = None, recurrent_activation: Any = None,
                dtype: Any = None) -> tuple[RNNConfig, StackParams]:
   """Converts a Keras 3 ``GRU`` layer, or its weights (``layer.get_weights()``).
@@ -206,20 +214,18 @@ def from_keras(weights: Any, activation: Any = None, recurrent_activation: Any =
   """
   if callable(getattr(weights, "get_weights", None)):  # the layer itself
     config = weights.get_config() if callable(getattr(weights, "get_config", None)) else {}
-    named = {}
-    for key, given in (("activation", activation), ("recurrent_activation", recurrent_activation)):
-      value = config.get(key) if given is None else given
-      if given is None and value is not None and not isinstance(value, str):
-        raise ValueError(f"from_keras: the layer's {key} is {value!r}, not a name; pass "
-                         f"{key}= explicitly")
-      named[key] = value
-    activation, recurrent_activation = named["activation"], named["recurrent_activation"]
+    if activation is None:
+      activation = _keras_activation(config, "activation")
+    if recurrent_activation is None:
+      recurrent_activation = _keras_activation(config, "recurrent_activation")
     weights = weights.get_weights()
   if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
     raise TypeError(f"from_keras: expected a Keras GRU layer or its get_weights() list, got "
                     f"{type(weights).__name__}")
-  activation = "tanh" if activation is None else activation
-  recurrent_activation = "sigmoid" if recurrent_activation is None else recurrent_activation
+  if activation is None:
+    activation = field_default(GRUConfig, "activation")
+  if recurrent_activation is None:
+    recurrent_activation = field_default(GRUConfig, "recurrent_activation")
   if len(weights) not in (2, 3):
     raise ValueError(f"Keras GRU weights: expected [kernel, recurrent_kernel(, bias)], "
                      f"got {len(weights)} arrays")
