@@ -165,13 +165,13 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or max_iters < 0:
     raise ValueError(f"max_iters must be a non-negative integer, got {max_iters!r}")
   cell.check_params(params)
-  check_shape("parallel_layer xs_TBI", xs_TBI, (None, None, cell.input_size),
-              f"(T, B, input_size={cell.input_size})")
+  xs_TBI = check_shape("parallel_layer xs_TBI", xs_TBI, (None, None, cell.input_size),
+                       f"(T, B, input_size={cell.input_size})")
   steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
   dtype = cell.state_dtype
   h0_BH = jnp.zeros((batch, cell.hidden_size), dtype) if h0_BH is None else h0_BH
-  check_shape("parallel_layer h0_BH", h0_BH, (batch, cell.hidden_size),
-              f"(B={batch}, hidden_size={cell.hidden_size})")
+  h0_BH = check_shape("parallel_layer h0_BH", h0_BH, (batch, cell.hidden_size),
+                      f"(B={batch}, hidden_size={cell.hidden_size})")
   h0_BH = jnp.asarray(h0_BH).astype(dtype)
   tol = default_tol(cell) if tol is None else float(tol)
   if damping is None:

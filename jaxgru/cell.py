@@ -123,18 +123,40 @@ def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
   return y + jnp.reshape(b, (1,) * (y.ndim - b.ndim) + b.shape)
 
 
-def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: str) -> None:
-  """Raises ValueError unless ``x.shape`` matches ``expected`` (None matches any size), or
-  where ``x`` is complex: a cast to the GRU's real dtype would drop the imaginary part."""
-  shape = tuple(np.shape(x))
+def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: str) -> jax.Array:
+  """``x`` as a JAX array (a nested list or a NumPy array is converted); raises ValueError
+  unless its shape matches ``expected`` (None matches any size), or where ``x`` is complex: a
+  cast to the GRU's real dtype would drop the imaginary part."""
+  try:
+    shape = tuple(np.shape(x))
+  except ValueError:  # NumPy's error for a ragged nested list
+    raise ValueError(f"{what}: expected shape {names}, got a ragged nested sequence") from None
   ok = len(shape) == len(expected) and all(
       e is None or e == s for e, s in zip(expected, shape))
   if not ok:
     raise ValueError(f"{what}: expected shape {names}, got {shape}")
-  dtype = getattr(x, "dtype", None)
-  if dtype is not None and np.issubdtype(np.dtype(dtype), np.complexfloating):
-    raise ValueError(f"{what}: expected real numbers, got dtype {np.dtype(dtype)} (pass the real "
-                     f"and imaginary parts as separate features)")
+  if not isinstance(x, jax.Array):
+    try:
+      x = jnp.asarray(x)
+    except TypeError:  # strings, objects: no numeric dtype
+      dtype = getattr(x, "dtype", None)
+      got = type(x).__name__ if dtype is None else f"{type(x).__name__} of dtype {dtype}"
+      raise ValueError(f"{what}: expected numbers, got {got}") from None
+  if np.issubdtype(np.dtype(x.dtype), np.complexfloating):
+    raise ValueError(f"{what}: expected real numbers, got dtype {np.dtype(x.dtype)} (pass the "
+                     f"real and imaginary parts as separate features)")
+  return x
+
+
+def check_key(what: str, key: Any) -> None:
+  """Raises TypeError unless ``key`` is a PRNG key: a typed key (``jax.random.key``) or a raw
+  uint32 one (``jax.random.PRNGKey``), whose shape JAX itself checks."""
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                            or (np.dtype(dtype) == np.uint32 and np.ndim(key) >= 1)):
+    return
+  got = type(key).__name__ if dtype is None else f"{type(key).__name__} of dtype {dtype}"
+  raise TypeError(f"{what}: expected a PRNG key, such as jax.random.key(0), got {got}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +252,7 @@ class GRUConfig:
     Returns:
       A dict of arrays with the shapes of :meth:`param_shapes`, in ``state_dtype``.
     """
+    check_key("GRU init key", key)
     if initializer not in INITIALIZERS:
       raise ValueError(f"initializer must be one of {INITIALIZERS}, got {initializer!r}")
     dtype = self.state_dtype
@@ -354,8 +377,8 @@ class GRUConfig:
     ``jax.lax.scan(lambda h, x: (cfg.step(params, h, x),) * 2, h0, xs)``.
     """
     self.check_params(params)
-    check_shape("GRU step h", h, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
-    check_shape("GRU step x", x, (self.input_size,), f"(input_size={self.input_size},)")
+    h = check_shape("GRU step h", h, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
+    x = check_shape("GRU step x", x, (self.input_size,), f"(input_size={self.input_size},)")
     return self._recur(params, h, self._project_inputs(params, x))
 
   # -- one sequence -------------------------------------------------------------------------------
@@ -388,11 +411,12 @@ class GRUConfig:
       ``(ys, h_last)``: every step's state (T, H) and the final state (H,).
     """
     self.check_params(params)
-    check_shape("GRU sequence xs", xs, (None, self.input_size),
-                f"(T, input_size={self.input_size})")
+    xs = check_shape("GRU sequence xs", xs, (None, self.input_size),
+                     f"(T, input_size={self.input_size})")
     if h0 is None:
       h0 = self.initial_state()
-    check_shape("GRU sequence h0", h0, (self.hidden_size,), f"(hidden_size={self.hidden_size},)")
+    h0 = check_shape("GRU sequence h0", h0, (self.hidden_size,),
+                     f"(hidden_size={self.hidden_size},)")
     if length is not None:
       check_shape("GRU sequence length", length, (), "() (a scalar)")
       check_lengths(length, xs.shape[0])

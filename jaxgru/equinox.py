@@ -242,15 +242,15 @@ class GRU(eqx.Module):
     """
     cfg = self.config
     # Per-example shapes, checked here: past this point the batch of one would name (B, T, I).
-    check_shape("equinox GRU xs", xs_TI, (None, cfg.input_size),
-                f"(T, input_size={cfg.input_size}), one sequence (for a batch: jax.vmap(model) "
-                "or model.batched)")
+    xs_TI = check_shape("equinox GRU xs", xs_TI, (None, cfg.input_size),
+                        f"(T, input_size={cfg.input_size}), one sequence (for a batch: "
+                        "jax.vmap(model) or model.batched)")
     if length is not None:
       check_shape("equinox GRU length", length, (), "(), one integer")
     if h0 is not None:
       cells = cfg.num_layers * cfg.num_directions
-      check_shape("equinox GRU h0", h0, (cells, cfg.hidden_size),
-                  f"(L*D={cells}, H={cfg.hidden_size})")
+      h0 = check_shape("equinox GRU h0", h0, (cells, cfg.hidden_size),
+                       f"(L*D={cells}, H={cfg.hidden_size})")
     if resets_T is not None:
       check_shape("equinox GRU resets_T", resets_T, (np.shape(xs_TI)[0],),
                   f"(T={np.shape(xs_TI)[0]},)")

@@ -23,7 +23,7 @@ import jax
 
 from jaxgru import _extras
 from jaxgru import activations as _act
-from jaxgru.cell import INITIALIZERS, GRUConfig, field_default
+from jaxgru.cell import INITIALIZERS, GRUConfig, check_shape, field_default
 from jaxgru.rnn import RNNConfig
 
 nn = _extras.require("flax.linen", "flax")
@@ -72,7 +72,15 @@ class GRU(nn.Module):
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, deterministic: bool = True,
                resets: Optional[jax.Array] = None):
-    cfg = self.config(xs.shape[-1])
+    xs = check_shape("linen GRU xs", xs, (None, None, None), "(B, T, input features)")
+    width = xs.shape[-1]
+    if self.has_variable("params", "gru"):
+      # The parameters fix the input width; Flax's own check would name the parameter's shape.
+      try:
+        width = int(self.get_variable("params", "gru")[0]["fwd"]["w_x"].shape[0])
+      except (KeyError, IndexError, TypeError, AttributeError):
+        pass  # malformed parameters: RNNConfig.apply's check names what is wrong with them
+    cfg = self.config(width)
     params = self.param("gru", lambda key: cfg.init(key, self.initializer))
     applies = cfg.dropout > 0 and cfg.num_layers > 1
     key = None if deterministic or not applies else self.make_rng("dropout")

@@ -99,9 +99,18 @@ class GRU(nnx.Module):
                             merge=merge, dropout=dropout)
     self.unroll = unroll
     self.deterministic = deterministic
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f"jaxgru.nnx.GRU: rngs must be an nnx.Rngs, such as nnx.Rngs(0), got "
+                      f"{type(rngs).__name__}")
     self.gru = nnx.data(jax.tree.map(nnx.Param, self.config.init(rngs.params(), initializer)))
     if _dropout_applies(self.config):
-      self.rngs = rngs["dropout"].fork()
+      try:
+        stream = rngs["dropout"]
+      except KeyError:
+        raise ValueError(f"jaxgru.nnx.GRU with dropout={dropout} draws its masks from rngs' "
+                         "'dropout' stream, which this nnx.Rngs lacks: pass nnx.Rngs(0), or "
+                         "nnx.Rngs(params=0, dropout=1)") from None
+      self.rngs = stream.fork()
     else:
       self.rngs = nnx.data(None)
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgru.cell import INITIALIZERS, GRUConfig, Params, check_lengths, check_shape
+from jaxgru.cell import (INITIALIZERS, GRUConfig, Params, check_key, check_lengths,
+                         check_shape)
 from jaxgru.scan import ScanOptions, check_options, check_resets, scan_layer
 
 StackParams = list[dict[str, Params]]
@@ -102,6 +103,7 @@ class RNNConfig:
 
   def init(self, key: jax.Array, initializer: str = INITIALIZERS[0]) -> StackParams:
     """Fresh parameters: a list of ``num_layers`` dicts of cell params by direction."""
+    check_key("RNN init key", key)
     keys = jax.random.split(key, self.num_layers * self.num_directions)
     nd = self.num_directions
     return [{d: self.layer_cell(l).init(keys[l * nd + i], initializer) for i, d in enumerate(self.directions)}
@@ -155,7 +157,7 @@ class RNNConfig:
     """
     self.check_params(params)
     names = "(T, B, input_size" if time_major else "(B, T, input_size"
-    check_shape("RNN xs", xs, (None, None, self.input_size), f"{names}={self.input_size})")
+    xs = check_shape("RNN xs", xs, (None, None, self.input_size), f"{names}={self.input_size})")
     if time_major:
       steps, batch = xs.shape[0], xs.shape[1]
     else:
@@ -167,8 +169,8 @@ class RNNConfig:
     num_cells = self.num_layers * self.num_directions
     if h0 is None:
       h0 = jnp.zeros((num_cells, batch, self.hidden_size), self.cell.state_dtype)
-    check_shape("RNN h0", h0, (num_cells, batch, self.hidden_size),
-                f"(L*D={num_cells}, B={batch}, H={self.hidden_size})")
+    h0 = check_shape("RNN h0", h0, (num_cells, batch, self.hidden_size),
+                     f"(L*D={num_cells}, B={batch}, H={self.hidden_size})")
     if resets is not None:
       if isinstance(resets, (list, tuple)):
         resets = jnp.asarray(resets)

@@ -136,8 +136,8 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     # derivative rules take their arguments as pytrees.
     params = dict(params)
   cell.check_params(params)
-  check_shape("scan_layer xs_TBI", xs_TBI, (None, None, cell.input_size),
-              f"(T, B, input_size={cell.input_size})")
+  xs_TBI = check_shape("scan_layer xs_TBI", xs_TBI, (None, None, cell.input_size),
+                       f"(T, B, input_size={cell.input_size})")
   steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
   dtype = cell.state_dtype
   if h0_BH is None:

@@ -260,3 +260,6 @@ def test_per_example_call_names_per_example_shapes():
   ys, _ = jax.vmap(model)(xs, jnp.array([5, 2]))
   want, _ = model.batched(xs, jnp.array([5, 2]))
   np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
+  # Nested lists are inputs as the arrays they spell (they used to fail on ``xs_TI[None]``).
+  ys, _ = model(np.asarray(xs[0]).tolist(), 5, np.zeros((2, H)).tolist())
+  np.testing.assert_allclose(ys, want[0], rtol=1e-6, atol=1e-6)

@@ -10,6 +10,7 @@ import pytest
 
 import jaxgru
 import jaxgru.linen
+import reference as plain
 from jaxgru import GRUConfig, RNNConfig
 
 I, H, T, B = 3, 4, 6, 2
@@ -225,6 +226,78 @@ def test_complex_numbers_are_refused(where):
       cell.step(params, jnp.zeros(H), z(I))
     else:
       cell.step({**params, "w_h": z(H, 3 * H)}, jnp.zeros(H), jnp.zeros(I))
+
+
+def test_nested_lists_are_inputs_like_arrays():
+  # Nested lists (as NumPy takes them) used to pass the shape checks and then fail with
+  # "'list' object has no attribute 'shape'" in scan_layer, RNNConfig.apply and the linen module.
+  # They now run as the arrays they spell; the values are checked against the plain loop.
+  cell = GRUConfig(I, H)
+  rng = np.random.default_rng(0)
+  params = {n: jnp.asarray(rng.normal(scale=0.5, size=s).astype(np.float32))
+            for n, s in cell.param_shapes().items()}
+  xs_BTI = rng.normal(size=(B, T, I)).astype(np.float32)
+  h0_BH = rng.normal(size=(B, H)).astype(np.float32)
+  want = [plain.sequence(cell, params, jnp.asarray(xs_BTI[b]), jnp.asarray(h0_BH[b]))
+          for b in range(B)]
+  want_ys = np.stack([w[0] for w in want])  # (B, T, H)
+  want_h = np.stack([w[1] for w in want])
+  close = lambda got, expected: np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+  ys, h = jaxgru.scan_layer(cell, params, np.swapaxes(xs_BTI, 0, 1).tolist(), h0_BH.tolist())
+  close(np.swapaxes(ys, 0, 1), want_ys)
+  close(h, want_h)
+  ys, h = RNNConfig(cell).apply([{"fwd": params}], xs_BTI.tolist(), [2, T], [h0_BH.tolist()])
+  close(ys[1], want_ys[1])
+  close(h[0, 1], want_h[1])
+  ys, h = cell.sequence(params, xs_BTI[0].tolist(), h0_BH[0].tolist())
+  close(ys, want_ys[0])
+  close(cell.step(params, h0_BH[0].tolist(), xs_BTI[0, 0].tolist()), want_ys[0, 0])
+  module = jaxgru.linen.GRU(hidden_size=H)
+  variables = {"params": {"gru": [{"fwd": params}]}}
+  ys, h = module.apply(variables, xs_BTI.tolist(), h0=[h0_BH.tolist()])
+  close(ys, want_ys)
+
+
+def test_linen_module_names_the_input_width_its_params_fix():
+  # Flax's own check named the parameter's shapes ("the given initializer is expected to
+  # generate shape (5, 12) ..."), not the input.
+  module = jaxgru.linen.GRU(hidden_size=H)
+  variables = module.init(jax.random.key(0), jnp.zeros((B, T, I)))
+  with raises("RNN xs", "expected shape (B, T, input_size=3)", "got (2, 6, 5)"):
+    module.apply(variables, jnp.zeros((B, T, I + 2)))
+  with raises("linen GRU xs", "expected shape (B, T, input features)", "got (6, 3)"):
+    module.apply(variables, jnp.zeros((T, I)))
+
+
+@pytest.mark.parametrize("xs, parts", [
+    ([[[0.0] * I] * T, [[0.0] * I] * (T - 1)], ("RNN xs", "got a ragged nested sequence")),
+    ([[[1j] * I] * T] * B, ("RNN xs", "expected real numbers, got dtype complex64")),
+    (np.full((B, T, I), "a"), ("RNN xs", "expected numbers, got ndarray of dtype <U1")),
+    ("abc", ("RNN xs", "expected shape (B, T, input_size=3)", "got ()")),
+])
+def test_inputs_that_are_not_arrays_of_reals(xs, parts):
+  cfg = RNNConfig(GRUConfig(I, H))
+  with raises(*parts):
+    cfg.apply(zeros_stack(cfg), xs)
+
+
+@pytest.mark.parametrize("key", [0, 1.5, None, jnp.zeros((2,), jnp.float32)])
+def test_init_needs_a_prng_key(key):
+  # JAX's own error for these named "key_data" and its attributes, not what init wanted.
+  got = type(key).__name__
+  with pytest.raises(TypeError, match=rf"GRU init key: expected a PRNG key, such as "
+                                      rf"jax.random.key\(0\), got {got}"):
+    GRUConfig(I, H).init(key)
+  with pytest.raises(TypeError, match=r"RNN init key: expected a PRNG key"):
+    RNNConfig(GRUConfig(I, H)).init(key)
+
+
+def test_init_takes_both_kinds_of_key():
+  typed = GRUConfig(I, H).init(jax.random.key(3))
+  raw = GRUConfig(I, H).init(jax.random.PRNGKey(3))
+  for name in typed:
+    np.testing.assert_array_equal(typed[name], raw[name])
 
 
 def test_options_must_be_scan_options():

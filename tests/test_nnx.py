@@ -256,3 +256,20 @@ def test_load_params_checks():
     model.load_params(other.init(jax.random.key(0)))
   with pytest.raises(ValueError, match="RNNConfig"):
     GRU.from_params(other.cell, [])
+
+
+def test_rngs_refusals():
+  # An int for rngs failed with "'int' object has no attribute 'params'", and an nnx.Rngs
+  # without a dropout (or default) stream with Flax's KeyError from inside the constructor.
+  with pytest.raises(TypeError, match=r"rngs must be an nnx.Rngs, such as nnx.Rngs\(0\), got int"):
+    GRU(I, H, rngs=0)
+  with pytest.raises(ValueError, match=r"dropout=0.5 draws its masks from rngs' 'dropout' "
+                                       r"stream, which this nnx.Rngs lacks"):
+    GRU(I, H, num_layers=2, dropout=0.5, rngs=nnx.Rngs(params=0))
+  # Without dropout no stream but params is needed; with a dropout stream the masks apply.
+  GRU(I, H, num_layers=2, rngs=nnx.Rngs(params=0))
+  model = GRU(I, H, num_layers=2, dropout=0.5, rngs=nnx.Rngs(params=0, dropout=1))
+  xs = randn(B, T, I)
+  train, _ = model(xs)
+  evaluate, _ = model(xs, deterministic=True)
+  assert float(jnp.max(jnp.abs(train - evaluate))) > 1e-3
