@@ -123,10 +123,11 @@ def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
   return y + jnp.reshape(b, (1,) * (y.ndim - b.ndim) + b.shape)
 
 
-def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: str) -> jax.Array:
-  """``x`` as a JAX array (a nested list or a NumPy array is converted); raises ValueError
-  unless its shape matches ``expected`` (None matches any size), or where ``x`` is complex: a
-  cast to the GRU's real dtype would drop the imaginary part."""
+def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: str) -> Any:
+  """``x``, checked: raises ValueError unless its shape matches ``expected`` (None matches any
+  size) and it holds real numbers (a cast to the GRU's real dtype would drop a complex value's
+  imaginary part). A nested list or a scalar is returned as a JAX array; NumPy and JAX arrays
+  (and abstract ones, ``jax.ShapeDtypeStruct``) as they are."""
   try:
     shape = tuple(np.shape(x))
   except ValueError:  # NumPy's error for a ragged nested list
@@ -135,16 +136,16 @@ def check_shape(what: str, x: Any, expected: tuple[Optional[int], ...], names: s
       e is None or e == s for e, s in zip(expected, shape))
   if not ok:
     raise ValueError(f"{what}: expected shape {names}, got {shape}")
-  if not isinstance(x, jax.Array):
+  if not isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
     try:
       x = jnp.asarray(x)
     except TypeError:  # strings, objects: no numeric dtype
-      dtype = getattr(x, "dtype", None)
-      got = type(x).__name__ if dtype is None else f"{type(x).__name__} of dtype {dtype}"
-      raise ValueError(f"{what}: expected numbers, got {got}") from None
-  if np.issubdtype(np.dtype(x.dtype), np.complexfloating):
-    raise ValueError(f"{what}: expected real numbers, got dtype {np.dtype(x.dtype)} (pass the "
+      raise ValueError(f"{what}: expected numbers, got {type(x).__name__}") from None
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise ValueError(f"{what}: expected real numbers, got dtype {x.dtype} (pass the "
                      f"real and imaginary parts as separate features)")
+  if not (jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.bool_)):
+    raise ValueError(f"{what}: expected numbers, got {type(x).__name__} of dtype {x.dtype}")
   return x
 
 
@@ -280,7 +281,11 @@ class GRUConfig:
       got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
       raise ValueError(f"GRU params: expected keys {sorted(shapes)}, got {got}")
     for n, s in shapes.items():
-      check_shape(f"GRU params[{n!r}]", params[n], s, str(s))
+      value = check_shape(f"GRU params[{n!r}]", params[n], s, str(s))
+      if not jnp.issubdtype(value.dtype, jnp.floating):
+        # An integer or boolean weight is a mistake (a cast would run it as given, rounded).
+        raise ValueError(f"GRU params[{n!r}]: expected floating-point numbers, got dtype "
+                         f"{value.dtype}")
 
   # -- the math -----------------------------------------------------------------------------------
 

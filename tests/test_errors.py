@@ -282,6 +282,24 @@ def test_inputs_that_are_not_arrays_of_reals(xs, parts):
     cfg.apply(zeros_stack(cfg), xs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_params_are_refused(dtype):
+  # They used to run as the floats they cast to: weights truncated or made 0/1 without a word.
+  cell = GRUConfig(I, H)
+  params = {**zeros_params(cell), "w_h": jnp.zeros((H, 3 * H), dtype)}
+  with raises("GRU params['w_h']", f"expected floating-point numbers, got dtype {jnp.dtype(dtype)}"):
+    jaxgru.scan_layer(cell, params, jnp.zeros((T, B, I)))
+  # Half-precision weights are floats: they run, promoted as JAX promotes them.
+  rng = np.random.default_rng(0)
+  params = {n: rng.normal(scale=0.5, size=v.shape).astype(np.float16)
+            for n, v in zeros_params(cell).items()}
+  xs = jnp.asarray(rng.normal(size=(T, B, I)).astype(np.float32))
+  with jax.numpy_dtype_promotion("standard"):
+    ys, _ = jaxgru.scan_layer(cell, params, xs)
+  want, _ = jaxgru.scan_layer(cell, {n: v.astype(np.float32) for n, v in params.items()}, xs)
+  np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("key", [0, 1.5, None, jnp.zeros((2,), jnp.float32)])
 def test_init_needs_a_prng_key(key):
   # JAX's own error for these named "key_data" and its attributes, not what init wanted.
