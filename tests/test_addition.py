@@ -288,6 +288,13 @@ def test_config_round_trips_through_json_and_validates():
   assert addition.AdditionConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
   with pytest.raises(ValueError, match="consolidate_mixed must be a fraction in"):
     _small_cfg(consolidate_mixed=1.5)
+  with pytest.raises(ValueError, match="mixed_carries must be a fraction in \\[0, 1\\], got '0.5'"):
+    _small_cfg(mixed_carries="0.5")
+  with pytest.raises(ValueError, match="consolidate_lr_scale must be a positive finite number"):
+    _small_cfg(consolidate_lr_scale=float("inf"))
+  # Lists are the tuples they spell: the config stays hashable and equal to the tuple one.
+  listed = _small_cfg(num_models=2, learning_rates=[0.01, 0.02], eval_bits=list(cfg.eval_bits))
+  assert listed == cfg and hash(listed) == hash(cfg)
   with pytest.raises(ValueError, match="reads 2 bits per step"):
     addition.AdditionConfig(rnn=RNNConfig(GRUConfig(3, 8)))
   with pytest.raises(ValueError, match="older layout"):

@@ -281,6 +281,11 @@ def test_one_classifier_fed_by_either_source_and_configs_round_trip():
     assert classify.ClassifyConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
   with pytest.raises(ValueError, match="8 features per step"):
     dataclasses.replace(synthetic, rnn=RNNConfig(GRUConfig(5, 4)))
+  for name in ("seed", "eval_every"):  # a string failed inside a comparison
+    with pytest.raises(ValueError, match=rf"{name} must be an integer >= 0, got '1'"):
+      dataclasses.replace(synthetic, **{name: "1"})
+  listed = dataclasses.replace(synthetic, learning_rates=list(synthetic.learning_rates))
+  assert listed == synthetic and hash(listed) == hash(synthetic)
   with pytest.raises(ValueError, match="vocab_size must be at least 3"):
     classify.ImdbData("x", vocab_size=2)
   with pytest.raises(ValueError, match="older layout"):

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxgru import training
@@ -118,6 +119,26 @@ def test_configs_refuse_non_finite_numbers_and_wrapping_seeds():
   training.check_seeds(2**32 - 2, 2)
   with pytest.raises(ValueError, match="2\\*\\*32"):
     training.check_seeds(2**32 - 1, 2)
+
+
+def test_configs_refuse_what_is_not_a_number():
+  # A string (as read from a file by hand) used to fail inside a comparison with
+  # "'>=' not supported between instances of 'str' and 'int'".
+  for name in ("clip_norm", "weight_decay", "warmup_steps", "momentum", "final_fraction"):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got '0.1'"):
+      training.OptimizerConfig(**{name: "0.1"})
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got True"):
+      training.OptimizerConfig(**{name: True})
+  for bad in (0, -3, 2.5, "10"):
+    with pytest.raises(ValueError, match=r"total_steps must be a positive integer"):
+      training.OptimizerConfig(total_steps=bad)
+  with pytest.raises(ValueError, match=r"learning_rates must be positive finite numbers"):
+    training.check_learning_rates(("0.1",))
+  with pytest.raises(ValueError, match=r"learning_rates must be positive finite numbers"):
+    training.check_learning_rates(0.1)  # one rate, not a sequence of them
+  # NumPy numbers are numbers.
+  training.check_learning_rates((np.float32(0.1), np.float64(0.2)))
+  training.OptimizerConfig(clip_norm=np.float32(1.0), total_steps=np.int64(5))
 
 
 @pytest.mark.parametrize("schedule", training.SCHEDULES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -37,11 +38,17 @@ def check_seeds(seed: int, num_models: int) -> None:
                      f"seed), got seed={seed} with num_models={num_models}")
 
 
+def is_number(value: Any) -> bool:
+  """Whether ``value`` is a real number (a Python or NumPy int or float, not a bool or str)."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_learning_rates(rates) -> None:
   """Raises ValueError unless ``rates`` holds at least one finite positive number."""
-  if not rates or not all(isinstance(r, (int, float)) and 0 < r < math.inf for r in rates):
+  if (not isinstance(rates, (tuple, list)) or not rates
+      or not all(is_number(r) and 0 < r < math.inf for r in rates)):
     raise ValueError(f"learning_rates must be positive finite numbers (at least one), got "
-                     f"{tuple(rates)!r}")
+                     f"{rates!r}")
 
 
 class TrainState(NamedTuple):
@@ -83,8 +90,11 @@ class OptimizerConfig:
       raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     for name in ("warmup_steps", "clip_norm", "weight_decay", "momentum", "final_fraction"):
       value = getattr(self, name)
-      if not (value >= 0 and math.isfinite(value)):  # NaN fails both
+      if not (is_number(value) and value >= 0 and math.isfinite(value)):  # NaN fails both
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (is_number(self.total_steps) and self.total_steps >= 1
+            and float(self.total_steps).is_integer()):
+      raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
 
   def warmup_warning(self) -> Optional[str]:
     """A line to log where the warm-up is not shorter than the run, else None.

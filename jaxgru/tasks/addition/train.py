@@ -84,6 +84,9 @@ class AdditionConfig:
   early_stop: bool = True
 
   def __post_init__(self):
+    for name in ("learning_rates", "eval_bits"):  # a list is taken as the tuple it spells
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     for name in ("bits", "consolidate_bits", "consolidate_batch_size", "batch_size", "steps",
                  "num_models", "eval_size", "long_eval_size", "log_every", "checkpoint_every"):
       value = getattr(self, name)
@@ -93,12 +96,14 @@ class AdditionConfig:
       _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
     for name in ("mixed_carries", "consolidate_mixed"):
       value = getattr(self, name)
-      _check(name, value, 0.0 <= value <= 1.0, "a fraction in [0, 1]")
-    _check("consolidate_lr_scale", self.consolidate_lr_scale, self.consolidate_lr_scale > 0,
-           "positive")
+      _check(name, value, training.is_number(value) and 0.0 <= value <= 1.0,
+             "a fraction in [0, 1]")
+    _check("consolidate_lr_scale", self.consolidate_lr_scale,
+           training.is_number(self.consolidate_lr_scale)
+           and 0 < self.consolidate_lr_scale < math.inf, "a positive finite number")
     training.check_learning_rates(self.learning_rates)
     _check("eval_bits", self.eval_bits,
-           len(self.eval_bits) > 0 and all(_is_int(b) and b >= 1 for b in self.eval_bits),
+           isinstance(self.eval_bits, tuple) and len(self.eval_bits) > 0 and all(_is_int(b) and b >= 1 for b in self.eval_bits),
            "positive integers (at least one)")
     training.check_seeds(self.seed, self.num_models)
     # The step counter is int32: every step of both phases must fit.

@@ -79,6 +79,8 @@ class ClassifyConfig:
   checkpoint_every: int = 500
 
   def __post_init__(self):
+    if isinstance(self.learning_rates, list):  # taken as the tuple it spells
+      object.__setattr__(self, "learning_rates", tuple(self.learning_rates))
     if not isinstance(self.data, tuple(SOURCES.values())):
       raise ValueError(f"data must be one of {[s.__name__ for s in SOURCES.values()]}, got "
                        f"{type(self.data).__name__}")
@@ -88,8 +90,9 @@ class ClassifyConfig:
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name in ("seed", "eval_every"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     training.check_learning_rates(self.learning_rates)
     training.check_seeds(self.seed, self.num_models)
     if self.initializer not in INITIALIZERS:
