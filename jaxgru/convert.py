@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgru.cell import GRUConfig, Params, field_default, narrowed_dtype
@@ -35,6 +36,8 @@ def _np(x: Any) -> np.ndarray:
 def _param_dtype(what: str, found: np.dtype, dtype: Any) -> Any:
   """The converted params' dtype: ``dtype`` if given, else the weights' own, which must then be
   one JAX can hold (float64 needs x64 mode: JAX would silently make it float32)."""
+  if not jnp.issubdtype(found, jnp.floating):  # NumPy's test would refuse bfloat16
+    raise ValueError(f"{what}: expected floating-point weights, got {found}")
   if dtype is not None:
     return dtype
   if narrowed_dtype(found) is not None:
@@ -70,9 +73,10 @@ def _check_stack(cfg: Any, what: str) -> None:
                      f"{type(cfg).__name__}; wrap a cell as jaxgru.RNNConfig(cell)")
 
 
-def _single_cell(cfg: Any, params: Any, target: str) -> tuple[GRUConfig, Params]:
-  """The one cell of a one-layer, one-direction stack, for frameworks whose layer is one cell."""
-  _check_stack(cfg, f"to_{target.split()[0].lower()}")
+def _single_cell(cfg: Any, params: Any, target: str, caller: str) -> tuple[GRUConfig, Params]:
+  """The one cell of a one-layer, one-direction stack, for frameworks whose layer is one cell
+  (``caller``: the converter's name, for errors)."""
+  _check_stack(cfg, caller)
   if cfg.num_layers != 1 or cfg.bidirectional:
     raise ValueError(f"{target} holds one layer in one direction; got num_layers="
                      f"{cfg.num_layers}, bidirectional={cfg.bidirectional}")
@@ -258,7 +262,7 @@ def to_keras(cfg: RNNConfig, params: StackParams) -> list[np.ndarray]:
   use_bias=cfg.cell.use_bias, ...)``; load them with ``layer.set_weights``. ``cfg`` must be one
   layer in one direction (a Keras ``GRU``); wrap the layer in ``Bidirectional`` or stack layers
   for more."""
-  cfg, params = _single_cell(cfg, params, "Keras GRU")
+  cfg, params = _single_cell(cfg, params, "Keras GRU", "to_keras")
   p = {k: _np(v) for k, v in params.items()}
   out = [p["w_x"], p["w_h"]]
   if cfg.use_bias:
@@ -335,7 +339,7 @@ def to_flax(cfg: RNNConfig, params: StackParams) -> dict[str, dict[str, np.ndarr
   (tanh, sigmoid), which is all a Flax ``GRUCell`` can hold. Flax's cell has no recurrent bias
   on the z and r gates; they are folded into the input biases, which gives the same sums.
   """
-  cfg, params = _single_cell(cfg, params, "Flax GRUCell")
+  cfg, params = _single_cell(cfg, params, "Flax GRUCell", "to_flax")
   if cfg.variant != "reset_after" or not cfg.use_bias:
     raise ValueError("Flax GRUCell is reset_after with biases; got "
                      f"variant={cfg.variant!r}, use_bias={cfg.use_bias}")
@@ -376,7 +380,7 @@ def to_flax_nnx(cfg: RNNConfig, params: StackParams) -> dict[str, dict[str, np.n
     ValueError: ``cfg`` is not one layer in one direction, not reset_after with biases, not
       tanh/sigmoid, or ``b_h_n`` is not zero.
   """
-  cfg, params = _single_cell(cfg, params, "Flax nnx GRUCell")
+  cfg, params = _single_cell(cfg, params, "Flax nnx GRUCell", "to_flax_nnx")
   if cfg.variant != "reset_after" or not cfg.use_bias:
     raise ValueError("Flax nnx GRUCell is reset_after with biases; got "
                      f"variant={cfg.variant!r}, use_bias={cfg.use_bias}")

@@ -97,7 +97,7 @@ def to_equinox(cfg: RNNConfig, params: StackParams) -> Any:
     ValueError: ``cfg`` is not one layer in one direction, is reset_before, or has activations
       other than tanh and sigmoid (what an ``eqx.nn.GRUCell`` computes).
   """
-  cell_cfg, p = _single_cell(cfg, params, "eqx.nn.GRUCell")
+  cell_cfg, p = _single_cell(cfg, params, "eqx.nn.GRUCell", "to_equinox")
   if cell_cfg.variant != "reset_after":
     raise ValueError("eqx.nn.GRUCell computes the reset_after variant "
                      "(n = tanh(W_in x + b_n + r * (W_hn h + bias_n))); got variant='reset_before'")

@@ -433,6 +433,32 @@ def test_to_torch_unsupported():
     jaxgru.to_torch(RNNConfig(GRUConfig(I, H), bidirectional=True), bad)
 
 
+@pytest.mark.parametrize("name", ["to_torch", "to_keras", "to_flax", "to_flax_nnx"])
+def test_to_converters_name_themselves(name):
+  # to_flax_nnx said "to_flax takes ..." (and to_equinox "to_eqx.nn.grucell takes ...").
+  with raises(f"{name} takes a jaxgru.RNNConfig", "got GRUConfig"):
+    getattr(jaxgru, name)(GRUConfig(I, H), zeros_params(GRUConfig(I, H)))
+
+
+def test_from_converters_refuse_integer_weights():
+  # These were refused as 64-bit weights outside x64 mode, with advice to pass dtype='float32'.
+  cfg = RNNConfig(GRUConfig(I, H))
+  params = [{"fwd": {n: np.ones(s, np.float32) for n, s in cfg.cell.param_shapes().items()}}]
+  state_dict = {k: np.asarray(v).astype(np.int64) for k, v in jaxgru.to_torch(cfg, params).items()}
+  with raises("from_torch: expected floating-point weights, got int64"):
+    jaxgru.from_torch(state_dict)
+  flax = {k: {f: np.asarray(v).astype(np.int32) for f, v in d.items()}
+          for k, d in jaxgru.to_flax(cfg, params).items()}
+  with raises("from_flax: expected floating-point weights, got int32"):
+    jaxgru.from_flax(flax)
+  # bfloat16 weights are floats (NumPy's own test says they are not).
+  flax = {k: {f: np.asarray(v).astype(jnp.bfloat16) for f, v in d.items()}
+          for k, d in jaxgru.to_flax(cfg, params).items()}
+  got_cfg, got = jaxgru.from_flax(flax)
+  assert got_cfg.cell.param_dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(got[0]["fwd"]["w_h"], np.float32), params[0]["fwd"]["w_h"])
+
+
 def test_from_keras_wrong_shapes():
   kernel, recurrent = np.zeros((I, 3 * H), np.float32), np.zeros((H, 3 * H), np.float32)
   with raises("Keras GRU kernel", "expected shape (I, 3H)", "got (3, 11)"):
