@@ -17,7 +17,7 @@ import jax
 
 from jaxgru import activations as _act
 from jaxgru._parallel import METHODS as NEWTON_METHODS
-from jaxgru.cell import GRUConfig
+from jaxgru.cell import GRUConfig, check_flag
 
 # Per-backend defaults, measured with benchmarks/speed.py (see benchmarks/results/). On the CPU
 # the working set decides: XLA:CPU takes a temporary buffer above 32 MB fresh from the kernel
@@ -250,9 +250,8 @@ class ScanOptions:
       if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                 or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    if self.diagonal_backward is not None and not isinstance(self.diagonal_backward, bool):
-      raise ValueError(
-          f"diagonal_backward must be True, False or None, got {self.diagonal_backward!r}")
+    for name in ("hoist_projection", "custom_vjp", "diagonal_backward"):
+      check_flag(name, getattr(self, name), optional=True)
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat is not None and self.remat not in REMAT:

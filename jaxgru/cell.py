@@ -75,6 +75,14 @@ def _positive_int(name: str, value: Any) -> None:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_flag(name: str, value: Any, optional: bool = False) -> None:
+  """Raises ValueError unless ``value`` is a bool (or None, where ``optional``): a string such as
+  ``"no"`` would otherwise act as True."""
+  if not (isinstance(value, (bool, np.bool_)) or (optional and value is None)):
+    allowed = "True, False or None" if optional else "True or False"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
 def _as_dtype(name: str, value: Any) -> Optional[np.dtype]:
   if value is None:
     return None
@@ -201,6 +209,7 @@ class GRUConfig:
     _positive_int("hidden_size", self.hidden_size)
     if self.variant not in VARIANTS:
       raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+    check_flag("use_bias", self.use_bias)
     _act.resolve(self.activation)
     _act.resolve(self.recurrent_activation)
     object.__setattr__(self, "param_dtype", _as_dtype("param_dtype", self.param_dtype))

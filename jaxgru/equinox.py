@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxgru import _extras
 from jaxgru import activations as _act
-from jaxgru.cell import INITIALIZERS, GRUConfig, check_shape, field_default
+from jaxgru.cell import INITIALIZERS, GRUConfig, check_flag, check_shape, field_default
 from jaxgru.convert import _np, _rzn_to_zrn, _single_cell, _standard_activations, _zrn_to_rzn
 from jaxgru.rnn import RNNConfig, StackParams
 
@@ -214,6 +214,7 @@ class GRU(eqx.Module):
     """
     cfg = self.config
     dropout_key = None
+    check_flag("jaxgru.equinox.GRU inference", self.inference)
     if not self.inference and _dropout_applies(cfg):
       if key is None:
         raise ValueError(f"jaxgru.equinox.GRU with dropout={cfg.dropout} needs a key in training "

@@ -23,7 +23,7 @@ import jax
 
 from jaxgru import _extras
 from jaxgru import activations as _act
-from jaxgru.cell import INITIALIZERS, GRUConfig, check_shape, field_default
+from jaxgru.cell import INITIALIZERS, GRUConfig, check_flag, check_shape, field_default
 from jaxgru.rnn import RNNConfig
 
 nn = _extras.require("flax.linen", "flax")
@@ -72,6 +72,7 @@ class GRU(nn.Module):
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, deterministic: bool = True,
                resets: Optional[jax.Array] = None):
+    check_flag("linen GRU deterministic", deterministic)
     xs = check_shape("linen GRU xs", xs, (None, None, None), "(B, T, input features)")
     width = xs.shape[-1]
     if self.has_variable("params", "gru"):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from jaxgru import _extras
 from jaxgru import activations as _act
-from jaxgru.cell import INITIALIZERS, GRUConfig, field_default
+from jaxgru.cell import INITIALIZERS, GRUConfig, check_flag, field_default
 from jaxgru.rnn import RNNConfig, StackParams
 
 nnx = _extras.require("flax.nnx", "flax")
@@ -178,7 +178,9 @@ class GRU(nnx.Module):
       ``(ys, h_last)``: outputs (B, T, output_size) and final states (L * D, B, H).
     """
     cfg = self.config
+    check_flag("jaxgru.nnx.GRU deterministic", deterministic, optional=True)
     deterministic = self.deterministic if deterministic is None else deterministic
+    check_flag("jaxgru.nnx.GRU deterministic", deterministic)
     key = None
     if not deterministic and _dropout_applies(cfg):
       source = self.rngs if rngs is None else rngs

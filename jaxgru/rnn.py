@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgru.cell import (INITIALIZERS, GRUConfig, Params, check_key, check_lengths,
-                         check_shape)
+from jaxgru.cell import (INITIALIZERS, GRUConfig, Params, check_flag, check_key,
+                         check_lengths, check_shape)
 from jaxgru.scan import ScanOptions, check_options, check_resets, scan_layer
 
 StackParams = list[dict[str, Params]]
@@ -156,6 +156,9 @@ class RNNConfig:
       ``time_major``) and every cell's final state (L * D, B, H).
     """
     self.check_params(params)
+    check_flag("RNN time_major", time_major)
+    if dropout_key is not None:
+      check_key("RNN dropout_key", dropout_key)
     names = "(T, B, input_size" if time_major else "(B, T, input_size"
     xs = check_shape("RNN xs", xs, (None, None, self.input_size), f"{names}={self.input_size})")
     if time_major:

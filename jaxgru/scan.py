@@ -62,7 +62,7 @@ from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_loop_default,
                             input_terms_default, step_jvp_default)
 from jaxgru._jvp import _layer_jvp
-from jaxgru.cell import GRUConfig, Params, check_lengths, check_shape
+from jaxgru.cell import GRUConfig, Params, check_flag, check_lengths, check_shape
 
 __all__ = ("REMAT", "ScanOptions", "diagonal_backward_applies", "scan_layer")
 
@@ -131,6 +131,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     ``(ys_TBH, h_last_BH)``: every step's output and the final states.
   """
   check_options(options, "scan_layer options")
+  check_flag("scan_layer reverse", reverse)
   if isinstance(params, Mapping) and not isinstance(params, dict):
     # A read-only mapping (types.MappingProxyType, say) is not a pytree; the loops' custom
     # derivative rules take their arguments as pytrees.

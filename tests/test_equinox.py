@@ -260,6 +260,8 @@ def test_per_example_call_names_per_example_shapes():
   ys, _ = jax.vmap(model)(xs, jnp.array([5, 2]))
   want, _ = model.batched(xs, jnp.array([5, 2]))
   np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"inference must be True or False, got 'yes'"):
+    GRU(I, H, num_layers=2, dropout=0.5, inference="yes", key=jax.random.key(0))(xs[0])
   # Nested lists are inputs as the arrays they spell (they used to fail on ``xs_TI[None]``).
   ys, _ = model(np.asarray(xs[0]).tolist(), 5, np.zeros((2, H)).tolist())
   np.testing.assert_allclose(ys, want[0], rtol=1e-6, atol=1e-6)

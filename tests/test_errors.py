@@ -282,6 +282,42 @@ def test_inputs_that_are_not_arrays_of_reals(xs, parts):
     cfg.apply(zeros_stack(cfg), xs)
 
 
+def test_flags_must_be_bools():
+  # A string flag used to act as its truth value: use_bias="no" made biases, reverse="no" and
+  # hoist_projection="no" turned the option on, time_major="yes" read (B, T, I) as (T, B, I).
+  with raises("use_bias must be True or False, got 'no'"):
+    GRUConfig(I, H, use_bias="no")
+  for name in ("hoist_projection", "custom_vjp", "diagonal_backward"):
+    with raises(f"{name} must be True, False or None, got 'no'"):
+      jaxgru.ScanOptions(**{name: "no"})
+  cell = GRUConfig(I, H)
+  with raises("scan_layer reverse must be True or False, got 'no'"):
+    jaxgru.scan_layer(cell, zeros_params(cell), jnp.zeros((T, B, I)), reverse="no")
+  with raises("scan_layer reverse must be True or False, got 1"):
+    cell.sequence(zeros_params(cell), jnp.zeros((T, I)), reverse=1)
+  cfg = RNNConfig(cell, num_layers=2, dropout=0.5)
+  with raises("RNN time_major must be True or False, got 'yes'"):
+    cfg.apply(zeros_stack(cfg), jnp.zeros((B, T, I)), time_major="yes")
+  module = jaxgru.linen.GRU(hidden_size=H, num_layers=2, dropout=0.5)
+  xs = jnp.zeros((B, T, I))
+  variables = module.init(jax.random.key(0), xs)
+  with raises("linen GRU deterministic must be True or False, got 'no'"):
+    module.apply(variables, xs, deterministic="no", rngs={"dropout": jax.random.key(1)})
+  # NumPy's bools are bools.
+  GRUConfig(I, H, use_bias=np.bool_(False))
+
+
+def test_dropout_key_must_be_a_key():
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2, dropout=0.5)
+  with pytest.raises(TypeError, match=r"RNN dropout_key: expected a PRNG key, such as "
+                                      r"jax.random.key\(0\), got int"):
+    cfg.apply(zeros_stack(cfg), jnp.zeros((B, T, I)), dropout_key=3)
+  # Under jax.vmap, a batch of keys gives one key per call.
+  keys = jax.random.split(jax.random.key(0), 2)
+  ys = jax.vmap(lambda k: cfg.apply(zeros_stack(cfg), jnp.ones((B, T, I)), dropout_key=k)[0])(keys)
+  assert ys.shape == (2, B, T, H)
+
+
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
 def test_integer_params_are_refused(dtype):
   # They used to run as the floats they cast to: weights truncated or made 0/1 without a word.
