@@ -178,7 +178,6 @@ class GRU(nnx.Module):
       ``(ys, h_last)``: outputs (B, T, output_size) and final states (L * D, B, H).
     """
     cfg = self.config
-    check_flag("jaxgru.nnx.GRU deterministic", deterministic, optional=True)
     deterministic = self.deterministic if deterministic is None else deterministic
     check_flag("jaxgru.nnx.GRU deterministic", deterministic)
     key = None

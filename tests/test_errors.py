@@ -323,7 +323,8 @@ def test_integer_params_are_refused(dtype):
   # They used to run as the floats they cast to: weights truncated or made 0/1 without a word.
   cell = GRUConfig(I, H)
   params = {**zeros_params(cell), "w_h": jnp.zeros((H, 3 * H), dtype)}
-  with raises("GRU params['w_h']", f"expected floating-point numbers, got dtype {jnp.dtype(dtype)}"):
+  with raises("GRU params['w_h']",
+              f"expected floating-point numbers, got dtype {jnp.dtype(dtype)}"):
     jaxgru.scan_layer(cell, params, jnp.zeros((T, B, I)))
   # Half-precision weights are floats: they run, promoted as JAX promotes them.
   rng = np.random.default_rng(0)
@@ -492,7 +493,8 @@ def test_from_converters_refuse_integer_weights():
           for k, d in jaxgru.to_flax(cfg, params).items()}
   got_cfg, got = jaxgru.from_flax(flax)
   assert got_cfg.cell.param_dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(got[0]["fwd"]["w_h"], np.float32), params[0]["fwd"]["w_h"])
+  np.testing.assert_array_equal(np.asarray(got[0]["fwd"]["w_h"], np.float32),
+                                params[0]["fwd"]["w_h"])
 
 
 def test_from_keras_wrong_shapes():

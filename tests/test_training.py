@@ -129,7 +129,7 @@ def test_configs_refuse_what_is_not_a_number():
       training.OptimizerConfig(**{name: "0.1"})
     with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got True"):
       training.OptimizerConfig(**{name: True})
-  for bad in (0, -3, 2.5, "10"):
+  for bad in (0, -3, 2.5, 5.0, "10", True):
     with pytest.raises(ValueError, match=r"total_steps must be a positive integer"):
       training.OptimizerConfig(total_steps=bad)
   with pytest.raises(ValueError, match=r"learning_rates must be positive finite numbers"):

@@ -33,6 +33,5 @@ __all__ = (
     "Interrupted", "LoopResult", "MetricsWriter", "OptimizerConfig", "Progress", "StopSignals",
     "TrainState", "check_learning_rates", "check_resume", "check_seeds", "first_nan_step", "fit",
     "has_checkpoint", "init_state", "init_states", "intact_steps", "is_number", "is_writer",
-    "lr_shape",
-    "make_optimizer", "make_train_step", "read_config", "write_json_atomic",
+    "lr_shape", "make_optimizer", "make_train_step", "read_config", "write_json_atomic",
 )

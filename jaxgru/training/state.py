@@ -92,8 +92,8 @@ class OptimizerConfig:
       value = getattr(self, name)
       if not (is_number(value) and value >= 0 and math.isfinite(value)):  # NaN fails both
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not (is_number(self.total_steps) and self.total_steps >= 1
-            and float(self.total_steps).is_integer()):
+    if (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, numbers.Integral)
+        or self.total_steps < 1):
       raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
 
   def warmup_warning(self) -> Optional[str]:

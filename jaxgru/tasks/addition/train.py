@@ -103,7 +103,8 @@ class AdditionConfig:
            and 0 < self.consolidate_lr_scale < math.inf, "a positive finite number")
     training.check_learning_rates(self.learning_rates)
     _check("eval_bits", self.eval_bits,
-           isinstance(self.eval_bits, tuple) and len(self.eval_bits) > 0 and all(_is_int(b) and b >= 1 for b in self.eval_bits),
+           isinstance(self.eval_bits, tuple) and len(self.eval_bits) > 0
+           and all(_is_int(b) and b >= 1 for b in self.eval_bits),
            "positive integers (at least one)")
     training.check_seeds(self.seed, self.num_models)
     # The step counter is int32: every step of both phases must fit.
