@@ -26,12 +26,14 @@ from jaxgru.training.metrics import (Diverged, Interrupted, MetricsWriter, Progr
                                      first_nan_step)
 from jaxgru.training.state import (OPTIMIZERS, SCHEDULES, OptimizerConfig, TrainState,
                                    check_learning_rates, check_seeds, init_state, init_states,
-                                   is_number, lr_shape, make_optimizer, make_train_step)
+                                   is_integer, is_number, lr_shape, make_optimizer,
+                                   make_train_step)
 
 __all__ = (
     "OPTIMIZERS", "SCHEDULES", "CheckpointError", "Checkpointer", "ConfigMismatch", "Diverged",
     "Interrupted", "LoopResult", "MetricsWriter", "OptimizerConfig", "Progress", "StopSignals",
     "TrainState", "check_learning_rates", "check_resume", "check_seeds", "first_nan_step", "fit",
-    "has_checkpoint", "init_state", "init_states", "intact_steps", "is_number", "is_writer",
-    "lr_shape", "make_optimizer", "make_train_step", "read_config", "write_json_atomic",
+    "has_checkpoint", "init_state", "init_states", "intact_steps", "is_integer", "is_number",
+    "is_writer", "lr_shape", "make_optimizer", "make_train_step", "read_config",
+    "write_json_atomic",
 )

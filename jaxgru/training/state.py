@@ -43,6 +43,11 @@ def is_number(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_integer(value: Any) -> bool:
+  """Whether ``value`` is an integer (a Python or NumPy int, not a bool, a float or a str)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_learning_rates(rates) -> None:
   """Raises ValueError unless ``rates`` holds at least one finite positive number."""
   if (not isinstance(rates, (tuple, list)) or not rates
@@ -92,8 +97,7 @@ class OptimizerConfig:
       value = getattr(self, name)
       if not (is_number(value) and value >= 0 and math.isfinite(value)):  # NaN fails both
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if (isinstance(self.total_steps, bool) or not isinstance(self.total_steps, numbers.Integral)
-        or self.total_steps < 1):
+    if not (is_integer(self.total_steps) and self.total_steps >= 1):
       raise ValueError(f"total_steps must be a positive integer, got {self.total_steps!r}")
 
   def warmup_warning(self) -> Optional[str]:

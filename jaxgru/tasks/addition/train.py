@@ -40,10 +40,6 @@ def _check(name: str, value: Any, ok: bool, what: str) -> None:
     raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class AdditionConfig:
   """Everything a training run needs; ``run.py`` fills it from flags. Defaults by measurement.
@@ -90,10 +86,10 @@ class AdditionConfig:
     for name in ("bits", "consolidate_bits", "consolidate_batch_size", "batch_size", "steps",
                  "num_models", "eval_size", "long_eval_size", "log_every", "checkpoint_every"):
       value = getattr(self, name)
-      _check(name, value, _is_int(value) and value >= 1, "a positive integer")
+      _check(name, value, training.is_integer(value) and value >= 1, "a positive integer")
     for name in ("consolidate_steps", "seed"):
       value = getattr(self, name)
-      _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
+      _check(name, value, training.is_integer(value) and value >= 0, "an integer >= 0")
     for name in ("mixed_carries", "consolidate_mixed"):
       value = getattr(self, name)
       _check(name, value, training.is_number(value) and 0.0 <= value <= 1.0,
@@ -104,7 +100,7 @@ class AdditionConfig:
     training.check_learning_rates(self.learning_rates)
     _check("eval_bits", self.eval_bits,
            isinstance(self.eval_bits, tuple) and len(self.eval_bits) > 0
-           and all(_is_int(b) and b >= 1 for b in self.eval_bits),
+           and all(training.is_integer(b) and b >= 1 for b in self.eval_bits),
            "positive integers (at least one)")
     training.check_seeds(self.seed, self.num_models)
     # The step counter is int32: every step of both phases must fit.

@@ -87,11 +87,11 @@ class ClassifyConfig:
     for name in ("bucket", "batch_size", "epochs", "num_models", "eval_batch_size", "log_every",
                  "checkpoint_every", "eval_subset"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      if not (training.is_integer(value) and value >= 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     for name in ("seed", "eval_every"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      if not (training.is_integer(value) and value >= 0):
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     training.check_learning_rates(self.learning_rates)
     training.check_seeds(self.seed, self.num_models)
