@@ -3,6 +3,7 @@ a finished run is shown or trained on."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -270,3 +271,82 @@ def test_a_finished_run_is_shown_or_trained_on_by_its_settings_and_steps(tmp_pat
   errors = [l for l in alone[2].splitlines() if "error" in l]
   assert len(errors) == 1 and "other settings" in errors[0] and "bits=3 there, 8 now" in errors[0]
   assert _snapshot(copies[1]) == done
+
+
+# == The console: one progress line on a terminal, a log line per interval otherwise ===============
+
+CONSOLE_ARGS = SHOW_ARGS + ["--steps=20"]  # 4 intervals of 5 steps, never solved: all are taken
+
+
+def _on_terminal(args, timeout=300):
+  """Starts run.py with a pseudo-terminal as its stdin, stdout and stderr, as a user's shell
+  does, and a thread that reads all it writes; returns the process and a function that waits
+  for it and returns what it wrote."""
+  import pty
+  import threading
+  master, slave = pty.openpty()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", COLUMNS="200")
+  p = subprocess.Popen([sys.executable, RUN, *args], stdin=slave, stdout=slave, stderr=slave,
+                       env=env, close_fds=True)
+  os.close(slave)
+  chunks = []
+
+  def read():
+    while True:
+      try:
+        data = os.read(master, 1 << 16)
+      except OSError:  # EIO: the process has exited and closed the terminal
+        return
+      if not data:
+        return
+      chunks.append(data)
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+
+  def wait():
+    p.wait(timeout=timeout)
+    reader.join(timeout=30)
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+  return p, wait
+
+
+def _screen(text):
+  """The lines a terminal shows after ``text``: each \\n-line as its \\r-segments written one
+  over another (a carriage return goes back to the line's start; what follows overwrites)."""
+  lines = []
+  for line in text.split("\n"):
+    cells = []
+    for segment in line.split("\r"):
+      cells[:len(segment)] = segment
+    lines.append("".join(cells).rstrip())
+  return [l for l in lines if l]
+
+
+@pytest.mark.slow
+def test_a_terminal_shows_one_progress_line_and_a_pipe_a_line_per_interval(tmp_path):
+  """On a terminal: one line redrawn at each of the 4 intervals, ending with the steps taken and
+  the loss, then the summary. With --verbosity=1 on a terminal, or with stderr a pipe: a log line
+  per interval. metrics.jsonl has every interval either way."""
+  works = [str(tmp_path / n) for n in ("tty", "verbose", "pipe")]
+  tty, read_tty = _on_terminal(CONSOLE_ARGS + [f"--workdir={works[0]}"])
+  verbose, read_verbose = _on_terminal(CONSOLE_ARGS + [f"--workdir={works[1]}", "--verbosity=1"])
+  pipe = _run(CONSOLE_ARGS + [f"--workdir={works[2]}"])
+  out_tty, out_verbose = read_tty(), read_verbose()
+  assert tty.returncode == verbose.returncode == pipe.returncode == 0, (out_tty, pipe.stderr)
+  intervals = [f"step {s}/20: train_loss=" for s in (5, 10, 15, 20)]
+
+  screen = _screen(out_tty)
+  progress = [l for l in screen if l.startswith("step ")]
+  assert len(progress) == 1, screen
+  assert re.match(r"step 20/20: 20 steps in \d+s( \(\d+ steps/s\))?  train_loss=\d", progress[0])
+  assert out_tty.count("\rstep ") >= 4  # redrawn in place at each interval
+  assert not any(l.startswith(tuple(intervals)) for l in screen)
+  assert "not solved in 20 steps" in out_tty and "steps_to_solve=None" in out_tty  # the summary
+
+  for lines in (_screen(out_verbose), pipe.stderr.splitlines()):
+    shown = [l for l in lines if "step " in l and "/20: train_loss=" in l]
+    assert len(shown) == 4 and all(i in l for i, l in zip(intervals, shown)), lines
+  for work in works:
+    with open(os.path.join(work, "metrics.jsonl")) as f:
+      assert [json.loads(l)["step"] for l in f] == [5, 10, 15, 20]

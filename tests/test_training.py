@@ -1,7 +1,9 @@
 """The training library: the loop's divergence check, resume checks, the writing process."""
 
+import io
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +82,7 @@ def test_fit_shows_the_metrics_the_task_names():
   step = lambda s: (s._replace(step=s.step + 1), {"loss": jnp.float32(2.0), "other": 1.0})
   lines = []
   training.fit(state, step, total_steps=4, log_every=2, checkpoint_every=4, checkpointer=None,
-               writer=None, progress=training.Progress(4, lines.append, stream=open(os.devnull, "w")),
+               writer=None, progress=training.Progress(lines.append, stream=open(os.devnull, "w")),
                shown=("train_other", "train_loss"))
   assert lines == ["step 2/4: train_other=1 train_loss=2", "step 4/4: train_other=1 train_loss=2"]
 
@@ -150,3 +152,60 @@ def test_warmup_warning_exactly_when_the_peak_is_never_reached(schedule):
     assert (warning is not None) == (peak < 1.0), (warmup, total, peak)
     if warning:
       assert f"({warmup} steps)" in warning and f"({total} steps)" in warning
+
+
+class _Terminal(io.StringIO):
+  """A stream that says it is a terminal (80 columns), recording what is written."""
+
+  def isatty(self):
+    return True
+
+  def fileno(self):
+    raise OSError("no file")
+
+
+def _screen(text):
+  """The terminal's lines after ``text``: each \\n-line as its last \\r-segment over the earlier
+  ones (a carriage return moves back and the next characters overwrite)."""
+  lines = []
+  for line in text.split("\n"):
+    cells = []
+    for segment in line.split("\r"):
+      cells[:len(segment)] = segment
+    lines.append("".join(cells).rstrip())
+  return lines
+
+
+def test_progress_on_a_terminal_is_one_line_across_phases(monkeypatch):
+  """Two fits (a task's two phases) and a message between them: on a terminal, one redrawn line
+  that ends with the steps taken and the last metrics; the message above it; through ``log``
+  nothing but the message. Without a terminal: one log line per interval, as before."""
+  monkeypatch.setenv("COLUMNS", "80")
+  state = training.init_state({"w": jnp.ones((2,))},
+                              training.make_optimizer(training.OptimizerConfig()), 0.1, seed=0)
+  step = lambda s: (s._replace(step=s.step + 1), {"loss": s.step.astype(jnp.float32)})
+  for bar in (True, False):
+    stream, logged = _Terminal(), []
+
+    def log(text):  # as absl does: a whole line on the same stream
+      logged.append(text)
+      stream.write(text + "\n")
+    with training.Progress(log, stream, bar=None if bar else False) as progress:
+      state1 = training.fit(state, step, total_steps=6, log_every=2, checkpoint_every=100,
+                            checkpointer=None, writer=None, progress=progress).state
+      progress.message("phase two")
+      training.fit(state1, step, total_steps=10, log_every=2, checkpoint_every=100,
+                   checkpointer=None, writer=None, progress=progress)
+    screen = [l for l in _screen(stream.getvalue()) if l]
+    if bar:
+      assert logged == ["phase two"]
+      assert len(screen) == 2 and screen[0] == "phase two", screen
+      assert re.fullmatch(r"step 10/10: 10 steps in \d+s( \(\d+ steps/s\))?  train_loss=8.5",
+                          screen[1]), screen
+      assert stream.getvalue().count("\r") >= 5  # redrawn at each of the 5 intervals
+      assert all(len(l) < 80 for l in stream.getvalue().replace("\r", "\n").split("\n"))
+    else:
+      want = [f"step {s}/{t}: train_loss={s - 1.5:.4g}" for s, t in
+              ((2, 6), (4, 6), (6, 6))] + ["phase two"] + [
+              f"step {s}/10: train_loss={s - 1.5:.4g}" for s in (8, 10)]
+      assert logged == want and screen == want

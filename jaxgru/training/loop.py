@@ -48,12 +48,16 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
     state: the state to start from (its ``step`` may be > 0 after a resume; with many models,
       every model is at the same step).
     train_step: jitted ``(state, *batch) -> (state, metrics)``.
+    progress: told where training starts and goes (:meth:`Progress.start`), then each
+      interval's shown metrics; its owner closes it (one line can span several calls of ``fit``).
     batch_fn: ``step -> batch tuple`` for tasks whose data come from the host.
     shown: the record entries the progress line shows, in this order (the task's names, such as
       ``"train_loss"`` or ``"eval_accuracy"``); entries missing from a record are skipped.
   """
   step = int(np.asarray(state.step).reshape(-1)[0])
   start = time.time()
+  if progress is not None:
+    progress.start(step, total_steps)
   stopped = False
   with StopSignals() as signals:
     while step < total_steps:
@@ -95,7 +99,5 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
       if stop:
         stopped = True
         break
-  if progress is not None:
-    progress.close()
   return LoopResult(state=state, steps=step, stopped_early=stopped,
                     train_seconds=time.time() - start)

@@ -12,6 +12,7 @@ import _thread
 import gc
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -59,28 +60,110 @@ class MetricsWriter:
 
 
 class Progress:
-  """A one-line progress bar in a terminal; plain log lines through ``log`` otherwise."""
+  """How a training run shows its log intervals: one line redrawn in place, or a log line each.
 
-  def __init__(self, total: int, log: Callable[[str], None], stream=None):
-    self.total, self.log = total, log
+  :func:`fit` calls :meth:`start` when it begins (the step it starts from, the step it trains
+  to) and :meth:`update` once per log interval. With a bar (``bar=None``: when ``stream`` is a
+  terminal), every interval redraws ONE line on ``stream`` after a carriage return::
+
+    step 240/2480  145 steps/s  16s left  train_loss=0.002488 train_bit_accuracy=1
+
+  (cut to the terminal's width; the rate and the time left count from the last :meth:`start`,
+  so a second phase of a task, with its own step cost, continues the same line);
+  :meth:`message` prints a line above it and :meth:`close` ends it with the steps taken, the
+  time spent in :func:`fit` and the last metrics. Without one (a pipe, a log file, or
+  ``bar=False``), each interval is a line through ``log``:
+  ``"step 240/2480: train_loss=0.002488 train_bit_accuracy=1"``, and messages go through
+  ``log`` too. A context manager: the line is ended however the block ends, so that an
+  error printed next starts on a line of its own.
+  """
+
+  def __init__(self, log: Callable[[str], None], stream=None, bar: Optional[bool] = None):
+    self.log = log
     self.stream = stream or sys.stderr
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self.start = time.time()
+    self.bar = (hasattr(self.stream, "isatty") and self.stream.isatty()) if bar is None else bar
+    self._shown = ""              # the line on screen (without its carriage return)
+    self._step = self._total = 0  # the step of the last update, and the one trained to
+    self._text = ""               # the metrics of the last update
+    self._phase = None            # (time, step) of the last start
+    self._last = None             # time of the last update
+    self._done = (0, 0.0)         # steps taken and seconds spent in the phases before
+
+  def start(self, step: int, total: int) -> None:
+    """Training (or a next phase of it) begins at ``step`` and goes to at most ``total``."""
+    self._done = self._taken()
+    self._phase, self._step, self._total = (time.time(), step), step, total
 
   def update(self, step: int, text: str) -> None:
-    if self.tty:
-      frac = min(step / max(self.total, 1), 1.0)
-      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-      rate = step / max(time.time() - self.start, 1e-9)
-      self.stream.write(f"\r[{bar}] {step}/{self.total} {text} ({rate:.0f} steps/s) ")
-      self.stream.flush()
-    else:
-      self.log(f"step {step}/{self.total}: {text}")
+    """A log interval ended at ``step``; ``text``: the metrics to show."""
+    self._step, self._text, self._last = step, text, time.time()
+    if not self.bar:
+      self.log(f"step {step}/{self._total}: {text}")
+      return
+    t0, s0 = self._phase
+    rate = (step - s0) / (self._last - t0) if self._last > t0 else 0.0
+    left = f"  {_duration((self._total - step) / rate)} left" if rate and step < self._total else ""
+    self._draw(f"step {step}/{self._total}  {rate:.0f} steps/s{left}  {text}")
+
+  def message(self, text: str) -> None:
+    """A line for the reader while training runs: above the progress line, or through ``log``."""
+    if not (self.bar and self._shown):
+      self.log(text)
+      return
+    shown = self._shown
+    self._draw("")
+    self.log(text)
+    self._draw(shown)
 
   def close(self) -> None:
-    if self.tty:
+    """Ends the progress line with what was done: steps, time, rate and the last metrics."""
+    if self.bar and self._shown:
+      steps, seconds = self._taken()
+      rate = f" ({steps / seconds:.0f} steps/s)" if seconds > 0 else ""
+      self._draw(f"step {self._step}/{self._total}: {steps} steps in {_duration(seconds)}{rate}"
+                 f"  {self._text}")
       self.stream.write("\n")
       self.stream.flush()
+      self._shown = ""
+
+  def __enter__(self) -> "Progress":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
+
+  def _taken(self) -> tuple[int, float]:
+    """Steps taken and seconds spent training, up to the last update (phases added up)."""
+    steps, seconds = self._done
+    if self._phase is not None and self._last is not None and self._last >= self._phase[0]:
+      steps += self._step - self._phase[1]
+      seconds += self._last - self._phase[0]
+    return steps, seconds
+
+  def _draw(self, line: str) -> None:
+    try:
+      width = os.get_terminal_size(self.stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+      width = 0
+    width = width or shutil.get_terminal_size().columns  # a terminal of unknown size: 80
+    line = line[:max(width - 1, 1)]
+    # Spaces over what is left of a longer line before (no terminal escape codes needed), and
+    # the cursor back to the line's end.
+    padded = line.ljust(len(self._shown))
+    self.stream.write("\r" + padded + ("\r" + line if len(padded) > len(line) else ""))
+    self.stream.flush()
+    self._shown = line
+
+
+def _duration(seconds: float) -> str:
+  """``seconds`` as "42s", "3m05s" or "2h07m"."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _drops_exceptions(frame) -> bool:

@@ -331,13 +331,15 @@ def _step_of(state: training.TrainState) -> int:
 
 
 def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
-                       progress_stream=None, flags: Optional[dict[str, Any]] = None
-                       ) -> dict[str, Any]:
+                       progress: Optional[training.Progress] = None,
+                       flags: Optional[dict[str, Any]] = None) -> dict[str, Any]:
   """Trains ``cfg.num_models`` models (resuming from ``workdir``), evaluates, writes summary.
 
   Writes ``workdir/config.json`` (after the resume checks and the restore), ``metrics.jsonl``,
   ``summary.json`` (with ``flags`` recorded as they are: ``run.py`` passes its flags) and orbax
-  checkpoints. Returns the summary dict.
+  checkpoints. Returns the summary dict. ``log`` takes the run's messages; ``progress`` shows
+  both phases' log intervals on one line (by default a :class:`training.Progress` over ``log``:
+  a line redrawn on stderr when it is a terminal, else a log line per interval).
 
   Raises:
     training.ConfigMismatch: ``workdir`` holds checkpoints of a run with other settings (beyond
@@ -347,6 +349,7 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
   """
   record = {"task": TASK, "config": cfg.to_json()}
   training.check_resume(workdir, record, RESUMABLE_CHANGES)
+  progress = progress or training.Progress(log)
   if warning := cfg.optimizer_config().warmup_warning():
     log(warning)
   os.makedirs(workdir, exist_ok=True)
@@ -394,38 +397,39 @@ def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,
   extra = lambda: {"steps_to_solve": steps_to_solve, "solve_end": solve_end}
   fit = functools.partial(training.fit, log_every=cfg.log_every,
                           checkpoint_every=cfg.checkpoint_every, checkpointer=ckpt,
-                          writer=writer, checkpoint_extra=extra, shown=SHOWN_METRICS)
+                          writer=writer, checkpoint_extra=extra, shown=SHOWN_METRICS,
+                          progress=progress)
   all_solved = cfg.early_stop and all(s is not None for s in steps_to_solve)
-  train_seconds = 0.0
-  if solve_end is None and not all_solved:
-    # Phase 1: train at cfg.bits until every model is solved (or cfg.steps).
-    result = fit(state, train_step, total_steps=cfg.steps,
-                 progress=training.Progress(cfg.steps, log, progress_stream), evaluate=evaluate)
-    state, train_seconds = result.state, result.train_seconds
+  with progress:
+    train_seconds = 0.0
+    if solve_end is None and not all_solved:
+      # Phase 1: train at cfg.bits until every model is solved (or cfg.steps).
+      result = fit(state, train_step, total_steps=cfg.steps, evaluate=evaluate)
+      state, train_seconds = result.state, result.train_seconds
 
-  if cfg.consolidate_steps > 0 and any(s is not None for s in steps_to_solve):
-    # Phase 2: consolidate on longer problems at a lower rate, which is what makes solved models
-    # exact on far longer numbers (benchmarks/addition.py measures it).
-    if solve_end is None:
-      solve_end = _step_of(state)
-      # A fresh optimizer state: Adam's moments from the solve phase are tiny by now and would
-      # keep the steps too small to move (measured: 28 of 32 seeds exact at 10,000 bits with the
-      # old moments, 31 of 32 with fresh ones, same steps and rate).
-      opt = training.make_optimizer(consolidate_optimizer_config(cfg))
-      state = parallel.shard_models(state._replace(
-          opt_state=jax.vmap(opt.init)(state.params),
-          learning_rate=state.learning_rate * cfg.consolidate_lr_scale), mesh)
-      log(f"every model solved by step {solve_end}; consolidating for {cfg.consolidate_steps} "
-          f"steps, batches of {cfg.consolidate_batch_size} {cfg.consolidate_bits}-bit problems "
-          f"({cfg.consolidate_mixed:.0%} with long carry chains)")
-    step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits,
-                            optimizer=consolidate_optimizer_config(cfg),
-                            mixed=cfg.consolidate_mixed,
-                            batch_size=cfg.consolidate_batch_size).lower(state).compile()
-    total = solve_end + cfg.consolidate_steps
-    result = fit(state, step2, total_steps=total,
-                 progress=training.Progress(total, log, progress_stream))
-    state, train_seconds = result.state, train_seconds + result.train_seconds
+    if cfg.consolidate_steps > 0 and any(s is not None for s in steps_to_solve):
+      # Phase 2: consolidate on longer problems at a lower rate, which is what makes solved
+      # models exact on far longer numbers (benchmarks/addition.py measures it).
+      if solve_end is None:
+        solve_end = _step_of(state)
+        # A fresh optimizer state: Adam's moments from the solve phase are tiny by now and
+        # would keep the steps too small to move (measured: 28 of 32 seeds exact at 10,000 bits
+        # with the old moments, 31 of 32 with fresh ones, same steps and rate).
+        opt = training.make_optimizer(consolidate_optimizer_config(cfg))
+        state = parallel.shard_models(state._replace(
+            opt_state=jax.vmap(opt.init)(state.params),
+            learning_rate=state.learning_rate * cfg.consolidate_lr_scale), mesh)
+        progress.message(
+            f"every model solved by step {solve_end}; consolidating for {cfg.consolidate_steps} "
+            f"steps, batches of {cfg.consolidate_batch_size} {cfg.consolidate_bits}-bit problems "
+            f"({cfg.consolidate_mixed:.0%} with long carry chains)")
+      step2 = make_train_step(cfg, mesh, bits=cfg.consolidate_bits,
+                              optimizer=consolidate_optimizer_config(cfg),
+                              mixed=cfg.consolidate_mixed,
+                              batch_size=cfg.consolidate_batch_size).lower(state).compile()
+      total = solve_end + cfg.consolidate_steps
+      result = fit(state, step2, total_steps=total)
+      state, train_seconds = result.state, train_seconds + result.train_seconds
   ckpt.close()
 
   length_generalization = {}

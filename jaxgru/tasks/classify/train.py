@@ -268,7 +268,8 @@ def _cpu_seconds() -> float:
 
 
 def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
-                       progress_stream=None, flags: Optional[dict[str, Any]] = None,
+                       progress: Optional[training.Progress] = None,
+                       flags: Optional[dict[str, Any]] = None,
                        data: Optional[Data] = None) -> dict[str, Any]:
   """Trains ``cfg.num_models`` classifiers (resuming from ``workdir``), evaluates on the whole
   test split, and writes ``workdir/summary.json``.
@@ -279,8 +280,9 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
   Args:
     cfg: the run's configuration.
     workdir: output folder.
-    log: where progress lines go.
-    progress_stream: stream for the progress bar (stderr by default).
+    log: where the run's messages go.
+    progress: shows the log intervals (by default a :class:`training.Progress` over ``log``: a
+      line redrawn on stderr when it is a terminal, else a log line per interval).
     flags: recorded as they are in the summary (``run.py`` passes its flags).
     data: preloaded data (benchmarks share one load across runs); loaded from ``cfg`` if None.
 
@@ -339,12 +341,12 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
             "eval_accuracy_ensemble": float(m["ensemble_accuracy"])}, False
 
   extra = {"vocab": list(data.vocab)} if data.vocab is not None else {}
-  result = training.fit(
-      state, train_step, total_steps=total_steps, log_every=cfg.log_every,
-      checkpoint_every=cfg.checkpoint_every, checkpointer=ckpt,
-      writer=writer,
-      progress=training.Progress(total_steps, log, progress_stream), evaluate=evaluate_during,
-      batch_fn=batches, checkpoint_extra=lambda: extra, shown=SHOWN_METRICS)
+  with progress or training.Progress(log) as intervals:
+    result = training.fit(
+        state, train_step, total_steps=total_steps, log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every, checkpointer=ckpt, writer=writer,
+        progress=intervals, evaluate=evaluate_during, batch_fn=batches,
+        checkpoint_extra=lambda: extra, shown=SHOWN_METRICS)
   ckpt.close()
 
   t0 = time.time()
