@@ -231,7 +231,6 @@ def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
   return (ys[:steps] if pad else ys), h_last
 
 
-
 def sequence(cell: GRUConfig, params: Params, xs: jax.Array, h0: Optional[jax.Array] = None,
              length: Optional[jax.Array] = None, reverse: bool = False,
              unroll: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
