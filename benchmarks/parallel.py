@@ -177,7 +177,8 @@ def backward(args, log, rows=None):
                                           argnums=(0, 1)))}
     for bwd in ("adjoint", "rerun"):
       run = lambda p, x, bwd=bwd: parallel_layer(cell, p, x, method=args.method,
-                                                 max_iters=args.max_iters, backward=bwd)[0]
+                                                 max_iters=args.max_iters, backward=bwd,
+                                                 sequential=jaxgru.scan_layer)[0]
       fns[bwd] = jax.jit(jax.grad(loss(run), argnums=(0, 1)))
     for f in fns.values():
       jax.block_until_ready(f(params, xs))
@@ -311,7 +312,7 @@ def trained_imdb(args, log, rows=None):
   valid_TB = np.arange(steps)[:, None] < lengths_np[None, :]
   methods = [m for m in ("quasi", "elk", "full")
              if m != "full" or rnn.hidden_size <= args.full_max_hidden]
-  seq = jax.jit(lambda cell, p, x, n, rev: jaxgru.scan_layer(cell, p, x, None, n, reverse=rev),
+  seq = jax.jit(lambda cell, p, x, n, rev: jaxgru.scan_layer(cell, p, x, n, reverse=rev),
                 static_argnums=(0, 4))
   par = jax.jit(lambda cell, p, x, n, rev, m: parallel_layer(
       cell, p, x, None, n, reverse=rev, method=m, max_iters=args.max_iters),

@@ -19,7 +19,13 @@ layer's output (H, or 2H for concatenated directions), ``N`` models, ``C`` steps
 one length per sequence and ``h0_BH`` a batch of states. Names without a suffix are scalars or
 pytrees.
 
-``import jaxgru`` needs jax and numpy only. ``jaxgru.linen`` and ``jaxgru.nnx`` need
+One calling convention. Every batched front door, :func:`scan_layer`, :meth:`RNNConfig.apply`
+and the linen, NNX and Equinox modules, is called ``(xs, lengths=None, h0=None, *,
+resets=None, ...)`` (the per-example Equinox call: ``(xs, length=None, h0=None, *, resets=None,
+key=None)``); each docstring states the shapes. Weight converters (``from_*``, ``to_*``) are all
+``jaxgru.<name>``.
+
+``import jaxgru`` needs jax and numpy only (the Equinox converters import Equinox when called). ``jaxgru.linen`` and ``jaxgru.nnx`` need
 ``jaxgru[flax]``, ``jaxgru.equinox`` needs ``jaxgru[equinox]``, and the training library and the
 tasks need ``jaxgru[train]``.
 """
@@ -27,8 +33,8 @@ tasks need ``jaxgru[train]``.
 from jaxgru._version import __version__
 from jaxgru.activations import ACTIVATIONS, hard_sigmoid
 from jaxgru.cell import GRUConfig, Params, default_float_dtype
-from jaxgru.convert import (from_flax, from_keras, from_torch, to_flax, to_flax_nnx, to_keras,
-                            to_torch)
+from jaxgru.convert import (from_equinox, from_flax, from_keras, from_torch, to_equinox, to_flax,
+                            to_flax_nnx, to_keras, to_torch)
 from jaxgru.rnn import RNNConfig, StackParams
 from jaxgru.scan import ScanOptions, scan_layer
 
@@ -41,11 +47,13 @@ __all__ = (
     "StackParams",
     "__version__",
     "default_float_dtype",
+    "from_equinox",
     "from_flax",
     "from_keras",
     "from_torch",
     "hard_sigmoid",
     "scan_layer",
+    "to_equinox",
     "to_flax",
     "to_flax_nnx",
     "to_keras",

@@ -72,8 +72,9 @@ held (one JVP of all T steps at once); ``backward="adjoint"`` runs that recurren
 one step JVP each at the known states (no Newton iterations are differentiated), and JAX
 transposes it, for reverse mode, into the adjoint loop ``lambda_t = dy_t + J_{t+1}^T
 lambda_{t+1}`` followed by ONE VJP of all T steps against the adjoints. ``backward="rerun"`` is
-the plain alternative: the derivative of the sequential :func:`jaxgru.scan_layer` from h0. Both
-give the sequential derivatives; which is faster is measured in benchmarks/parallel.py and
+the plain alternative: the derivative of the sequential :func:`jaxgru.scan_layer` from h0 (the
+loop layer hands it over as ``sequential=``: this module sits below it and does not import it).
+Both give the sequential derivatives; which is faster is measured in benchmarks/parallel.py and
 docs/parallel.md.
 
 Length: this module is longer than the project's 400-line guide because it holds one algorithm
@@ -84,7 +85,7 @@ finish and the custom JVP); splitting it would scatter one derivation over sever
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +126,7 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                    resets_BT: Optional[jax.Array] = None, *, reverse: bool = False,
                    method: str = "quasi", tol: Optional[float] = None, max_iters: int = 100,
                    damping: Optional[float] = None, backward: str = "adjoint",
+                   sequential: Optional[Callable[..., tuple[jax.Array, jax.Array]]] = None,
                    ) -> tuple[jax.Array, jax.Array, ParallelInfo]:
   """Runs ``cell`` over a time-major batch by Newton iterations over time (module docstring).
 
@@ -149,6 +151,9 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     damping: the initial lambda of ``"elk"`` (default 1.0); for ``"quasi"``/``"full"`` a fixed
       lambda (default 0.0, undamped).
     backward: ``"adjoint"`` (default) or ``"rerun"``, how gradients are computed.
+    sequential: the sequential loop, with :func:`jaxgru.scan_layer`'s signature, that
+      ``backward="rerun"`` differentiates; required then. The loop layer hands it over (this
+      module sits below it and does not import it).
 
   Returns:
     ``(ys_TBH, h_last_BH, info)``: every step's output, the final states, and a
@@ -162,6 +167,9 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                                and _act.is_elementwise(cell.recurrent_activation)):
     raise ValueError(f"method={method!r} needs elementwise activations (a name in "
                      "jaxgru.ACTIVATIONS); use method='full' for other callables")
+  if backward == "rerun" and not callable(sequential):
+    raise ValueError("backward='rerun' differentiates the sequential loop: pass "
+                     "sequential=jaxgru.scan_layer")
   if isinstance(max_iters, bool) or not isinstance(max_iters, (int, np.integer)) or max_iters < 0:
     raise ValueError(f"max_iters must be a non-negative integer, got {max_iters!r}")
   cell.check_params(params)
@@ -204,7 +212,8 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                                           if reverse else [valid_TB])
 
   flip = (lambda a: a[::-1]) if reverse else (lambda a: a)
-  st = _Static(cell, method, tol, int(max_iters), float(damping), backward, bool(reverse))
+  st = _Static(cell, method, tol, int(max_iters), float(damping), backward, bool(reverse),
+               sequential)
   states_TBH, info = _solve(st, params, flip(xs_TBI), h0_BH, flip(valid_TB), flip(reset_TB))
   valid_TB1 = flip(valid_TB)[:, :, None]
   ys_TBH = flip(jnp.where(valid_TB1, states_TBH, jnp.zeros_like(states_TBH)))
@@ -222,6 +231,7 @@ class _Static(NamedTuple):
   damping: float
   backward: str
   reverse: bool
+  sequential: Optional[Callable[..., Any]]  # the loop backward="rerun" differentiates
 
 
 def _deriv(fn, a):
@@ -426,8 +436,7 @@ def _solve_jvp(st, primals, tangents):
   dparams, dxs_TBI, dh0_BH = tangents[:3]
   states_TBH, info = _solve(st, *primals)
   if st.backward == "rerun":
-    from jaxgru.scan import scan_layer  # pylint: disable=import-outside-toplevel
-    dstates_TBH = _rerun_tangent(st, scan_layer, primals, (dparams, dxs_TBI, dh0_BH))
+    dstates_TBH = _rerun_tangent(st, primals, (dparams, dxs_TBI, dh0_BH))
   else:
     dstates_TBH = _adjoint_tangent(st, primals, (dparams, dxs_TBI, dh0_BH), states_TBH)
   info_tangent = jax.tree.map(
@@ -467,9 +476,9 @@ def _adjoint_tangent(st, primals, tangents, states_TBH):
   return ds_TBH
 
 
-def _rerun_tangent(st, scan_layer, primals, tangents):
-  """The states' tangents from the JVP of the sequential :func:`jaxgru.scan_layer` from h0,
-  mapped to processing order."""
+def _rerun_tangent(st, primals, tangents):
+  """The states' tangents from the JVP of the sequential loop ``st.sequential``
+  (:func:`jaxgru.scan_layer`) from h0, mapped to processing order."""
   params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
   flip = (lambda a: a[::-1]) if st.reverse else (lambda a: a)
   lengths_B = jnp.sum(valid_TB, axis=0).astype(jnp.int32)
@@ -480,8 +489,8 @@ def _rerun_tangent(st, scan_layer, primals, tangents):
   resets_BT = jnp.swapaxes(mask_TB, 0, 1)
 
   def run(p, x, h0):
-    ys, _ = scan_layer(st.cell, p, flip(x), h0, lengths_B, reverse=st.reverse,
-                       resets_BT=resets_BT)
+    ys, _ = st.sequential(st.cell, p, flip(x), lengths_B, h0, resets=resets_BT,
+                          reverse=st.reverse)
     return flip(ys)
 
   _, dys_TBH = jax.jvp(run, (params, xs_TBI, h0_BH), tangents)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +166,20 @@ def check_key(what: str, key: Any) -> None:
     return
   got = type(key).__name__ if dtype is None else f"{type(key).__name__} of dtype {dtype}"
   raise TypeError(f"{what}: expected a PRNG key, such as jax.random.key(0), got {got}")
+
+
+# The time loop lives a layer above the cell (jaxgru.scan, which imports this module), so the
+# cell does not import it: the loop hands :meth:`GRUConfig.sequence` its one-sequence runner here
+# when it is imported, and ``import jaxgru`` imports it.
+_sequence_loop: Optional[Callable[..., tuple[jax.Array, jax.Array]]] = None
+
+
+def set_sequence_loop(run: Callable[..., tuple[jax.Array, jax.Array]]) -> None:
+  """Installs the function behind :meth:`GRUConfig.sequence`: ``run(cell, params, xs, h0,
+  length, reverse, unroll) -> (ys, h_last)`` (:func:`jaxgru.scan.sequence`; the loop layer
+  calls this once, on import)."""
+  global _sequence_loop
+  _sequence_loop = run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +420,9 @@ class GRUConfig:
                unroll: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the cell over ONE sequence: :func:`jaxgru.scan_layer` over a batch of one.
 
+    The loop is a layer above the cell: this method calls the function that layer installs
+    with :func:`set_sequence_loop` (:func:`jaxgru.scan.sequence`) when jaxgru is imported.
+
     ``jax.vmap`` it over many sequences, or call :func:`jaxgru.scan_layer` (or
     :meth:`RNNConfig.apply`) with the whole batch, which runs one loop for all of them.
 
@@ -424,21 +441,10 @@ class GRUConfig:
     Returns:
       ``(ys, h_last)``: every step's state (T, H) and the final state (H,).
     """
-    self.check_params(params)
-    xs = check_shape("GRU sequence xs", xs, (None, self.input_size),
-                     f"(T, input_size={self.input_size})")
-    if h0 is None:
-      h0 = self.initial_state()
-    h0 = check_shape("GRU sequence h0", h0, (self.hidden_size,),
-                     f"(hidden_size={self.hidden_size},)")
-    if length is not None:
-      check_shape("GRU sequence length", length, (), "() (a scalar)")
-      check_lengths(length, xs.shape[0])
-    from jaxgru.scan import ScanOptions, scan_layer  # the loop imports this module
-    lengths = None if length is None else jnp.reshape(jnp.asarray(length), (1,))
-    ys_T1H, h_last_1H = scan_layer(self, params, xs[:, None, :], h0[None], lengths,
-                                   reverse=reverse, options=ScanOptions(unroll=unroll))
-    return ys_T1H[:, 0], h_last_1H[0]
+    if _sequence_loop is None:
+      raise RuntimeError("GRUConfig.sequence needs jaxgru's time loop, which 'import jaxgru' "
+                         "installs (jaxgru.scan)")
+    return _sequence_loop(self, params, xs, h0, length, reverse, unroll)
 
 
 def split_gates(y: Any, parts: int) -> tuple[jax.Array, ...]:

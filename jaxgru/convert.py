@@ -1,4 +1,5 @@
-"""Weight interchange with PyTorch ``nn.GRU``, Keras 3 ``GRU`` and Flax ``GRUCell``.
+"""Weight interchange with PyTorch ``nn.GRU``, Keras 3 ``GRU``, Flax ``GRUCell`` and Equinox
+``eqx.nn.GRUCell``; every converter is also ``jaxgru.<name>``.
 
 jaxgru stores fused gates in the order ``z | r | n`` with kernels as (in, out) matrices.
 
@@ -9,10 +10,13 @@ PyTorch ``nn.GRU``     ``weight_ih_l{k}[_reverse]`` (3H, I), ...      r | z | n
 Keras ``GRU``          ``[kernel (I,3H), recurrent (H,3H), bias]``   z | r | h
 Flax linen GRUCell     ``ir iz in hr hz hn`` Dense (in, H) kernels   separate
 Flax nnx GRUCell       ``dense_i`` (I,3H)+bias, ``dense_h`` (H,3H)   r | z | n
+Equinox GRUCell        ``weight_ih`` (3H, I), ``weight_hh``, ``bias``  r | z | n
 =====================  ============================================  ==============================
 
-None of these functions needs torch, keras or flax installed: they read and write NumPy arrays
-(a ``torch.Tensor`` on the CPU is accepted anywhere an array is).
+None of the torch, Keras and Flax converters needs its framework installed: they read and write
+NumPy arrays (a ``torch.Tensor`` on the CPU is accepted anywhere an array is). The Equinox ones
+make and read an ``eqx.nn.GRUCell``, so they import Equinox when called (``import jaxgru``
+does not), and name the extra to install where it is missing (``jaxgru[equinox]``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgru._extras import require
 from jaxgru.cell import GRUConfig, Params, field_default, narrowed_dtype
 from jaxgru.rnn import RNNConfig, StackParams
 
@@ -399,3 +405,68 @@ def to_flax_nnx(cfg: RNNConfig, params: StackParams) -> dict[str, dict[str, np.n
       "dense_i": {"kernel": _zrn_to_rzn(p["w_x"], 1), "bias": _zrn_to_rzn(b_x, 0)},
       "dense_h": {"kernel": _zrn_to_rzn(p["w_h"], 1)},
   }
+
+
+# -- Equinox eqx.nn.GRUCell -----------------------------------------------------------------------------------
+
+def from_equinox(cell: Any) -> tuple[RNNConfig, StackParams]:
+  """Converts an ``eqx.nn.GRUCell`` into a one-layer :class:`RNNConfig` and its params.
+
+  ``weight_ih`` (3H, I) and ``weight_hh`` (3H, H) become ``w_x`` (I, 3H) and ``w_h`` (H, 3H);
+  ``bias`` (3H,) becomes ``b_x`` and ``bias_n`` (H,) the n block of ``b_h`` (its z and r blocks
+  are zero). A cell without biases gives ``use_bias=False``. Exact: :func:`to_equinox` gives the
+  same arrays back.
+  """
+  eqx = require("equinox", user="jaxgru.from_equinox")
+  if not isinstance(cell, eqx.nn.GRUCell):
+    raise ValueError(f"from_equinox takes an eqx.nn.GRUCell, got {type(cell).__name__}")
+  w_ih, w_hh = _np(cell.weight_ih), _np(cell.weight_hh)
+  inputs, hidden = cell.input_size, cell.hidden_size
+  for what, w, shape in (("weight_ih", w_ih, (3 * hidden, inputs)),
+                         ("weight_hh", w_hh, (3 * hidden, hidden))):
+    if w.shape != shape:
+      raise ValueError(f"eqx.nn.GRUCell {what}: expected shape {shape}, got {w.shape}")
+  params = {"w_x": _rzn_to_zrn(w_ih.T, 1), "w_h": _rzn_to_zrn(w_hh.T, 1)}
+  if cell.use_bias:
+    bias, bias_n = _np(cell.bias), _np(cell.bias_n)
+    if bias.shape != (3 * hidden,) or bias_n.shape != (hidden,):
+      raise ValueError(f"eqx.nn.GRUCell bias, bias_n: expected shapes ({3 * hidden},) and "
+                       f"({hidden},), got {bias.shape} and {bias_n.shape}")
+    zeros = np.zeros_like(bias_n)
+    params["b_x"] = _rzn_to_zrn(bias, 0)
+    params["b_h"] = np.concatenate([zeros, zeros, bias_n])
+  cfg = GRUConfig(input_size=inputs, hidden_size=hidden, use_bias=cell.use_bias,
+                  param_dtype=w_ih.dtype)
+  return RNNConfig(cfg), [{"fwd": {k: v.astype(cfg.state_dtype) for k, v in params.items()}}]
+
+
+def to_equinox(cfg: RNNConfig, params: StackParams) -> Any:
+  """An ``eqx.nn.GRUCell`` computing the cell of a one-layer, one-direction ``cfg``.
+
+  The recurrent z and r biases are folded into ``bias`` (the same sums); the candidate's
+  recurrent bias becomes ``bias_n``. The cell holds its parameters in ``cfg.cell.state_dtype``
+  and computes in it (``cfg.cell.dtype`` is not carried).
+
+  Raises:
+    ValueError: ``cfg`` is not one layer in one direction, is reset_before, or has activations
+      other than tanh and sigmoid (what an ``eqx.nn.GRUCell`` computes).
+  """
+  eqx = require("equinox", user="jaxgru.to_equinox")
+  cell_cfg, p = _single_cell(cfg, params, "eqx.nn.GRUCell", "to_equinox")
+  if cell_cfg.variant != "reset_after":
+    raise ValueError("eqx.nn.GRUCell computes the reset_after variant "
+                     "(n = tanh(W_in x + b_n + r * (W_hn h + bias_n))); got variant='reset_before'")
+  _standard_activations(cell_cfg, "eqx.nn.GRUCell")
+  p = {k: _np(v) for k, v in p.items()}
+  i, h, dtype = cell_cfg.input_size, cell_cfg.hidden_size, cell_cfg.state_dtype
+  arrays = {"weight_ih": _zrn_to_rzn(p["w_x"], 1).T, "weight_hh": _zrn_to_rzn(p["w_h"], 1).T}
+  if cell_cfg.use_bias:
+    bh_z, bh_r, bh_n = np.split(p["b_h"], 3)
+    arrays["bias"] = _zrn_to_rzn(p["b_x"] + np.concatenate([bh_z, bh_r, np.zeros_like(bh_n)]), 0)
+    arrays["bias_n"] = bh_n
+  # The cell's shape without drawing its random initial weights, then ours in their place.
+  shell = eqx.filter_eval_shape(eqx.nn.GRUCell, i, h, cell_cfg.use_bias, dtype,
+                                key=jax.random.key(0))
+  names = tuple(arrays)
+  return eqx.tree_at(lambda c: tuple(getattr(c, n) for n in names), shell,
+                     tuple(jnp.asarray(arrays[n], dtype) for n in names))

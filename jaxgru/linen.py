@@ -70,8 +70,23 @@ class GRU(nn.Module):
 
   @nn.compact
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
-               h0: Optional[jax.Array] = None, deterministic: bool = True,
-               resets: Optional[jax.Array] = None):
+               h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Runs the stack: :meth:`RNNConfig.apply` with the module's parameters.
+
+    Args:
+      xs: inputs ``xs_BTI``, (B, T, I).
+      lengths: optional valid lengths ``lengths_B``, (B,) integers in [0, T].
+      h0: optional initial states ``h0_NBH``, (L * D, B, H) (layer-major, forward before
+        backward); zeros when None.
+      resets: optional episode boundaries ``resets_BT``, (B, T) booleans: the state restarts
+        from ``h0`` before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
+      deterministic: no dropout (the default); False draws masks from the ``"dropout"`` stream.
+
+    Returns:
+      ``(ys, h_last)``: outputs ``ys_BTF`` (B, T, output_size) and final states ``h_last_NBH``
+      (L * D, B, H).
+    """
     check_flag("linen GRU deterministic", deterministic)
     xs = check_shape("linen GRU xs", xs, (None, None, None), "(B, T, input features)")
     width = xs.shape[-1]
@@ -85,5 +100,5 @@ class GRU(nn.Module):
     params = self.param("gru", lambda key: cfg.init(key, self.initializer))
     applies = cfg.dropout > 0 and cfg.num_layers > 1
     key = None if deterministic or not applies else self.make_rng("dropout")
-    return cfg.apply(params, xs, lengths, h0, dropout_key=key, unroll=self.unroll,
-                     resets=resets)
+    return cfg.apply(params, xs, lengths, h0, resets=resets, dropout_key=key,
+                     unroll=self.unroll)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxgru import _extras
 from jaxgru import activations as _act
+from jaxgru._deprecation import renamed
 from jaxgru.cell import INITIALIZERS, GRUConfig, check_flag, field_default
 from jaxgru.rnn import RNNConfig, StackParams
 
@@ -158,24 +159,30 @@ class GRU(nnx.Module):
     if deterministic is not None:
       self.deterministic = deterministic
 
-  def __call__(self, xs_BTI: jax.Array, lengths_B: Optional[jax.Array] = None,
-               h0: Optional[jax.Array] = None, *, deterministic: Optional[bool] = None,
-               rngs: Union[None, Any, jax.Array] = None,
-               resets_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  @renamed("jaxgru.nnx.GRU", xs_BTI="xs", lengths_B="lengths", resets_BT="resets")
+  def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
+               h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
+               deterministic: Optional[bool] = None,
+               rngs: Union[None, Any, jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack: :meth:`RNNConfig.apply` with the module's parameters.
 
     Args:
-      xs_BTI: inputs, (B, T, I).
-      lengths_B: optional valid lengths, (B,) integers in [0, T].
-      h0: optional initial states, (L * D, B, H) (layer-major, forward before backward).
+      xs: inputs ``xs_BTI``, (B, T, I).
+      lengths: optional valid lengths ``lengths_B``, (B,) integers in [0, T].
+      h0: optional initial states ``h0_NBH``, (L * D, B, H) (layer-major, forward before
+        backward); zeros when None.
+      resets: optional episode boundaries ``resets_BT``, (B, T) booleans: the state restarts
+        from ``h0`` before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
       deterministic: overrides the ``deterministic`` attribute for this call.
       rngs: overrides the dropout stream for this call: an ``nnx.Rngs`` (its ``"dropout"``
         stream), an ``nnx.RngStream`` or a PRNG key.
-      resets_BT: optional episode boundaries, (B, T) booleans: the state restarts from ``h0``
-        before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
 
     Returns:
-      ``(ys, h_last)``: outputs (B, T, output_size) and final states (L * D, B, H).
+      ``(ys, h_last)``: outputs ``ys_BTF`` (B, T, output_size) and final states ``h_last_NBH``
+      (L * D, B, H).
+
+    The former keywords ``xs_BTI=``, ``lengths_B=`` and ``resets_BT=`` still work for one release,
+    with a DeprecationWarning.
     """
     cfg = self.config
     deterministic = self.deterministic if deterministic is None else deterministic
@@ -189,5 +196,5 @@ class GRU(nnx.Module):
         key = source()
       else:
         key = source
-    return cfg.apply(self.stack_params(), xs_BTI, lengths_B, h0, dropout_key=key,
-                     unroll=self.unroll, resets=resets_BT)
+    return cfg.apply(self.stack_params(), xs, lengths, h0, resets=resets, dropout_key=key,
+                     unroll=self.unroll)

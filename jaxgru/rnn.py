@@ -122,10 +122,10 @@ class RNNConfig:
         self.layer_cell(l).check_params(layer[d])
 
   def apply(self, params: StackParams, xs: jax.Array, lengths: Optional[jax.Array] = None,
-            h0: Optional[jax.Array] = None, *, dropout_key: Optional[jax.Array] = None,
-            unroll: Optional[int] = None, time_major: bool = False,
-            options: Optional[ScanOptions] = None,
-            resets: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+            h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
+            dropout_key: Optional[jax.Array] = None, unroll: Optional[int] = None,
+            time_major: bool = False,
+            options: Optional[ScanOptions] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack over a batch of sequences.
 
     Each cell runs as one time-major loop over the whole batch (:func:`jaxgru.scan_layer`), with
@@ -139,17 +139,17 @@ class RNNConfig:
         starts at each sequence's own last valid step.
       h0: optional initial states, (L * D, B, H) in ``torch.nn.GRU``'s order (layer-major,
         forward before backward); zeros when None.
+      resets: optional episode boundaries, (B, T) booleans ((T, B) when ``time_major``): where
+        ``resets[b, t]`` is set, step t starts a new segment of sequence b, and every cell's
+        state is replaced by its initial state (its row of ``h0``, zeros by default) before it;
+        the backward direction reads each segment from its own last step. Each segment gives
+        what the stack gives run over it alone (values and gradients). See docs/resets.md.
       dropout_key: PRNG key for dropout between layers; None (evaluation) disables dropout.
       unroll: the ``lax.scan`` unroll factor; None picks the backend's default. Shorthand for
         ``options.unroll``.
       time_major: inputs and outputs are (T, B, ...), which saves two transposes.
       options: how the time loops run (:class:`jaxgru.ScanOptions`: chunks, rematerialization,
         the custom derivative rule); None means the backend's defaults. Never changes the results.
-      resets: optional episode boundaries, (B, T) booleans ((T, B) when ``time_major``): where
-        ``resets[b, t]`` is set, step t starts a new segment of sequence b, and every cell's
-        state is replaced by its initial state (its row of ``h0``, zeros by default) before it;
-        the backward direction reads each segment from its own last step. Each segment gives
-        what the stack gives run over it alone (values and gradients). See docs/resets.md.
 
     Returns:
       ``(ys, h_last)``: the last layer's outputs (B, T, output_size) ((T, B, output_size) when
@@ -194,8 +194,8 @@ class RNNConfig:
       cell = self.layer_cell(l)
       outs = []
       for i, d in enumerate(self.directions):
-        ys, hs = scan_layer(cell, layer[d], xs_TBF, h0[l * self.num_directions + i], lengths,
-                            reverse=d == "bwd", options=options, resets_BT=resets)
+        ys, hs = scan_layer(cell, layer[d], xs_TBF, lengths, h0[l * self.num_directions + i],
+                            resets=resets, reverse=d == "bwd", options=options)
         outs.append(ys)
         finals.append(hs)
       if len(outs) == 1:

@@ -51,18 +51,22 @@ order of floating-point additions (tests/test_fast_path.py checks this).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxgru._deprecation import renamed
 from jaxgru._loop import _Static, _layer_autodiff, step_jvp_applies
 from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_loop_default,
                             input_terms_default, step_jvp_default)
 from jaxgru._jvp import _layer_jvp
-from jaxgru.cell import GRUConfig, Params, check_flag, check_lengths, check_shape
+from jaxgru.cell import (GRUConfig, Params, check_flag, check_lengths, check_shape,
+                         set_sequence_loop)
 
 __all__ = ("REMAT", "ScanOptions", "diagonal_backward_applies", "scan_layer")
 
@@ -102,11 +106,27 @@ def _reset_mask(resets_BT: jax.Array, lengths_B: Optional[jax.Array], reverse: b
   return r_TB
 
 
-def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
-               h0_BH: Optional[jax.Array] = None, lengths_B: Optional[jax.Array] = None, *,
-               reverse: bool = False,
-               options: ScanOptions = ScanOptions(),
-               resets_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+def _old_order(lengths: Any, h0: Any) -> bool:
+  """Whether ``scan_layer(cell, params, xs, lengths, h0)`` was called in the old positional
+  order ``(xs_TBI, h0_BH, lengths_B)``: lengths are (B,), states (B, H), so a rank-2 value in
+  the ``lengths`` slot (beside an empty or rank-1 ``h0``), or a rank-1 value in the ``h0`` slot
+  with no ``lengths``, can only be the other argument."""
+  def rank(a):
+    try:
+      return None if a is None else len(np.shape(a))
+    except ValueError:  # a ragged nested list: the shape checks below say so
+      return -1
+
+  if rank(lengths) == 2:
+    return rank(h0) in (None, 1)
+  return lengths is None and rank(h0) == 1
+
+
+@renamed("jaxgru.scan_layer", xs_TBI="xs", lengths_B="lengths", h0_BH="h0", resets_BT="resets")
+def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
+               lengths: Optional[jax.Array] = None, h0: Optional[jax.Array] = None, *,
+               resets: Optional[jax.Array] = None, reverse: bool = False,
+               options: ScanOptions = ScanOptions()) -> tuple[jax.Array, jax.Array]:
   """Runs ``cell`` over a time-major batch of sequences.
 
   The results equal ``jax.vmap(cell.sequence)`` over the batch (with the time axis moved), and
@@ -115,21 +135,35 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   Args:
     cell: the cell configuration.
     params: the cell's parameters.
-    xs_TBI: inputs, (T, B, I), time-major.
-    h0_BH: initial states, (B, H); zeros when None.
-    lengths_B: optional valid lengths, (B,) integers in [0, T], as in :meth:`GRUConfig.sequence`.
+    xs: inputs ``xs_TBI``, (T, B, I), time-major.
+    lengths: optional valid lengths ``lengths_B``, (B,) integers in [0, T], as in
+      :meth:`GRUConfig.sequence`.
+    h0: initial states ``h0_BH``, (B, H); zeros when None.
+    resets: optional episode boundaries ``resets_BT``, (B, T) booleans, BATCH-major. Where
+      ``resets[b, t]`` is set, step t starts a new segment of sequence b: forward, its state
+      is replaced by ``h0[b]`` before step t; in reverse, before the segment's last step. Each
+      segment then gives what it gives run alone from ``h0[b]`` (values and gradients; the
+      gradient of ``h0`` sums every segment's). Flags at t=0 change nothing; flags at or past
+      a sequence's length are ignored.
     reverse: read the sequences from their (valid) ends; outputs stay in input order.
     options: how to run the loop (:class:`ScanOptions`).
-    resets_BT: optional episode boundaries, (B, T) booleans, BATCH-major. Where
-      ``resets_BT[b, t]`` is set, step t starts a new segment of sequence b: forward, its state
-      is replaced by ``h0_BH[b]`` before step t; in reverse, before the segment's last step. Each
-      segment then gives what it gives run alone from ``h0_BH[b]`` (values and gradients; the
-      gradient of ``h0_BH`` sums every segment's). Flags at t=0 change nothing; flags at or past
-      a sequence's length are ignored.
 
   Returns:
-    ``(ys_TBH, h_last_BH)``: every step's output and the final states.
+    ``(ys_TBH, h_last_BH)``: every step's output, (T, B, H), and the final states, (B, H).
+
+  The fourth and fifth positional arguments used to be ``h0_BH, lengths_B``. For one release,
+  such a call still runs, with a DeprecationWarning, where the ranks tell the two apart: a
+  rank-2 array where the (B,) lengths go, or a rank-1 array where the (B, H) states go and no
+  lengths. The former keywords ``xs_TBI=``, ``lengths_B=``, ``h0_BH=`` and ``resets_BT=`` still
+  work likewise.
   """
+  if _old_order(lengths, h0):
+    warnings.warn("jaxgru.scan_layer: the positional order (xs, h0, lengths) is deprecated and "
+                  "will be removed in the next release; call scan_layer(cell, params, xs, "
+                  "lengths, h0) or pass lengths= and h0= by name", DeprecationWarning,
+                  stacklevel=3)
+    lengths, h0 = h0, lengths
+  xs_TBI, lengths_B, h0_BH, resets_BT = xs, lengths, h0, resets
   check_options(options, "scan_layer options")
   check_flag("scan_layer reverse", reverse)
   if isinstance(params, Mapping) and not isinstance(params, dict):
@@ -137,29 +171,29 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     # derivative rules take their arguments as pytrees.
     params = dict(params)
   cell.check_params(params)
-  xs_TBI = check_shape("scan_layer xs_TBI", xs_TBI, (None, None, cell.input_size),
+  xs_TBI = check_shape("scan_layer xs", xs_TBI, (None, None, cell.input_size),
                        f"(T, B, input_size={cell.input_size})")
   steps, batch = xs_TBI.shape[0], xs_TBI.shape[1]
   dtype = cell.state_dtype
   if h0_BH is None:
     h0_BH = jnp.zeros((batch, cell.hidden_size), dtype)
-  check_shape("scan_layer h0_BH", h0_BH, (batch, cell.hidden_size),
+  check_shape("scan_layer h0", h0_BH, (batch, cell.hidden_size),
               f"(B={batch}, hidden_size={cell.hidden_size})")
   if lengths_B is not None:
-    check_shape("scan_layer lengths_B", lengths_B, (batch,), f"(B={batch},), one per sequence")
+    check_shape("scan_layer lengths", lengths_B, (batch,), f"(B={batch},), one per sequence")
     check_lengths(lengths_B, steps)
   h0_BH = jnp.asarray(h0_BH).astype(dtype)
   if resets_BT is not None:
     if isinstance(resets_BT, (list, tuple)):
       resets_BT = jnp.asarray(resets_BT)
-    check_resets(resets_BT, (batch, steps), f"(B={batch}, T={steps})", "scan_layer resets_BT")
+    check_resets(resets_BT, (batch, steps), f"(B={batch}, T={steps})", "scan_layer resets")
   if steps == 0 or batch == 0:  # nothing to run (an empty batch has no chunks to reshape)
     return jnp.zeros((steps, batch, cell.hidden_size), dtype), h0_BH
   opts = options.resolved(steps, batch, cell.hidden_size, inputs=xs_TBI.shape[-1])
   if opts.method == "parallel":
     ys_TBH, h_last_BH, _ = parallel_layer(
         cell, params, xs_TBI, h0_BH, lengths_B, resets_BT, reverse=reverse, method=opts.newton,
-        tol=opts.tol, max_iters=opts.max_iters)
+        tol=opts.tol, max_iters=opts.max_iters, sequential=scan_layer)
     return ys_TBH, h_last_BH
   chunk = opts.chunk
   num_chunks = -(-steps // chunk)
@@ -196,3 +230,31 @@ def scan_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     ys = ys.reshape((num_chunks * chunk,) + ys.shape[2:])
   return (ys[:steps] if pad else ys), h_last
 
+
+def sequence(cell: GRUConfig, params: Params, xs: jax.Array, h0: Optional[jax.Array] = None,
+             length: Optional[jax.Array] = None, reverse: bool = False,
+             unroll: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+  """:meth:`GRUConfig.sequence` (see there): ONE sequence ``xs_TI`` (T, I), from ``h0_H`` (H,),
+  run as :func:`scan_layer` over a batch of one; returns ``(ys_TH, h_last_H)``.
+
+  The loop lives in this layer and the cell in the one below, which imports nothing above it: so
+  the cell's method calls this function, which this module hands it when it is imported
+  (:func:`jaxgru.cell.set_sequence_loop`, below).
+  """
+  cell.check_params(params)
+  xs_TI = check_shape("GRU sequence xs", xs, (None, cell.input_size),
+                      f"(T, input_size={cell.input_size})")
+  h0_H = cell.initial_state() if h0 is None else h0
+  h0_H = check_shape("GRU sequence h0", h0_H, (cell.hidden_size,),
+                     f"(hidden_size={cell.hidden_size},)")
+  lengths_1 = None
+  if length is not None:
+    check_shape("GRU sequence length", length, (), "() (a scalar)")
+    check_lengths(length, xs_TI.shape[0])
+    lengths_1 = jnp.reshape(jnp.asarray(length), (1,))
+  ys_T1H, h_last_1H = scan_layer(cell, params, xs_TI[:, None, :], lengths_1, h0_H[None],
+                                 reverse=reverse, options=ScanOptions(unroll=unroll))
+  return ys_T1H[:, 0], h_last_1H[0]
+
+
+set_sequence_loop(sequence)

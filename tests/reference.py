@@ -26,13 +26,13 @@ def sequence(cell, params, xs_TI, h0_H=None, length=None, reverse=False):
   return ys, h_last
 
 
-def stack(rnn, params, xs_BTI, lengths_B=None, h0=None):
+def stack(rnn, params, xs_BTI, lengths=None, h0=None):
   """``(ys_BTF, h_n)`` of the stack ``rnn`` (a ``jaxgru.RNNConfig``) from :func:`sequence`: every
   cell of every layer runs the plain loop, vmapped over the batch, and the directions are merged
   as the config says. ``h_n`` is ``(L * D, B, H)`` in torch's order. No dropout."""
   batch, steps = xs_BTI.shape[:2]
-  lengths_B = (jnp.full((batch,), steps, jnp.int32) if lengths_B is None
-               else jnp.asarray(lengths_B).astype(jnp.int32))
+  lengths_B = (jnp.full((batch,), steps, jnp.int32) if lengths is None
+               else jnp.asarray(lengths).astype(jnp.int32))
   x_BTF, finals = xs_BTI, []
   for l, layer in enumerate(params):
     cell = rnn.layer_cell(l)

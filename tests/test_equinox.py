@@ -254,8 +254,8 @@ def test_per_example_call_names_per_example_shapes():
     model(jnp.zeros((5, I)), h0=jnp.zeros((2, 1, H)))
   with pytest.raises(ValueError, match=r"equinox GRU length: expected shape \(\), one integer"):
     model(jnp.zeros((5, I)), length=jnp.array([3]))
-  with pytest.raises(ValueError, match=r"equinox GRU resets_T: expected shape \(T=5,\)"):
-    model(jnp.zeros((5, I)), resets_T=jnp.zeros((4,), bool))
+  with pytest.raises(ValueError, match=r"equinox GRU resets: expected shape \(T=5,\)"):
+    model(jnp.zeros((5, I)), resets=jnp.zeros((4,), bool))
   xs = jax.random.normal(jax.random.key(1), (2, 5, I))
   ys, _ = jax.vmap(model)(xs, jnp.array([5, 2]))
   want, _ = model.batched(xs, jnp.array([5, 2]))

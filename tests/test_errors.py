@@ -193,18 +193,18 @@ def test_scan_layer_wrong_inputs():
   # inside a matrix product or a broadcast, naming neither the argument nor the expected shape).
   cell = GRUConfig(I, H)
   params, xs = zeros_params(cell), jnp.zeros((T, B, I))
-  with raises("scan_layer xs_TBI", "expected shape (T, B, input_size=3)", "got (6, 2, 5)"):
+  with raises("scan_layer xs", "expected shape (T, B, input_size=3)", "got (6, 2, 5)"):
     jaxgru.scan_layer(cell, params, jnp.zeros((T, B, I + 2)))
-  with raises("scan_layer xs_TBI", "expected shape (T, B, input_size=3)", "got (6, 3)"):
+  with raises("scan_layer xs", "expected shape (T, B, input_size=3)", "got (6, 3)"):
     jaxgru.scan_layer(cell, params, jnp.zeros((T, I)))
-  with raises("scan_layer h0_BH", "expected shape (B=2, hidden_size=4)", "got (3, 4)"):
-    jaxgru.scan_layer(cell, params, xs, jnp.zeros((3, H)))
-  with raises("scan_layer lengths_B", "expected shape (B=2,)", "got (3,)"):
-    jaxgru.scan_layer(cell, params, xs, None, jnp.array([1, 2, 3]))
+  with raises("scan_layer h0", "expected shape (B=2, hidden_size=4)", "got (3, 4)"):
+    jaxgru.scan_layer(cell, params, xs, h0=jnp.zeros((3, H)))
+  with raises("scan_layer lengths", "expected shape (B=2,)", "got (3,)"):
+    jaxgru.scan_layer(cell, params, xs, jnp.array([1, 2, 3]))
   with raises("lengths must lie in [0, T=6]", "got values in [2, 9]"):
-    jaxgru.scan_layer(cell, params, xs, None, jnp.array([2, 9]))
+    jaxgru.scan_layer(cell, params, xs, jnp.array([2, 9]))
   with raises("lengths must be signed integers", "float32"):
-    jaxgru.scan_layer(cell, params, xs, None, jnp.array([2.0, 3.0]))
+    jaxgru.scan_layer(cell, params, xs, jnp.array([2.0, 3.0]))
   with raises("GRU params", "expected keys"):
     jaxgru.scan_layer(cell, {"w_x": params["w_x"]}, xs)
 
@@ -244,7 +244,7 @@ def test_nested_lists_are_inputs_like_arrays():
   want_h = np.stack([w[1] for w in want])
   close = lambda got, expected: np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
-  ys, h = jaxgru.scan_layer(cell, params, np.swapaxes(xs_BTI, 0, 1).tolist(), h0_BH.tolist())
+  ys, h = jaxgru.scan_layer(cell, params, np.swapaxes(xs_BTI, 0, 1).tolist(), h0=h0_BH.tolist())
   close(np.swapaxes(ys, 0, 1), want_ys)
   close(h, want_h)
   ys, h = RNNConfig(cell).apply([{"fwd": params}], xs_BTI.tolist(), [2, T], [h0_BH.tolist()])

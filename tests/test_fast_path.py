@@ -82,7 +82,7 @@ def values_and_grads(cell, options, reverse, masked, params, xs, h0, lengths, w_
   if options is None:
     run = lambda p, x, h: reference(cell, p, x, h, lengths, reverse)
   else:
-    run = lambda p, x, h: scan_layer(cell, p, x, h, lengths, reverse=reverse, options=options)
+    run = lambda p, x, h: scan_layer(cell, p, x, lengths, h, reverse=reverse, options=options)
   outs = run(params, xs, h0)
   grads = jax.grad(functools.partial(loss, run), argnums=(0, 1, 2))(params, xs, h0, w_ys, w_h)
   return outs, grads
@@ -153,7 +153,7 @@ def test_padding_to_whole_chunks_is_masked_out():
   cell = GRUConfig(I, H)
   params, xs, h0 = random_params(cell), randn(T, B, I), randn(B, H, seed=2)
   lengths = jnp.array([100, 7, 3, 0], jnp.int32)
-  run = jax.jit(lambda n: scan_layer(cell, params, xs, h0, n, options=OPTIONS["remat"]))
+  run = jax.jit(lambda n: scan_layer(cell, params, xs, n, h0, options=OPTIONS["remat"]))
   ys, h_last = run(lengths)
   want_ys, want_h = reference(cell, params, xs, h0, jnp.minimum(lengths, T), False)
   np.testing.assert_allclose(ys, want_ys, rtol=1e-6, atol=1e-6)
@@ -171,7 +171,7 @@ def test_gradients_of_some_arguments_only(argnums):
     ys, h_last = run(p, x, h)
     return jnp.sum(ys * w) + jnp.sum(h_last)
 
-  new = functools.partial(f, lambda p, x, h: scan_layer(cell, p, x, h, options=OPTIONS["remat"]))
+  new = functools.partial(f, lambda p, x, h: scan_layer(cell, p, x, h0=h, options=OPTIONS["remat"]))
   old = functools.partial(f, lambda p, x, h: reference(cell, p, x, h, None, False))
   got = jax.jit(jax.grad(new, argnums))(*args)
   want = jax.jit(jax.grad(old, argnums))(*args)
@@ -196,7 +196,7 @@ def test_loss_of_one_output_only(which):
 def test_empty_sequence():
   cell = GRUConfig(I, H)
   h0 = randn(B, H)
-  ys, h_last = scan_layer(cell, random_params(cell), jnp.zeros((0, B, I)), h0)
+  ys, h_last = scan_layer(cell, random_params(cell), jnp.zeros((0, B, I)), h0=h0)
   assert ys.shape == (0, B, H)
   np.testing.assert_array_equal(h_last, h0)
 
@@ -418,7 +418,7 @@ def test_heap_reuse_defaults_past_the_custom_vjp_threshold_equal_the_plain_path(
       return run(params, xs, h0), grads
     return both(*args)
 
-  got = run_with(lambda p, x, h: scan_layer(cell, p, x, h, lengths, reverse=True))
+  got = run_with(lambda p, x, h: scan_layer(cell, p, x, lengths, h, reverse=True))
   want = run_with(lambda p, x, h: reference(cell, p, x, h, lengths, True))
   # The kernels' gradients sum 70 x 32 terms, in another order on each path: float32 rounding
   # grows with the sum's size, so the absolute tolerance is scaled by each array's largest entry.
@@ -477,7 +477,7 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, pa
   options = (ScanOptions(chunk=16, remat="products", custom_vjp=True) if path == "custom_rule"
              else ScanOptions(chunk=16, remat="products", models=2))
   assert options.resolved(70, B, H, "cpu", inputs=I).custom_vjp == (path == "custom_rule")
-  run = lambda p, x, o=options: scan_layer(cell, p, x, h0, lengths, reverse=reverse, options=o)
+  run = lambda p, x, o=options: scan_layer(cell, p, x, lengths, h0, reverse=reverse, options=o)
 
   def hoisted(o, derivative=False):  # a product of a whole chunk's (C, B, I) inputs
     f = lambda p: run(p, xs, o)
@@ -511,7 +511,7 @@ def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
   params = jax.tree.map(lambda a: a / 10, random_params(cell))
   xs, h0 = randn(t, b, 64), randn(b, 256, seed=2)
   lengths = jnp.asarray(np.arange(b) * 5 % (t + 1), jnp.int32)
-  run = lambda p, x, o=ScanOptions(): scan_layer(cell, p, x, h0, lengths, reverse=reverse,
+  run = lambda p, x, o=ScanOptions(): scan_layer(cell, p, x, lengths, h0, reverse=reverse,
                                                  options=o)
   assert ScanOptions().resolved(t, b, 256, "cpu", inputs=64).custom_vjp
 
@@ -565,7 +565,7 @@ def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults(monkeypatch):
     real = jaxgru.scan._layer_autodiff
     monkeypatch.setattr(jaxgru.scan, "_layer_autodiff",
                         lambda st, *args: seen.append(st) or real(st, *args))
-    forward = str(jax.make_jaxpr(lambda p: scan_layer(cell, p, xs, h0, options=options))(params))
+    forward = str(jax.make_jaxpr(lambda p: scan_layer(cell, p, xs, h0=h0, options=options))(params))
     assert "jvp=_recur_step_jvp" not in forward
     if not seen:  # the custom rule
       return False
@@ -610,7 +610,7 @@ def test_many_models_project_few_inputs_by_multiply_adds(dtype):
     ys, h_last = run(p, x)
     return jnp.sum(ys * w) + jnp.sum(h_last ** 2)
 
-  fast = lambda p, x: scan_layer(cell, p, x, h0, lengths, options=ScanOptions(models=2))
+  fast = lambda p, x: scan_layer(cell, p, x, lengths, h0, options=ScanOptions(models=2))
   slow = lambda p, x: reference(cell, p, x, h0, lengths, False)
   many = jax.jit(jax.value_and_grad(functools.partial(loss, fast), (0, 1)))
   plain_loop = jax.jit(jax.value_and_grad(functools.partial(loss, slow), (0, 1)))
@@ -642,7 +642,7 @@ def test_many_models_under_vmap_equal_each_model_alone():
     ys, h_last = run(p)
     return jnp.sum(ys * w) + jnp.sum(h_last ** 2)
 
-  fast = lambda p: scan_layer(cell, p, xs, h0, lengths, options=ScanOptions(models=n))
+  fast = lambda p: scan_layer(cell, p, xs, lengths, h0, options=ScanOptions(models=n))
   slow = lambda p: reference(cell, p, xs, h0, lengths, False)
   def both(run):
     return jax.jit(jax.vmap(lambda p: (run(p), jax.grad(functools.partial(loss, run))(p))))

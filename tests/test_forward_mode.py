@@ -68,7 +68,7 @@ def jvps(cell, options, reverse, params, xs, h0, lengths, tangents):
   if options is None:
     run = lambda p, x, h: reference(cell, p, x, h, lengths, reverse)
   else:
-    run = lambda p, x, h: scan_layer(cell, p, x, h, lengths, reverse=reverse, options=options)
+    run = lambda p, x, h: scan_layer(cell, p, x, lengths, h, reverse=reverse, options=options)
   return jax.jvp(run, (params, xs, h0), tangents)
 
 
@@ -166,7 +166,7 @@ def test_jacfwd_equals_jacrev_past_the_threshold():
   xs = randn(steps, 2, I, seed=8)
 
   def f(h0):
-    ys, h_last = scan_layer(cell, params, xs, h0)
+    ys, h_last = scan_layer(cell, params, xs, h0=h0)
     return jnp.concatenate([ys[::7].reshape(-1), h_last.reshape(-1)])
 
   h0 = randn(2, H, seed=9)
@@ -180,7 +180,7 @@ def test_linearize_equals_jvp_and_its_transpose_equals_vjp():
   params = random_params(cell)
   xs = randn(steps, B, I, seed=10)
   lengths = lengths_for(steps)
-  run = lambda p, x: scan_layer(cell, p, x, None, lengths)[0]
+  run = lambda p, x: scan_layer(cell, p, x, lengths)[0]
   v = (tangent_like(params, 70), randn(*xs.shape, seed=80))
   ct = randn(steps, B, H, seed=90)  # the shape of ys
   # Each in a program of its own (one program could merge the equal computations).
@@ -223,10 +223,10 @@ def test_jvp_of_the_parallel_method_equals_the_sequential_one(backward):
 
   def parallel(p, x, h):
     return parallel_layer(cell, p, x, h, lengths, resets, reverse=True, backward=backward,
-                          tol=1e-6)[:2]
+                          tol=1e-6, sequential=scan_layer)[:2]
 
   def sequential(p, x, h):
-    return scan_layer(cell, p, x, h, lengths, reverse=True, resets_BT=resets,
+    return scan_layer(cell, p, x, lengths, h, resets=resets, reverse=True,
                       options=ScanOptions(custom_vjp=False))
 
   got = jax.jit(lambda *a: jax.jvp(parallel, a, tangents))(params, xs, h0)

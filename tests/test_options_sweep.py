@@ -109,9 +109,9 @@ def test_case_matches_the_plain_loop(seed):
   options = ScanOptions(**case["options"], models=models)
 
   def fast(p, x, h):
-    return scan_layer(cell, p, x, h, None if lengths is None else jnp.asarray(lengths),
+    return scan_layer(cell, p, x, None if lengths is None else jnp.asarray(lengths), h,
                       reverse=case["reverse"], options=options,
-                      resets_BT=None if resets is None else jnp.asarray(resets))
+                      resets=None if resets is None else jnp.asarray(resets))
 
   def plain(p, x, h):
     return reference_layer(cell, p, x, h, lengths, resets, case["reverse"])

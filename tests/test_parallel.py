@@ -57,7 +57,7 @@ def sequential(cell, steps, reverse, masks, grads):
     lengths, resets = lengths_resets(steps) if masks else (None, None)
 
     def seq(p, x, h):
-      return scan_layer(cell, p, x, h, lengths, reverse=reverse, resets_BT=resets)
+      return scan_layer(cell, p, x, lengths, h, resets=resets, reverse=reverse)
 
     loss = lambda out: jnp.sum(out[0] * w_ys) + jnp.sum(out[1] * w_h)
     seq_g = jax.value_and_grad(lambda *a: (lambda o: (loss(o), o))(seq(*a)),
@@ -72,7 +72,8 @@ def check(cell, params, steps, *, reverse=False, masks=False, grads=True, **kw):
   lengths, resets = lengths_resets(steps) if masks else (None, None)
 
   def par(p, x, h):
-    ys, h_last, info = parallel_layer(cell, p, x, h, lengths, resets, reverse=reverse, **kw)
+    ys, h_last, info = parallel_layer(cell, p, x, h, lengths, resets, reverse=reverse,
+                                      sequential=scan_layer, **kw)
     return (ys, h_last), info
 
   loss = lambda out: jnp.sum(out[0] * w_ys) + jnp.sum(out[1] * w_h)

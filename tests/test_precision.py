@@ -92,7 +92,7 @@ def check_scan_layer(name, variant, precision):
   cell = GRUConfig(I, H, variant=variant, precision=precision)
   params, xs = inputs(cell)
   lengths = jnp.array([T, T - 9])
-  run = lambda p, x: scan_layer(cell, p, x, lengths_B=lengths, options=OPTIONS[name])[0]
+  run = lambda p, x: scan_layer(cell, p, x, lengths, options=OPTIONS[name])[0]
   loss = lambda p, x: jnp.sum(run(p, x) ** 2)
   assert_all_dots(jax.make_jaxpr(run)(params, xs), precision)
   assert_all_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, xs), precision)

@@ -26,8 +26,9 @@ in the process (its resident size does not shrink after a large call).
 
 Opt out with ``JAXGRU_NO_MALLOPT=1`` in the environment (or ``tune_malloc(enable=False)``, which
 entry points wire to a flag). A no-op, reported as such, on platforms whose C library is not glibc
-(macOS, Windows, musl). Depends on nothing but the standard library (importing it sets nothing),
-so ``run.py`` and the benchmarks import it before JAX allocates anything.
+(macOS, Windows, musl). Importing it sets nothing; ``run.py`` and the benchmarks call
+:func:`tune_malloc` before JAX allocates anything. When it applied, it tells the time loop's
+tuning (:func:`jaxgru._tuning.set_heap_reuse`), whose CPU defaults depend on it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import ctypes
 import ctypes.util
 import os
 import platform
+
+from jaxgru import _tuning
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -91,6 +94,5 @@ def tune_malloc(enable: bool = True, mmap_threshold: int = MMAP_THRESHOLD,
   if refused:
     return {"applied": False, "reason": f"mallopt refused {', '.join(refused)}",
             "settings": settings}
-  from jaxgru import _tuning  # the CPU defaults of the time loop depend on it
   _tuning.set_heap_reuse(True)
   return {"applied": True, "reason": "glibc mallopt", "settings": settings}
