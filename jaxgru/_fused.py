@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -192,16 +193,15 @@ def _gate_products(cell: GRUConfig, w, b):
   return product, back, cell._num_recurrent_products
 
 
-def _fwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, save: bool, *refs):
+def _fwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
   """One batch tile's T steps. Refs: gx (3, T, B_t, H_p), w (3, H_p, H_p), b (3, 1, H_p),
   h0 (B_t, H_p), [lengths (B_t, 1) int32], [resets (T, B_t, 1) int32]; out: ys (T, B_t, H_p),
-  h_last (B_t, H_p), [hs (T, B_t, H_p): each step's starting state, after any reset]."""
+  h_last (B_t, H_p)."""
   it = iter(refs)
   gx_ref, w_ref, b_ref, h0_ref = next(it), next(it), next(it), next(it)
   len_ref = next(it) if has_len else None
   reset_ref = next(it) if has_reset else None
   ys_ref, hlast_ref = next(it), next(it)
-  hs_ref = next(it) if save else None
   cell = fs.cell
   w = tuple(w_ref[g] for g in range(3))
   b = tuple(b_ref[g] for g in range(3))
@@ -213,8 +213,6 @@ def _fwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, save: bo
     t = steps - 1 - s if fs.reverse else s
     if has_reset:
       h = jnp.where(reset_ref[t] > 0, h0, h)
-    if save:
-      hs_ref[t] = h
     h_new = cell._recur_with(h, tuple(gx_ref[g, t] for g in range(3)), product)
     if has_len:
       valid = t < lengths
@@ -357,9 +355,16 @@ def _specs(fs: _Fused, steps: int, lengths_B, resets_TB):
   return gates, seq, state, whole((3, hp, hp)), whole((3, 1, hp)), masks
 
 
-def _forward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB, save: bool):
-  """``(ys (T, B, H), h_last (B, H), residuals)``; residuals, with ``save``, are the padded gate
-  inputs (3, T, B_p, H_p) and starting states (T, B_p, H_p) that the backward kernel reads."""
+def _triton():
+  """On a GPU, the Triton lowering: its blocks are pointers into GPU memory, read one step at a
+  time, where Mosaic GPU (Pallas's default there) would copy the whole sequence's blocks into
+  shared memory. One warp group of 4 warps per batch tile; no software pipelining (each step
+  waits for the one before)."""
+  return pl_triton.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _forward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB):
+  """``(ys (T, B, H), h_last (B, H))`` by the forward kernel."""
   cell = fs.cell
   steps, batch = xs_TBI.shape[:2]
   h, hp, bt = cell.hidden_size, fs.hidden_p, fs.block_batch
@@ -371,30 +376,48 @@ def _forward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB, save: bool
   h0 = jnp.pad(h0_BH.astype(sd), ((0, batch_p - batch), (0, hp - h)))
   masks = _masks(fs, batch_p, lengths_B, resets_TB)
   gates, seq, state, w_spec, b_spec, mask_specs = _specs(fs, steps, lengths_B, resets_TB)
-  shapes = [jax.ShapeDtypeStruct((steps, batch_p, hp), sd), jax.ShapeDtypeStruct((batch_p, hp), sd)]
-  out_specs = [seq, state]
-  if save:
-    shapes.append(jax.ShapeDtypeStruct((steps, batch_p, hp), sd))
-    out_specs.append(seq)
   kernel = functools.partial(_fwd_kernel, fs, steps, lengths_B is not None,
-                             resets_TB is not None, save)
-  outs = pl.pallas_call(
-      kernel, out_shape=shapes, grid=(batch_p // bt,),
-      in_specs=[gates, w_spec, b_spec, state, *mask_specs], out_specs=out_specs,
-      interpret=fs.interpret, name="jaxgru_fused_forward")(gx, w, b, h0, *masks)
-  ys, h_last = outs[0][:, :batch, :h], outs[1][:batch, :h]
-  return ys, h_last, ((gx, outs[2]) if save else None)
+                             resets_TB is not None)
+  ys, h_last = pl.pallas_call(
+      kernel, grid=(batch_p // bt,),
+      out_shape=[jax.ShapeDtypeStruct((steps, batch_p, hp), sd),
+                 jax.ShapeDtypeStruct((batch_p, hp), sd)],
+      in_specs=[gates, w_spec, b_spec, state, *mask_specs], out_specs=[seq, state],
+      interpret=fs.interpret, compiler_params=_triton(), name="jaxgru_fused_forward")(gx, w, b, h0, *masks)
+  return ys[:, :batch, :h], h_last[:batch, :h]
 
 
-def _backward(fs: _Fused, params, xs_TBI, lengths_B, resets_TB, gx, hs, dys, dh_last):
+def _starting_states(fs: _Fused, ys_TBH, h0_BH, lengths_B, resets_TB):
+  """Each step's starting state (T, B, H), after any reset, from the outputs: the output one step
+  earlier in processing order, or ``h0`` at a sequence's first valid step (t = 0 forward,
+  t = length - 1 in reverse) and where the step's reset flag is set. (A step past a sequence's
+  length gets a state that does not matter: its cotangents are zero.)"""
+  steps = ys_TBH.shape[0]
+  first = h0_BH[None].astype(ys_TBH.dtype)
+  if fs.reverse:
+    hs = jnp.concatenate([ys_TBH[1:], first])
+    if lengths_B is not None:
+      start = jnp.arange(steps, dtype=jnp.int32)[:, None] + 1 >= lengths_B[None, :]
+      hs = jnp.where(start[:, :, None], first, hs)
+  else:
+    hs = jnp.concatenate([first, ys_TBH[:-1]])
+  if resets_TB is not None:
+    hs = jnp.where(resets_TB[:, :, None], first, hs)
+  return hs
+
+
+def _backward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB, ys, dys, dh_last):
   """The backward kernel: ``(dgx (3, T, B, H), extra (T, B, H), dh0 (B, H), hs (T, B, H))``
-  (see :func:`_bwd_kernel`) for the cotangents ``dys`` (T, B, H) and ``dh_last`` (B, H)."""
+  (see :func:`_bwd_kernel`; ``hs`` the starting states) for the cotangents ``dys`` (T, B, H) and
+  ``dh_last`` (B, H) of the outputs ``ys``. The gate inputs are projected again (one product)."""
   cell = fs.cell
   steps, batch = xs_TBI.shape[:2]
   h, hp, bt = cell.hidden_size, fs.hidden_p, fs.block_batch
-  batch_p = gx.shape[2]
+  batch_p = -(-batch // bt) * bt
   sd = cell.state_dtype
   pad = ((0, 0), (0, batch_p - batch), (0, hp - h))
+  gx = jnp.pad(_project(fs, params, xs_TBI), ((0, 0),) + pad)
+  hs = _starting_states(fs, ys, h0_BH, lengths_B, resets_TB)
   dys = jnp.pad(dys.astype(sd), pad)
   dh_last = jnp.pad(dh_last.astype(sd), pad[1:])
   w, b = _gate_major_weights(fs, params)
@@ -409,17 +432,21 @@ def _backward(fs: _Fused, params, xs_TBI, lengths_B, resets_TB, gx, hs, dys, dh_
                  jax.ShapeDtypeStruct((batch_p, hp), sd)],
       in_specs=[gates, w_spec, b_spec, seq, seq, state, *mask_specs],
       out_specs=[gates, seq, state],
-      interpret=fs.interpret, name="jaxgru_fused_backward")(gx, w, b, hs, dys, dh_last, *masks)
-  return (dgx[:, :, :batch, :h], extra[:, :batch, :h], dh0[:batch, :h],
-          hs[:, :batch, :h])
+      interpret=fs.interpret, compiler_params=_triton(), name="jaxgru_fused_backward")(
+          gx, w, b, jnp.pad(hs, pad), dys, dh_last, *masks)
+  return dgx[:, :, :batch, :h], extra[:, :batch, :h], dh0[:batch, :h], hs
 
 
-def _cotangents(fs: _Fused, live, params, xs_TBI, lengths_B, resets_TB, gx, hs, dys, dh_last):
-  """The cotangents of the live tangents (params, xs, h0), from the backward kernel and one
-  large product per weight. The gates' inputs add (``gx_g + gh_g``) except reset_after's
-  candidate (``gx_n + r * gh_n``), so the products' cotangents are those of ``gx`` but there."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _cotangents(fs: _Fused, live, params, xs_TBI, h0_BH, lengths_B, resets_TB, ys, dys,
+                dh_last):
+  """The cotangents of the live tangents (of params, xs, h0: ``live`` says which), as a tuple,
+  from the backward kernel and one large product per weight. The gates' inputs add
+  (``gx_g + gh_g``) except reset_after's candidate (``gx_n + r * gh_n``), so the products'
+  cotangents are those of ``gx`` but there. Its own derivative (second derivatives) is the
+  sequential loop's (:func:`_cotangents_jvp`)."""
   cell = fs.cell
-  dgx, extra, dh0, hs = _backward(fs, params, xs_TBI, lengths_B, resets_TB, gx, hs, dys,
+  dgx, extra, dh0, hs = _backward(fs, params, xs_TBI, h0_BH, lengths_B, resets_TB, ys, dys,
                                   dh_last)
   out = []
   if live[0]:
@@ -441,8 +468,34 @@ def _cotangents(fs: _Fused, live, params, xs_TBI, lengths_B, resets_TB, gx, hs, 
     w_x = params["w_x"].reshape((-1, 3, cell.hidden_size))
     out.append(_einsum(cell, "gtbh,igh->tbi", dgx, w_x).astype(xs_TBI.dtype))
   if live[2]:
-    out.append(dh0)
-  return out
+    out.append(dh0.astype(h0_BH.dtype))
+  return tuple(out)
+
+
+def _sequential_vjp(fs: _Fused, live, params, xs, h0, lengths, resets, dys, dh_last):
+  """What :func:`_cotangents` computes, by the sequential loop's derivative."""
+  primals = (params, xs, h0)
+  live_idx = [i for i in range(3) if live[i]]
+
+  def run(*values):
+    full = list(primals)
+    for i, v in zip(live_idx, values):
+      full[i] = v
+    return _layer_jvp(fs.seq, full[0], full[1], full[2], lengths, resets)
+
+  _, vjp = jax.vjp(run, *[primals[i] for i in live_idx])
+  return tuple(vjp((dys, dh_last)))
+
+
+@_cotangents.defjvp
+def _cotangents_jvp(fs, live, primals, tangents):
+  params, xs, h0, lengths, resets, _, dys, dh_last = primals
+  dparams, dxs, dh0, _, _, _, ddys, ddh_last = tangents
+  out = _cotangents(fs, live, *primals)
+  _, dout = jax.jvp(
+      lambda p, x, h, a, b: _sequential_vjp(fs, live, p, x, h, lengths, resets, a, b),
+      (params, xs, h0, dys, dh_last), (dparams, dxs, dh0, ddys, ddh_last))
+  return out, dout
 
 # -- the tangent primitive: sequential forward mode, fused reverse mode -----------------------------
 
@@ -453,7 +506,7 @@ _tangent_p.multiple_results = True
 
 def _tangent_base(fs: _Fused, tree, live, *args):
   """The tangents ``(dys, dh_last)`` by the sequential loop's JVP (forward mode's fallback)."""
-  (params, xs, h0, lengths, resets, _, _), tans = jax.tree.unflatten(tree, list(args))
+  (params, xs, h0, lengths, resets, _), tans = jax.tree.unflatten(tree, list(args))
   primals = [params, xs, h0]
   live_idx = [i for i in range(3) if live[i]]
 
@@ -479,7 +532,7 @@ def _tangent_impl(*args, fs, tree, live, vmapped):
 
 def _tangent_abstract(*args, fs, tree, live, vmapped):
   del live, vmapped
-  (_, xs, h0, _, _, _, _), _ = jax.tree.unflatten(tree, list(args))
+  (_, xs, h0, _, _, _), _ = jax.tree.unflatten(tree, list(args))
   h = fs.cell.hidden_size
   sd = fs.cell.state_dtype
   return [jax.core.ShapedArray(xs.shape[:-1] + (h,), sd), jax.core.ShapedArray(h0.shape, sd)]
@@ -490,7 +543,7 @@ def _tangent_transpose(cts, *args, fs, tree, live, vmapped):
   res_tree, _ = jax.tree_util.treedef_children(tree)
   n_res = res_tree.num_leaves
   res = args[:n_res]
-  (_, xs, h0, _, _, _, _) = jax.tree.unflatten(res_tree, list(res))
+  (_, xs, h0, _, _, _) = jax.tree.unflatten(res_tree, list(res))
   dys, dh_last = cts
   sd = fs.cell.state_dtype
   if type(dys) is ad.Zero:  # pylint: disable=unidiomatic-typecheck
@@ -499,9 +552,8 @@ def _tangent_transpose(cts, *args, fs, tree, live, vmapped):
     dh_last = jnp.zeros(h0.shape, sd)
 
   def base(*res_and_cts):
-    params, xs, _, lengths, resets, gx, hs = jax.tree.unflatten(res_tree, list(res_and_cts[:-2]))
-    return jax.tree.leaves(_cotangents(fs, live, params, xs, lengths, resets, gx, hs,
-                                       *res_and_cts[-2:]))
+    res = jax.tree.unflatten(res_tree, list(res_and_cts[:-2]))
+    return jax.tree.leaves(_cotangents(fs, live, *res, *res_and_cts[-2:]))
 
   cots = _vmapped(base, vmapped)(*res, dys, dh_last)
   return [None] * n_res + list(cots)
@@ -537,8 +589,7 @@ def fused_layer(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB):
   """``(ys (T, B, H), h_last (B, H))`` of the layer by the fused kernel. ``lengths_B`` (B,)
   int32 at most T, or None; ``resets_TB`` (T, B) booleans, the direction's reset mask
   (:func:`jaxgru.scan._reset_mask`), or None."""
-  ys, h_last, _ = _forward(fs, params, xs_TBI, h0_BH, lengths_B, resets_TB, save=False)
-  return ys, h_last
+  return _forward(fs, params, xs_TBI, h0_BH, lengths_B, resets_TB)
 
 
 def _is_zero(t) -> bool:
@@ -551,13 +602,14 @@ def _fused_layer_jvp(fs, primals, tangents):
   dparams, dxs, dh0 = tangents[:3]
   live = (not all(_is_zero(t) for t in jax.tree.leaves(dparams, is_leaf=_is_zero)),
           not _is_zero(dxs), not _is_zero(dh0))
-  ys, h_last, (gx, hs) = _forward(fs, params, xs, h0, lengths, resets, save=True)
+  # The layer itself, not its kernel: differentiated again, it takes this rule again.
+  ys, h_last = fused_layer(fs, params, xs, h0, lengths, resets)
   if not any(live):
     return (ys, h_last), (jnp.zeros_like(ys), jnp.zeros_like(h_last))
   if live[0]:
     dparams = jax.tree.map(lambda t, p: jnp.zeros(p.shape, p.dtype) if _is_zero(t) else t,
                            dparams, params, is_leaf=_is_zero)
   tans = tuple(t for t, on in zip((dparams, dxs, dh0), live) if on)
-  leaves, tree = jax.tree.flatten(((params, xs, h0, lengths, resets, gx, hs), tans))
+  leaves, tree = jax.tree.flatten(((params, xs, h0, lengths, resets, ys), tans))
   dys, dh_last = _tangent_p.bind(*leaves, fs=fs, tree=tree, live=live, vmapped=0)
   return (ys, h_last), (dys, dh_last)
