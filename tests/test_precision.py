@@ -33,6 +33,9 @@ OPTIONS = {
     "autodiff": ScanOptions(custom_vjp=False),
     "parallel_quasi": ScanOptions(method="parallel"),
     "parallel_full": ScanOptions(method="parallel", newton="full"),
+    # The kernel's in-kernel products (the pallas_call's jaxpr) and the bulk ones around it;
+    # forward mode's fallback is the sequential rule, checked above.
+    "fused": ScanOptions(method="fused"),
 }
 
 
