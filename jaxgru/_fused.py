@@ -64,7 +64,7 @@ from jax.interpreters import ad, batching, mlir
 from jaxgru import activations as _act
 from jaxgru._jvp import _layer_jvp
 from jaxgru._loop import _Static
-from jaxgru.cell import GRUConfig, split_gates
+from jaxgru.cell import GRUConfig
 
 # Rows of the batch per program of the kernel's grid: Triton's smallest product side.
 BLOCK_BATCH = 16
@@ -124,7 +124,7 @@ def fused_limit(cell: GRUConfig, steps: int, backend: str) -> Optional[str]:
     need = tpu_vmem_bytes(cell, steps)
     return (f"not yet run on a TPU (it would need {need} bytes of VMEM, of "
             f"{TPU_VMEM_BYTES})")
-  if backend not in ("gpu", "cuda", "rocm", "cpu"):
+  if backend not in ("gpu", "cpu"):
     return f"no Pallas kernel for backend {backend!r}"
   need = on_chip_bytes(cell)
   if need > GPU_ON_CHIP_BYTES:
@@ -172,25 +172,36 @@ def _gate_products(cell: GRUConfig, w, b):
   dims = {False: (((1,), (0,)), ((), ())), True: (((1,), (1,)), ((), ()))}
   dot = lambda a, w_g, t: jax.lax.dot_general(a.astype(cd), w_g, dims[t], precision=prec,
                                               preferred_element_type=sd)
-  gates = (0, 1, 2) if cell.variant == "reset_after" else None
-
-  def which(k):
-    return gates if gates is not None else ((0, 1) if k == 0 else (2,))
+  # The gates of each product: reset_after's one product makes all three (with a bias);
+  # reset_before's first makes z and r, its second (of r * h) the candidate's.
+  groups = ((0, 1, 2),) if cell.variant == "reset_after" else ((0, 1), (2,))
+  bias = cell.variant == "reset_after" and cell.use_bias
 
   def product(k, a):
-    out = tuple(dot(a, w[g], False) for g in which(k))
-    if cell.variant == "reset_after" and cell.use_bias:
-      out = tuple(o + b[g] for o, g in zip(out, which(k)))
-    return out
+    return tuple(dot(a, w[g], False) + b[g] if bias else dot(a, w[g], False)
+                 for g in groups[k])
 
   def back(k, d):
-    out = None
-    for dg, g in zip(d, which(k)):
-      term = dot(dg, w[g], True)
-      out = term if out is None else out + term
-    return out
+    terms = [dot(dg, w[g], True) for dg, g in zip(d, groups[k])]
+    return functools.reduce(lambda p, q: p + q, terms)
 
-  return product, back, cell._num_recurrent_products
+  return product, back, len(groups)
+
+
+def _pipelined(steps: int, reverse: bool, load, step, carry):
+  """``fori_loop`` over the ``steps`` time indices in processing order (``reverse``: T-1 down
+  to 0), where ``step(t, inputs, carry) -> carry`` gets the step's ``inputs = load(t)`` read one
+  iteration ahead: their reads from memory do not wait for the recurrence, so they overlap the
+  step before (a software pipeline by hand; the last iteration's read repeats its own index)."""
+  index = lambda s: steps - 1 - s if reverse else s
+
+  def body(s, state):
+    inputs, carry = state
+    t = index(s)
+    ahead = load(index(jnp.minimum(s + 1, steps - 1)))
+    return ahead, step(t, inputs, carry)
+
+  return jax.lax.fori_loop(0, steps, body, (load(index(0)), carry))[1]
 
 
 def _fwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
@@ -209,11 +220,14 @@ def _fwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
   h0 = h0_ref[...]
   lengths = len_ref[...] if has_len else None
 
-  def body(s, h):
-    t = steps - 1 - s if fs.reverse else s
+  def load(t):
+    return tuple(gx_ref[g, t] for g in range(3)), reset_ref[t] if has_reset else None
+
+  def step(t, inputs, h):
+    gx, reset = inputs
     if has_reset:
-      h = jnp.where(reset_ref[t] > 0, h0, h)
-    h_new = cell._recur_with(h, tuple(gx_ref[g, t] for g in range(3)), product)
+      h = jnp.where(reset > 0, h0, h)
+    h_new = cell._recur_with(h, gx, product)
     if has_len:
       valid = t < lengths
       ys_ref[t] = jnp.where(valid, h_new, jnp.zeros_like(h_new))
@@ -221,7 +235,7 @@ def _fwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
     ys_ref[t] = h_new
     return h_new
 
-  hlast_ref[...] = jax.lax.fori_loop(0, steps, body, h0)
+  hlast_ref[...] = _pipelined(steps, fs.reverse, load, step, h0)
 
 
 def _bwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
@@ -241,12 +255,13 @@ def _bwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
   product, back, num_products = _gate_products(cell, w, b)
   lengths = len_ref[...] if has_len else None
 
-  def body(s, carry):
+  def load(t):
+    return (hs_ref[t], tuple(gx_ref[g, t] for g in range(3)), dys_ref[t],
+            reset_ref[t] if has_reset else None)
+
+  def step(t, inputs, carry):
     dcarry, dh0 = carry
-    t = s if fs.reverse else steps - 1 - s
-    h = hs_ref[t]
-    gx = tuple(gx_ref[g, t] for g in range(3))
-    dy = dys_ref[t]
+    h, gx, dy, reset = inputs
     if has_len:
       valid = t < lengths
       dnew = jnp.where(valid, dcarry + dy, jnp.zeros_like(dy))
@@ -286,13 +301,13 @@ def _bwd_kernel(fs: _Fused, steps: int, has_len: bool, has_reset: bool, *refs):
       dgx_ref[g, t] = dgx[g]
     extra_ref[t] = extra
     if has_reset:
-      r = reset_ref[t] > 0
+      r = reset > 0
       dh0 = dh0 + jnp.where(r, dh, zeros)
       dh = jnp.where(r, zeros, dh)
     return dh, dh0
 
-  dcarry, dh0 = jax.lax.fori_loop(
-      0, steps, body, (dhl_ref[...], jnp.zeros_like(dhl_ref[...])))
+  dcarry, dh0 = _pipelined(steps, not fs.reverse, load, step,
+                           (dhl_ref[...], jnp.zeros_like(dhl_ref[...])))
   dh0_ref[...] = dh0 + dcarry
 
 # -- around the kernels ---------------------------------------------------------------------------
