@@ -57,7 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
+try:  # Deprecated since JAX 0.11 in favour of Mosaic GPU; a later JAX may not have it.
+  from jax.experimental.pallas import triton as pl_triton
+except ImportError:  # pragma: no cover (the tested JAX versions have it)
+  pl_triton = None
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -126,6 +129,8 @@ def fused_limit(cell: GRUConfig, steps: int, backend: str) -> Optional[str]:
             f"{TPU_VMEM_BYTES})")
   if backend not in ("gpu", "cpu"):
     return f"no Pallas kernel for backend {backend!r}"
+  if backend == "gpu" and pl_triton is None:
+    return f"this JAX ({jax.__version__}) has no Pallas Triton backend, which the kernel uses"
   need = on_chip_bytes(cell)
   if need > GPU_ON_CHIP_BYTES:
     return (f"hidden size {cell.hidden_size} needs {need} bytes on chip, more than a GPU "
@@ -373,9 +378,10 @@ def _specs(fs: _Fused, steps: int, lengths_B, resets_TB):
 def _triton():
   """On a GPU, the Triton lowering: its blocks are pointers into GPU memory, read one step at a
   time, where Mosaic GPU (Pallas's default there) would copy the whole sequence's blocks into
-  shared memory. One warp group of 4 warps per batch tile; no software pipelining (each step
-  waits for the one before)."""
-  return pl_triton.CompilerParams(num_warps=4, num_stages=1)
+  shared memory. 4 warps per batch tile; no software pipelining by Triton (each step waits for
+  the one before; :func:`_pipelined` reads a step's inputs ahead by hand). Triton is deprecated
+  in Pallas since JAX 0.11 (:func:`fused_limit` falls back where it is gone)."""
+  return None if pl_triton is None else pl_triton.CompilerParams(num_warps=4, num_stages=1)
 
 
 def _forward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB):
