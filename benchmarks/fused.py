@@ -133,7 +133,8 @@ def markdown(result: dict) -> str:
   fmt = lambda v: "-" if v is None else f"{v:.3g}"
   out = ["# The fused kernel and command buffers against the loop and cuDNN\n",
          f"{result['device']}; jax {result['versions'].get('jax')}, torch "
-         f"{result['versions'].get('torch')}; revision {(result['git'].get('revision') or '?')[:10]}"
+         f"{result['versions'].get('torch')}; revision "
+         f"{(result['git'].get('revision') or '?')[:10]}"
          f"; {result['date']}. Median milliseconds (benchmarks/speed.py); ratios are each time "
          "over PyTorch's (cuDNN's on a GPU) in the same process, float32 against float32 and "
          "bfloat16 products against bfloat16 autocast; fused/loop in the same process. "

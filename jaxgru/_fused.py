@@ -28,7 +28,7 @@ Limits (:func:`fused_plan`; outside them the layer runs the sequential loop, wit
 warning saying why, never an error):
 
 * float32 parameters and state, products in float32, bfloat16 or float16; activations known to be
-  elementwise (padded units must not mix with real ones);
+  elementwise (padded units must not mix with real ones), gelu excepted (Triton has no erfc);
 * on chip, per program: ``w_h`` (H_p x 3H_p in the product dtype) and about a dozen (B_t, H_p)
   float32 tiles, with H_p the hidden size padded to a power of two (at least 16, Triton's
   smallest product) and B_t = 16 rows. On an NVIDIA H100 or H200 (228 KB of shared memory per
@@ -120,9 +120,11 @@ def fused_limit(cell: GRUConfig, steps: int, backend: str) -> Optional[str]:
     return f"parameters and state in {np.dtype(cell.state_dtype)} (float32 only)"
   if np.dtype(cell.compute_dtype) not in _PRODUCT_DTYPES:
     return f"products in {np.dtype(cell.compute_dtype)}"
-  if not (_act.is_elementwise(cell.activation)
-          and _act.is_elementwise(cell.recurrent_activation)):
+  acts = (cell.activation, cell.recurrent_activation)
+  if not all(_act.is_elementwise(a) for a in acts):
     return "an activation not known to be elementwise"
+  if any(_act.resolve(a) is _act.gelu for a in acts):
+    return "gelu (exact) needs erfc, which Pallas's Triton lowering lacks"
   if backend == "tpu":
     need = tpu_vmem_bytes(cell, steps)
     return (f"not yet run on a TPU (it would need {need} bytes of VMEM, of "
@@ -375,13 +377,16 @@ def _specs(fs: _Fused, steps: int, lengths_B, resets_TB):
   return gates, seq, state, whole((3, hp, hp)), whole((3, 1, hp)), masks
 
 
-def _triton():
+def _triton(hidden_p: int):
   """On a GPU, the Triton lowering: its blocks are pointers into GPU memory, read one step at a
   time, where Mosaic GPU (Pallas's default there) would copy the whole sequence's blocks into
-  shared memory. 4 warps per batch tile; no software pipelining by Triton (each step waits for
+  shared memory. 4 warps per batch tile (8 from H_p = 128: ``w_h`` is held in registers, 3 H_p^2
+  values over the warps' threads); no software pipelining by Triton (each step waits for
   the one before; :func:`_pipelined` reads a step's inputs ahead by hand). Triton is deprecated
   in Pallas since JAX 0.11 (:func:`fused_limit` falls back where it is gone)."""
-  return None if pl_triton is None else pl_triton.CompilerParams(num_warps=4, num_stages=1)
+  if pl_triton is None:
+    return None
+  return pl_triton.CompilerParams(num_warps=4 if hidden_p <= 64 else 8, num_stages=1)
 
 
 def _forward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB):
@@ -404,7 +409,8 @@ def _forward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB):
       out_shape=[jax.ShapeDtypeStruct((steps, batch_p, hp), sd),
                  jax.ShapeDtypeStruct((batch_p, hp), sd)],
       in_specs=[gates, w_spec, b_spec, state, *mask_specs], out_specs=[seq, state],
-      interpret=fs.interpret, compiler_params=_triton(), name="jaxgru_fused_forward")(gx, w, b, h0, *masks)
+      interpret=fs.interpret, compiler_params=_triton(hp),
+      name="jaxgru_fused_forward")(gx, w, b, h0, *masks)
   return ys[:, :batch, :h], h_last[:batch, :h]
 
 
@@ -453,7 +459,7 @@ def _backward(fs: _Fused, params, xs_TBI, h0_BH, lengths_B, resets_TB, ys, dys, 
                  jax.ShapeDtypeStruct((batch_p, hp), sd)],
       in_specs=[gates, w_spec, b_spec, seq, seq, state, *mask_specs],
       out_specs=[gates, seq, state],
-      interpret=fs.interpret, compiler_params=_triton(), name="jaxgru_fused_backward")(
+      interpret=fs.interpret, compiler_params=_triton(hp), name="jaxgru_fused_backward")(
           gx, w, b, jnp.pad(hs, pad), dys, dh_last, *masks)
   return dgx[:, :, :batch, :h], extra[:, :batch, :h], dh0[:batch, :h], hs
 
@@ -518,7 +524,7 @@ def _cotangents_jvp(fs, live, primals, tangents):
       (params, xs, h0, dys, dh_last), (dparams, dxs, dh0, ddys, ddh_last))
   return out, dout
 
-# -- the tangent primitive: sequential forward mode, fused reverse mode -----------------------------
+# -- the tangent primitive: sequential forward mode, fused reverse mode ---------------------------
 
 
 _tangent_p = Primitive("jaxgru_fused_tangent")
