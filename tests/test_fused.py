@@ -153,13 +153,15 @@ def test_vmap_over_models():
   steps = 10
   xs, h0, w_ys, w_h, lengths, resets = data(steps, 3, 4, seed=7)
 
-  def grads(options):
-    def loss(p):
-      ys, h_last = run(cell, p, xs, h0, lengths, resets, options=options)
-      return jnp.sum(ys * w_ys) + jnp.sum(h_last * w_h)
-    return jax.jit(jax.vmap(jax.value_and_grad(loss)))(models)
+  def derivatives(options):
+    """Per model: the loss and its gradient (the backward kernel under vmap), and a JVP (the
+    tangent primitive's batching rule), in one program."""
+    f = lambda p: run(cell, p, xs, h0, lengths, resets, options=options)
+    loss = lambda p: jnp.sum(f(p)[0] * w_ys) + jnp.sum(f(p)[1] * w_h)
+    both = lambda p: (jax.value_and_grad(loss)(p), jax.jvp(f, (p,), (p,)))
+    return jax.jit(jax.vmap(both))(models)
 
-  assert_close(grads(FUSED), grads(ScanOptions()), _tol(steps))
+  assert_close(derivatives(FUSED), derivatives(ScanOptions()), _tol(steps))
 
 
 def test_forward_mode_and_second_derivatives():
