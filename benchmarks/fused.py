@@ -3,9 +3,13 @@ r"""The fused method against the sequential loop and cuDNN; XLA's command buffer
   PYTHONPATH=. python -m benchmarks.fused --out=DIR            # a GPU (gpu_suite --parts=fused)
   PYTHONPATH=. python -m benchmarks.fused --quick --out=DIR    # tiny shapes, CPU (interpret mode)
 
-Two runs of benchmarks/speed.py, each a process of its own (XLA reads ``XLA_FLAGS`` once, when
-its backend starts), at every shape of speed.py's grid (the four plain shapes and the five
-64x256x64x64 stacks), training step and forward pass:
+First (``--check``, the default off ``--quick``) tests/test_fused.py's comparisons with the
+sequential loop run on the device, the kernels compiled for it: timings of kernels that do not
+compile, or compute something else, would mean nothing, so where the check fails the fused
+variants are left out of the timing and the summary says why. Then two runs of
+benchmarks/speed.py, each a process of its own (XLA reads ``XLA_FLAGS`` once, when its backend
+starts), at every shape of speed.py's grid (the four plain shapes and the five 64x256x64x64
+stacks), training step and forward pass:
 
 * ``kernel``: jaxgru's sequential loop and ``method=fused``, each in float32 at
   ``precision="highest"`` (no TensorFloat-32) and ``"default"`` (TensorFloat-32 on a GPU), and
@@ -39,8 +43,12 @@ _OUT = flags.DEFINE_string("out", None, "Folder for the result files.", required
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny shapes on the CPU (the kernel interpreted).")
 _SHAPES = flags.DEFINE_list("shapes", None, "Shapes (speed.py's syntax); default: its grid.")
 _MODES = flags.DEFINE_list("modes", ["train", "forward"], "train and/or forward.")
-_BUDGET = flags.DEFINE_integer("budget_s", 400, "Seconds for both runs together; the kernel "
-                               "run gets 2/3 of them.")
+_BUDGET = flags.DEFINE_integer("budget_s", 440, "Seconds for everything; the check gets at most "
+                               "120, the kernel run 2/3 of the rest.")
+_CHECK = flags.DEFINE_bool("check", None, "Run tests/test_fused.py's comparisons on the device "
+                           "first (default: on, off with --quick).")
+# The check: the comparisons with the sequential loop and the plain loop, on the device.
+CHECK_TESTS = "matches or stack or bfloat16 or vmap or forward_mode"
 _CMDBUF = flags.DEFINE_string(
     "cmdbuf_flags",
     "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
@@ -83,10 +91,11 @@ def speed_args(out_json: str, impls: list, shapes: str, modes: list, quick: bool
           *common]
 
 
-def _run(args: list, env: dict, limit_s: float) -> dict:
-  """speed.py in a process of its own; what it did (status, seconds, last line)."""
+def _run(args: list, env: dict, limit_s: float, module: str = "benchmarks.speed") -> dict:
+  """``python -m module args`` in a process of its own; what it did (status, seconds, last
+  line)."""
   t0 = time.perf_counter()
-  cmd = [sys.executable, "-m", "benchmarks.speed", *args]
+  cmd = [sys.executable, "-m", module, *args]
   try:
     proc = subprocess.run(cmd, cwd=_common.ROOT, env=env, capture_output=True, text=True,
                           timeout=max(limit_s, 1))
@@ -175,9 +184,17 @@ def main(argv):
   kernel_json = os.path.join(out, "fused_kernel.json")
   cmdbuf_json = os.path.join(out, "fused_command_buffers.json")
   t0 = time.perf_counter()
-  runs = [{"name": "kernel", **_run(
-      speed_args(kernel_json, kernel_impls(), shapes, _MODES.value, quick), env,
-      _BUDGET.value * 2 / 3)}]
+  runs = []
+  impls = kernel_impls()
+  if _CHECK.value if _CHECK.value is not None else not quick:
+    check = _run(["-q", "-p", "no:cacheprovider", "-o", "addopts=", "tests/test_fused.py", "-k",
+                  CHECK_TESTS], env, min(120, _BUDGET.value / 4), module="pytest")
+    runs.append({"name": "check", **check})
+    if check["status"] != "ok":  # the kernels' timings would mean nothing
+      impls = [i for i in impls if "method=fused" not in i]
+  runs.append({"name": "kernel", **_run(
+      speed_args(kernel_json, impls, shapes, _MODES.value, quick), env,
+      (_BUDGET.value - (time.perf_counter() - t0)) * 2 / 3)})
   graphs_env = dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {_CMDBUF.value}".strip())
   runs.append({"name": "command_buffers", **_run(
       speed_args(cmdbuf_json, command_buffer_impls(), shapes, _MODES.value, quick), graphs_env,
