@@ -38,6 +38,7 @@ import time
 from absl import flags
 
 from benchmarks import _common
+from benchmarks import speed_impls
 
 _OUT = flags.DEFINE_string("out", None, "Folder for the result files.", required=True)
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny shapes on the CPU (the kernel interpreted).")
@@ -174,8 +175,13 @@ def main(argv):
     if m not in ("train", "forward"):
       raise _common.UsageError(f"unknown mode {m!r}; expected train and/or forward")
   _common.check_positive(budget_s=_BUDGET.value)
-  _common.check_writable(out, "--out", folder=True)
   shapes = ",".join(_SHAPES.value) if _SHAPES.value else (QUICK_SHAPES if quick else GRID)
+  for shape in shapes.split(","):
+    try:
+      speed_impls.Shape.parse(shape)
+    except ValueError as e:
+      raise _common.UsageError(f"--shapes: {e}") from None
+  _common.check_writable(out, "--out", folder=True)
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (_common.ROOT, env.get("PYTHONPATH")) if p)
   env["PYTHONUNBUFFERED"] = "1"

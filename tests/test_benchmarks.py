@@ -242,6 +242,7 @@ BAD_FLAGS = [
     ("gpu_suite", [], "--out"),
     ("gpu_suite", ["--parts=zz", "--out={o}/g"], "unknown parts"),
     ("fused", ["--modes=zz", "--out={o}/f"], "unknown mode"),
+    ("fused", ["--shapes=2x4", "--out={o}/f"], "--shapes"),
     ("addition", ["--part=zz", "--out_dir={o}"], "--part=zz"),
     ("addition_consolidation", ["--variants=bogus", "--out_dir={o}"], "bad variant"),
     ("activations", ["--tasks=addition", "--seeds=0", "--out={o}/a"], "--seeds must be positive"),
