@@ -20,6 +20,8 @@ from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 from jaxgru.tasks import common
 
 I, H, B, T = 3, 5, 2, 70  # T past the CPU's 64-step threshold of the custom rule
+# The fused method says once that the CPU interprets its kernel; these tests only read programs.
+pytestmark = pytest.mark.filterwarnings("ignore:jaxgru. method='fused'")
 
 OPTIONS = {
     "cpu_default": ScanOptions(),
