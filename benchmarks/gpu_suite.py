@@ -180,7 +180,7 @@ def parts(out: str) -> list[Part]:
       # kernels checked on the device, then timed against the loop and cuDNN at every grid and
       # stack shape, and the loop with command buffers.
       Part("fused", "benchmarks.fused", [f"--out={out}", "--budget_s=440"],
-           [f"--out={out}", "--quick", "--budget_s=280"],
+           [f"--out={out}", "--quick", "--budget_s=400"],
            460, ["fused.json", "fused.md", "fused_kernel.json", "fused_kernel.md",
                  "fused_command_buffers.json", "fused_command_buffers.md"], default=False),
   ]
