@@ -36,6 +36,14 @@ Two more parts run only when ``--parts`` names them (a second command, about 6.5
 * ``parallel``: benchmarks/parallel.py's convergence and forward timing (T up to 100,000,
   B = 1 and 16, H = 1, 16 and 64) at the cell's default precision.
 
+And one more, for a third command of its own (at most 8 minutes, ``--parts=fused``):
+
+* ``fused``: benchmarks/fused.py: the fused kernels' tests on the device (tests/test_fused.py's
+  comparisons), then ``ScanOptions(method="fused")`` against the sequential loop
+  and cuDNN at every grid and stack shape, training step and forward pass, float32 at precision
+  highest and default and bfloat16 products; and the loop with XLA's command buffers (CUDA
+  graphs) as the cheaper lever (docs/fused.md).
+
 Each part writes its JSON and markdown (and PNG where it has a plot) into ``DIR``; the suite
 writes ``DIR/summary.json`` and ``DIR/summary.md`` and prints the summary. A part whose peer
 library is missing runs without it and says so; one that needs a missing library is skipped.
@@ -168,6 +176,13 @@ def parts(out: str) -> list[Part]:
             "--conv_steps=64", "--conv_hiddens=2", "--repeats=1", "--no-train",
             f"--out={j('parallel')}"],
            240, ["parallel.json", "parallel.md", "parallel.png"], default=False),
+      # Opt-in (--parts=fused --total_s=470, a command of its own, at most 8 minutes): the fused
+      # kernels checked on the device, then timed against the loop and cuDNN at every grid and
+      # stack shape, and the loop with command buffers.
+      Part("fused", "benchmarks.fused", [f"--out={out}", "--budget_s=440"],
+           [f"--out={out}", "--quick", "--budget_s=400"],
+           460, ["fused.json", "fused.md", "fused_kernel.json", "fused_kernel.md",
+                 "fused_command_buffers.json", "fused_command_buffers.md"], default=False),
   ]
 
 
@@ -376,6 +391,13 @@ def headline(name: str, out: str, output: str) -> dict:
                   "fell_back": r["fell_back"]}
                  for r in res.get("timing", []) if "speedup_forward" in r})
     return figs
+  if name == "fused":
+    res = _load(out, "fused.json")
+    return {} if not res else {
+        f"{r['mode']} {r['shape']} {r['precision']}":
+            {k: None if r[k] is None else round(r[k], 3)
+             for k in ("fused_over_loop", "fused_over_cudnn", "loop_over_cudnn",
+                       "command_buffers_over_cudnn")} for r in res["rows"]}
   if name == "run_py":
     res = _load(out, "addition_run_py.json")
     if not res:

@@ -81,7 +81,11 @@ _TUNED = {
             # (docs/benchmarks.md).
             "diagonal_bytes": None,
             # benchmarks/parallel.py: the parallel method was slower at every size tried.
-            "method": "sequential"},
+            "method": "sequential",
+            # method=None picks the fused kernel (jaxgru._fused) where a step's recurrent
+            # product has at most this many multiply-adds (B*H*3H) and the kernel's limits
+            # hold. None: nowhere. Not measured: on the CPU the kernel only runs interpreted.
+            "fused_macs": None},
     # Measured once, as they stand, on an NVIDIA H200 (benchmarks/results/gpu_h200, TF32
     # products): ahead of cuDNN at large batch x hidden (0.24-0.59 of its time), behind it at
     # small (1.6-4.3x; about 3.5 us per step of loop overhead). No alternative setting has been
@@ -97,7 +101,10 @@ _TUNED = {
             "diagonal_bytes": None,
             # Parallel on the H200: forward passes 1.7-15x faster at H <= 16, T >= 1000; training
             # slower everywhere (0.19-0.76); cells with large weights fell back (0.12x).
-            "method": "sequential"},
+            "method": "sequential",
+            # The fused kernel (as above): not measured on a GPU yet (the GPU suite's part
+            # "fused", docs/fused.md), so never picked by default.
+            "fused_macs": None},
 }
 # The CPU once the process reuses its heap (glibc's mmap and trim thresholds raised:
 # jaxgru.training.malloc.tune_malloc, or MALLOC_MMAP_THRESHOLD_ of at least 1 GiB in the
@@ -142,7 +149,7 @@ def _table(backend: str, batch: int) -> dict:
 
 
 REMAT = ("none", "products", "full")
-SCAN_METHODS = ("sequential", "parallel")
+SCAN_METHODS = ("sequential", "parallel", "fused")
 # Arrays of (B, H) floats a step keeps for the backward pass without rematerialization (the
 # state, gate inputs and products, their cotangents, the outputs and theirs), about.
 _RESIDUALS_PER_STEP = 16
@@ -202,7 +209,13 @@ class ScanOptions:
       when ``max_iters`` is reached. None: ``"sequential"`` everywhere. On the CPU the parallel
       method was slower at every size tried. On a GPU (an H200) its forward pass was up to 15x
       faster at H <= 16, but training was slower everywhere and cells with large weights fell
-      back (docs/parallel.md): choose it for forward passes of small cells.
+      back (docs/parallel.md): choose it for forward passes of small cells. ``"fused"``: one
+      Pallas kernel per layer and direction runs all T steps with ``w_h`` and the state on
+      chip, and a second one the backward recurrence (:mod:`jaxgru._fused`, docs/fused.md);
+      the same results up to the order of additions. Within its limits only (float32 state,
+      H <= 64 with float32 products, H <= 128 with bfloat16, on a GPU; the CPU interprets it,
+      slowly, for tests); elsewhere it runs the sequential loop, with a one-time warning.
+      ``method=None`` never picks it until a measurement in the tuning table says so: none yet.
     newton: the parallel method's Jacobian: ``"quasi"`` (its diagonal), ``"elk"`` (diagonal,
       damped) or ``"full"`` (dense, memory T*B*H*H).
     tol: the parallel method's largest accepted per-step residual; None: 1e-5 (float32),
@@ -295,7 +308,16 @@ class ScanOptions:
         self, unroll=pick(self.unroll, "unroll"), chunk=max(1, min(chunk, steps)),
         remat=remat, hoist_projection=hoist,
         custom_vjp=custom_vjp, diagonal_backward=diagonal,
-        method=pick(self.method, "method"))
+        method=self.method or _default_method(tuned, batch, hidden))
+
+
+def _default_method(tuned: dict, batch: int, hidden: int) -> str:
+  """The method that ``method=None`` picks: the fused kernel only where the table holds a
+  measured bound for it (``fused_macs``), else the table's method. Whether the kernel's limits
+  hold is checked where it runs (:func:`jaxgru._fused.fused_plan`), which falls back."""
+  if tuned["fused_macs"] is not None and batch * hidden * 3 * hidden <= tuned["fused_macs"]:
+    return "fused"
+  return tuned["method"]
 
 
 def step_jvp_default(models: int, batch: int, backend: Optional[str] = None) -> bool:

@@ -9,7 +9,9 @@ tasks. The loop is split by concern into private modules:
 * :mod:`jaxgru._jvp`: the loop's derivative, a custom JVP that JAX transposes for reverse mode
   (the weights' share as one product per chunk);
 * :mod:`jaxgru._parallel`: the parallel-in-time method (``ScanOptions(method="parallel")``):
-  Newton iterations over the whole sequence, each an associative scan.
+  Newton iterations over the whole sequence, each an associative scan;
+* :mod:`jaxgru._fused`: the fused method (``ScanOptions(method="fused")``): one Pallas kernel
+  runs all T steps with the recurrent weights and the state on chip.
 
 :func:`scan_layer` runs :meth:`GRUConfig._recur_with` (the GRU math, kept in :mod:`jaxgru.cell`)
 over a time-major batch. What it adds is only how the loop is run and differentiated:
@@ -61,6 +63,7 @@ import numpy as np
 
 from jaxgru._deprecation import renamed
 from jaxgru._loop import _Static, _layer_autodiff, step_jvp_applies
+from jaxgru._fused import fused_layer, fused_plan
 from jaxgru._parallel import parallel_layer
 from jaxgru._tuning import (REMAT, ScanOptions, diagonal_backward_applies, forward_loop_default,
                             input_terms_default, step_jvp_default)
@@ -195,6 +198,16 @@ def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
         cell, params, xs_TBI, h0_BH, lengths_B, resets_BT, reverse=reverse, method=opts.newton,
         tol=opts.tol, max_iters=opts.max_iters, sequential=scan_layer)
     return ys_TBH, h_last_BH
+  if opts.method == "fused":
+    seq = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, "none",
+                  opts.diagonal_backward and diagonal_backward_applies(cell))
+    plan = fused_plan(cell, seq, steps)
+    if plan is not None:  # else (outside the kernel's limits) the sequential loop below
+      if lengths_B is not None:
+        lengths_B = jnp.minimum(jnp.asarray(lengths_B).astype(jnp.int32), steps)
+      resets_TB = (None if resets_BT is None
+                   else _reset_mask(jnp.asarray(resets_BT), lengths_B, reverse))
+      return fused_layer(plan, params, xs_TBI, h0_BH, lengths_B, resets_TB)
   chunk = opts.chunk
   num_chunks = -(-steps // chunk)
   pad = num_chunks * chunk - steps

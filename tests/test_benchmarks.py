@@ -76,6 +76,28 @@ def test_opt_in_parts_run_when_named(tmp_path):
 
 
 @pytest.mark.slow
+def test_fused_part_runs_when_named(tmp_path):
+  """--parts=fused: the fused kernel (interpreted on the CPU) beside the loop at every precision,
+  and the loop again with the command-buffer flags, in a table per mode."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--quick",
+                         "--parts=fused", f"--out={tmp_path}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert [(p["part"], p["status"]) for p in summary["parts"]] == [("fused", "ok")]
+  result = json.loads((tmp_path / "fused.json").read_text())
+  assert [r["status"] for r in result["runs"]] == ["ok", "ok"]
+  assert {(r["mode"], r["precision"]) for r in result["rows"]} == {
+      (m, p) for m in ("train", "forward")
+      for p in ("float32 highest", "float32 default", "bfloat16")}
+  for r in result["rows"]:
+    for key in ("loop_ms", "fused_ms", "loop_command_buffers_ms", "fused_over_loop"):
+      assert _finite(r[key]) and r[key] > 0, (key, r)
+  assert "| loop ms | fused ms |" in (tmp_path / "fused.md").read_text()
+
+
+@pytest.mark.slow
 def test_speed_parts_hold_numbers(suite):
   out, summary, _ = suite
   for name in ("speed_f32", "speed_stacks", "speed_bf16"):
@@ -219,6 +241,8 @@ BAD_FLAGS = [
     ("resets", ["--p_done=2", "--out={o}/r"], "--p_done"),
     ("gpu_suite", [], "--out"),
     ("gpu_suite", ["--parts=zz", "--out={o}/g"], "unknown parts"),
+    ("fused", ["--modes=zz", "--out={o}/f"], "unknown mode"),
+    ("fused", ["--shapes=2x4", "--out={o}/f"], "--shapes"),
     ("addition", ["--part=zz", "--out_dir={o}"], "--part=zz"),
     ("addition_consolidation", ["--variants=bogus", "--out_dir={o}"], "bad variant"),
     ("activations", ["--tasks=addition", "--seeds=0", "--out={o}/a"], "--seeds must be positive"),

@@ -20,6 +20,8 @@ from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 from jaxgru.tasks import common
 
 I, H, B, T = 3, 5, 2, 70  # T past the CPU's 64-step threshold of the custom rule
+# The fused method says once that the CPU interprets its kernel; these tests only read programs.
+pytestmark = pytest.mark.filterwarnings("ignore:jaxgru. method='fused'")
 
 OPTIONS = {
     "cpu_default": ScanOptions(),
@@ -33,6 +35,9 @@ OPTIONS = {
     "autodiff": ScanOptions(custom_vjp=False),
     "parallel_quasi": ScanOptions(method="parallel"),
     "parallel_full": ScanOptions(method="parallel", newton="full"),
+    # The kernel's in-kernel products (the pallas_call's jaxpr) and the bulk ones around it;
+    # forward mode's fallback is the sequential rule, checked above.
+    "fused": ScanOptions(method="fused"),
 }
 
 
