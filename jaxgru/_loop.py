@@ -98,7 +98,7 @@ def _recur_step_jvp(cell, primals, tangents):
 
   each product expanded so that a tangent comes first. Under jax.vmap over 64 addition models
   (B=128, T=65, H=16) the training step took 0.95-0.97 of the time of JAX's own rules
-  (docs/benchmarks.md).
+  (docs/performance-notes.md).
   """
   w, h, g = primals
   dw, dh, dg = tangents
@@ -281,7 +281,7 @@ def _layer_autodiff(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
   Under jax.vmap, that forward pass took 0.88 of the time of the loop JAX differentiates at 4
   models of 64x256x64x64 (B x T x I x H), 0.92 at 8 of 32x128x32x128, and 0.43 at 64 addition
   models (128x65x2x16), whose multiply-add projection made the loop's own forward pass slow
-  (docs/benchmarks.md). Its JVP is JAX's JVP of :func:`_layer`, so a differentiated program is
+  (docs/performance-notes.md). Its JVP is JAX's JVP of :func:`_layer`, so a differentiated program is
   what it was without this rule.
   """
   return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB)

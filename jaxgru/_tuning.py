@@ -41,7 +41,7 @@ _TUNED = {
             # products. Same-process A/Bs of the forward pass, new over old: 0.84-0.96 at 12
             # such shapes (64x128x32x256: 0.86-0.87), 0.88-1.00 at three more; level or slower
             # below 2M multiply-adds; 1.05-1.19 at H=64 with B=256, or at I/H >= 1/2 with
-            # B=128 (docs/benchmarks.md). One model of a reset_after cell only: not measured
+            # B=128 (docs/performance-notes.md). One model of a reset_after cell only: not measured
             # under jax.vmap, and mixed for reset_before (0.96-1.08).
             "forward_unroll_macs": 2**21, "forward_unroll_hidden": 128,
             "forward_unroll_inputs": 0.25, "forward_unroll": 2,
@@ -59,26 +59,26 @@ _TUNED = {
             # (T, N, B, H) arrays and transpose them, where JAX's own derivative adds each step's
             # share in the loop. At the addition task's consolidation shape (B=128, T=65, H=16)
             # 16 and 64 models trained in 0.77 of the custom rule's time (benchmarks/models.py;
-            # docs/benchmarks.md).
+            # docs/performance-notes.md).
             "custom_vjp_models": 1,
             # From this many models on, JAX's derivative of the loop takes the step's own JVP
             # (jaxgru._loop._recur_step, the default cell only), which leaves the backward pass
             # five of the step's arrays to keep instead of about ten: 0.95-0.97 of the training
-            # step's time at the consolidation shape, 64 models (docs/benchmarks.md).
+            # step's time at the consolidation shape, 64 models (docs/performance-notes.md).
             "step_jvp_models": 2,
             # In that loop, an input of at most this many features is projected at each step by
             # as many multiply-adds of (B, 1) by (1, 3H), which XLA fuses into the gates' pass,
             # instead of a matrix product of its own. Same-process A/Bs, 64 models, B=128, T=65,
             # H=16: the addition step (I=2) took 0.87 of the product's time, 0.91 at its solve
             # shape; a plain layer 0.90-0.97 at I=2, 0.91-0.92 at I=4, 1.01-1.06 at I=8 and 1.13
-            # at I=16 (docs/benchmarks.md). Only where the loop is differentiated: without
+            # at I=16 (docs/performance-notes.md). Only where the loop is differentiated: without
             # derivative it keeps the product, which was 2.2-2.6 times as fast there.
             "input_terms": 4,
             # The diagonal backward at every size (None; else while a (T, B, H) array is at most
             # this many bytes). Its gate arrays joined, speed.py's training step took 0.92-0.98
             # of the per-step VJP's time above 16 MB (64x1024x32x256, 128x256x128x512), where it
             # used to be about 6% slower, and 0.94-0.99 with the heap reused
-            # (docs/benchmarks.md).
+            # (docs/performance-notes.md).
             "diagonal_bytes": None,
             # benchmarks/parallel.py: the parallel method was slower at every size tried.
             "method": "sequential",
@@ -333,7 +333,7 @@ def forward_hoist_default(batch: int, inputs: int, hidden: int,
   inputs before its loop. A forward pass holds one chunk's projection at a time, so the memory
   bound of ``ScanOptions.resolved``'s rule, which exists for the residuals of a training step,
   does not apply; on the CPU a step's input product of ``forward_hoist_macs`` (B*I*3H) decides.
-  Same-process A/Bs of the forward pass on this CPU (docs/benchmarks.md): 0.93-0.98 of the
+  Same-process A/Bs of the forward pass on this CPU (docs/performance-notes.md): 0.93-0.98 of the
   in-loop projection's time at 128x256x128x512 and 0.94 at 64x1024x32x256 (above 16 MB);
   0.90-0.98 at the five 64x256x64x64 stack shapes (2**19 <= B*I*3H < 2**20)."""
   tuned = _table(backend or jax.default_backend(), batch)

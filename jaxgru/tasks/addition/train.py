@@ -197,7 +197,7 @@ def consolidate_optimizer_config(cfg: AdditionConfig) -> training.OptimizerConfi
 # at most _GROUP_BYTES; more models run as a loop over equal groups. On the CPU a larger vmapped
 # group became memory-bound: at the consolidation shape (about 8.5 MB per model) 256 models in one
 # group cost 0.97 of 256 separate steps, in groups of 128 0.59, of 64 0.50, of 32 0.53
-# (benchmarks/models.py; docs/benchmarks.md).
+# (benchmarks/models.py; docs/performance-notes.md).
 _GROUP_BYTES = 2**30
 _RESIDUAL_BYTES_PER_UNIT = 4 * 16
 
