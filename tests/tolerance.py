@@ -14,9 +14,9 @@ products. The standard worst-case bound gives the size of that difference:
   outer product per step and per example: the same form, with K the widest sum of one step
   (I + H for a gate's input, 3H for the state's cotangent, B for a parameter's gradient).
 
-So two float results agree to
+Each of the two float results lies that far from the exact one, so they agree to
 
-    |got - want| <= steps * (terms * eps + residual) * scale,
+    |got - want| <= 2 * steps * (terms * eps + residual) * scale,
 
 where ``eps`` is the machine epsilon of the dtype the products are rounded to (2**-23 for
 float32, 2**-7 for bfloat16), ``scale`` the magnitude M of the terms summed, and ``residual`` the
@@ -31,6 +31,7 @@ differences measured are well inside it; `python tests/margins.py` reports how f
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Called with (margin, label) for every array compared; tests/margins.py adds one to collect them.
@@ -39,7 +40,7 @@ observers = []
 
 def epsilon(dtype):
   """Machine epsilon of ``dtype`` (a float dtype; bfloat16 too): the gap above 1.0."""
-  return float(np.finfo(np.dtype(dtype)).eps)
+  return float(jnp.finfo(dtype).eps)
 
 
 def gru_terms(inputs, hidden, batch=1):
@@ -48,8 +49,8 @@ def gru_terms(inputs, hidden, batch=1):
   return max(inputs + hidden + 1, 3 * hidden, batch)
 
 
-def bound(want, *, steps, terms, dtype=None, residual=0.0):
-  """``steps * (terms * eps + residual) * max|want|``: how far a float recomputation of the
+def bound(want, *, steps, terms, dtype=None, residual=0.0, scale=None):
+  """``2 * steps * (terms * eps + residual) * max|want|``: how far a float recomputation of the
   array ``want`` may lie from it (the module docstring derives it).
 
   Args:
@@ -58,29 +59,37 @@ def bound(want, *, steps, terms, dtype=None, residual=0.0):
     terms: K, the most products summed into one number in one step, forward or backward.
     dtype: the dtype products are rounded to; None: ``want``'s (float32 for integers).
     residual: an iterative solver's accepted per-step error, relative to the scale.
+    scale: the magnitude of the terms summed, where ``want``'s largest entry does not show it
+      (a scalar that sums terms of either sign: give the sum of their absolute values).
   """
   want = np.asarray(want)
   if dtype is None:
-    dtype = want.dtype if np.issubdtype(want.dtype, np.floating) else np.float32
-  scale = float(np.max(np.abs(want.astype(np.float64)), initial=0.0))
-  return steps * (terms * epsilon(dtype) + residual) * scale
+    dtype = want.dtype if jnp.issubdtype(want.dtype, jnp.floating) else np.float32
+  if scale is None:
+    scale = float(np.max(np.abs(want.astype(np.float64)), initial=0.0))
+  return 2 * steps * (terms * epsilon(dtype) + residual) * scale
 
 
-def assert_close(got, want, *, steps, terms, dtype=None, residual=0.0, err_msg=""):
+def assert_close(got, want, *, steps, terms, dtype=None, residual=0.0, scale=None, err_msg=""):
   """Asserts every array of the pytree ``got`` lies within :func:`bound` of ``want``'s.
 
-  The bound is absolute and per array (from its largest entry), with no relative part.
+  The bound is absolute and per array (from its largest entry), with no relative part. ``dtype``
+  None: the coarser of the two arrays' dtypes (a float32 result against a float64 reference is
+  held to float32's rounding).
   """
   got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
   assert len(got_leaves) == len(want_leaves), f"{len(got_leaves)} arrays vs {len(want_leaves)}"
   for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
     g, w = np.asarray(g), np.asarray(w)
     assert g.shape == w.shape, f"array {i}: shape {g.shape} vs {w.shape} {err_msg}"
-    tol = bound(w, steps=steps, terms=terms, dtype=dtype, residual=residual)
+    floats = [a.dtype for a in (g, w) if jnp.issubdtype(a.dtype, jnp.floating)]
+    coarser = max(floats, key=epsilon) if floats else np.float32
+    tol = bound(w, steps=steps, terms=terms, dtype=coarser if dtype is None else dtype,
+                residual=residual, scale=scale)
     err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)), initial=0.0))
     margin = err / tol if tol > 0 else (0.0 if err == 0 else np.inf)
     for observe in observers:
       observe(margin, f"array {i} {w.shape} {err_msg}".rstrip())
     assert margin <= 1, (
-        f"array {i} {w.shape}: max |got - want| = {err:.3g} exceeds {tol:.3g} = {steps} steps x "
+        f"array {i} {w.shape}: max |got - want| = {err:.3g} exceeds {tol:.3g} = 2 x {steps} steps x "
         f"({terms} terms x eps + {residual:g}) x max|want| {err_msg}")
