@@ -154,8 +154,9 @@ def test_activations_table_has_a_reference_for_every_name():
 def test_activation_function_matches_numpy(name):
   # Includes the kinks of relu and hard_sigmoid (0, -3, 3) and both sides of them.
   x = np.array([-6.0, -3.0, -2.9, -1.0, -1e-3, 0.0, 1e-3, 0.5, 2.9, 3.0, 6.0], np.float32)
+  # One elementwise function: a few roundings (XLA's exp and tanh approximations: ~2 ulps).
   assert_close(jaxgru.ACTIVATIONS[name](jnp.asarray(x)), NP_ACTIVATIONS[name](x.astype(np.float64)),
-               steps=1, terms=1)
+               steps=1, terms=4)
 
 
 def test_hard_sigmoid_is_keras3s():
