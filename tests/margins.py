@@ -53,7 +53,7 @@ def main():
   print(f"\n{len(ranked)} arrays compared (Python {sys.version.split()[0]}, jax {jax.__version__},"
         f" numpy {__import__('numpy').__version__}); the {min(args.n, len(ranked))} tightest:")
   for (test, label), margin in ranked[:args.n]:
-    print(f"  {margin:8.4f}  {test}  {label}")
+    print(f"  {margin:8.4f}  {test}  {label[:60]}")
   for test, label in caught:
     print(f"  (over 1, so caught as a test expects: {test}  {label})")
   return int(status)
