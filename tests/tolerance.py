@@ -91,5 +91,5 @@ def assert_close(got, want, *, steps, terms, dtype=None, residual=0.0, scale=Non
     for observe in observers:
       observe(margin, f"array {i} {w.shape} {err_msg}".rstrip())
     assert margin <= 1, (
-        f"array {i} {w.shape}: max |got - want| = {err:.3g} exceeds {tol:.3g} = 2 x {steps} steps x "
-        f"({terms} terms x eps + {residual:g}) x max|want| {err_msg}")
+        f"array {i} {w.shape}: max |got - want| = {err:.3g} exceeds {tol:.3g} = 2 x {steps} "
+        f"steps x ({terms} terms x eps + {residual:g}) x max|want| {err_msg}")
