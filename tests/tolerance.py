@@ -13,6 +13,8 @@ products. The standard worst-case bound gives the size of that difference:
 * The backward pass is the same recurrence run the other way, and a parameter's gradient sums one
   outer product per step and per example: the same form, with K the widest sum of one step
   (I + H for a gate's input, 3H for the state's cotangent, B for a parameter's gradient).
+* Products whose factors are rounded to a narrower dtype and summed in float32 (bfloat16 or
+  float16 compute) are each off by about that dtype's eps, whatever K: terms=1 at that dtype.
 
 Each of the two float results lies that far from the exact one, so they agree to
 
