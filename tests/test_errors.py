@@ -11,6 +11,7 @@ import pytest
 import jaxgru
 import jaxgru.linen
 import reference as plain
+from tolerance import assert_close, gru_terms
 from jaxgru import GRUConfig, RNNConfig
 
 I, H, T, B = 3, 4, 6, 2
@@ -122,9 +123,7 @@ def test_step_and_sequence_check_params():
       ys = jax.jit(jax.vmap(lambda p: run(p, wrap)))(stacked)
       grads = jax.jit(jax.grad(lambda p: jnp.sum(run(p, wrap))))(params)
       if wrap is dict:
-        np.testing.assert_allclose(got[0], ys, rtol=1e-6)
-        for name in params:
-          np.testing.assert_allclose(got[1][name], grads[name], rtol=1e-6)
+        assert_close(got, (ys, grads), steps=steps, terms=gru_terms(I, H, 2))
       got = ys, grads
 
 
@@ -242,7 +241,7 @@ def test_nested_lists_are_inputs_like_arrays():
           for b in range(B)]
   want_ys = np.stack([w[0] for w in want])  # (B, T, H)
   want_h = np.stack([w[1] for w in want])
-  close = lambda got, expected: np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  close = lambda got, expected: assert_close(got, expected, steps=T, terms=gru_terms(I, H, B))
 
   ys, h = jaxgru.scan_layer(cell, params, np.swapaxes(xs_BTI, 0, 1).tolist(), h0=h0_BH.tolist())
   close(np.swapaxes(ys, 0, 1), want_ys)
@@ -264,8 +263,7 @@ def test_nested_lists_are_inputs_like_arrays():
   plain_loss = lambda p: sum(jnp.sum(plain.sequence(cell, p, jnp.asarray(long_TBI[:, b]))[0] ** 2)
                              for b in range(B))
   got, want = jax.grad(loss)(params, long_TBI.tolist()), jax.grad(plain_loss)(params)
-  for name in params:
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+  assert_close(got, want, steps=70, terms=gru_terms(I, H, B))
 
 
 def test_linen_module_names_the_input_width_its_params_fix():
@@ -343,7 +341,7 @@ def test_integer_params_are_refused(dtype):
   with jax.numpy_dtype_promotion("standard"):
     ys, _ = jaxgru.scan_layer(cell, params, xs)
   want, _ = jaxgru.scan_layer(cell, {n: v.astype(np.float32) for n, v in params.items()}, xs)
-  np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
+  assert_close(ys, want, steps=T, terms=gru_terms(I, H))
 
 
 @pytest.mark.parametrize("key", [0, 1.5, None, jnp.zeros((2,), jnp.float32)])

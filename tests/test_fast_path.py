@@ -16,12 +16,14 @@ import pytest
 
 import jaxgru
 import reference as plain
+from tolerance import assert_close, gru_terms
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 from jaxgru import _loop
 from jaxgru._tuning import forward_hoist_default, forward_unroll_default
 
 I, H, T, B = 3, 5, 7, 4
 LENGTHS = np.array([7, 0, 4, 1], np.int32)
+TERMS = gru_terms(I, H, B)  # the widest sum one step makes (tests/tolerance.py)
 
 OPTIONS = {
     "default": ScanOptions(),
@@ -88,7 +90,7 @@ def values_and_grads(cell, options, reverse, masked, params, xs, h0, lengths, w_
   return outs, grads
 
 
-def check_against_reference(cell, options, reverse, masked, rtol, atol, seed=0):
+def check_against_reference(cell, options, reverse, masked, seed=0):
   dtype = cell.state_dtype
   args = (random_params(cell, seed), randn(T, B, I, seed=seed + 1, dtype=dtype),
           randn(B, H, seed=seed + 2, dtype=dtype),
@@ -96,31 +98,29 @@ def check_against_reference(cell, options, reverse, masked, rtol, atol, seed=0):
           randn(T, B, H, seed=seed + 3, dtype=dtype), randn(B, H, seed=seed + 4, dtype=dtype))
   got = values_and_grads(cell, options, reverse, masked, *args)
   want = values_and_grads(cell, None, reverse, masked, *args)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+  # Rounded to the products' dtype: float32, float64 under x64, bfloat16 (summed in float32).
+  assert_close(got, want, steps=T, terms=TERMS, dtype=cell.compute_dtype)
 
 
 def check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, tol, grad_tol):
   """``run(params, xs)`` (outputs, final state) against the plain loop: values to ``tol``
-  (rtol, atol), then gradients of a loss of both with respect to params and xs to ``grad_tol``
-  (rtol, atol; None: values only)."""
+  (the keywords of tolerance.assert_close), then gradients of a loss of both with respect to
+  params and xs to ``grad_tol`` (likewise; None: values only)."""
   want = reference(cell, params, xs, h0, lengths, reverse)
-  for g, w in zip(jax.jit(run)(params, xs), want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol[0], atol=tol[1])
+  assert_close(jax.jit(run)(params, xs), want, **tol)
   if grad_tol is None:
     return
   loss_of = lambda f: lambda p, x: jnp.sum(f(p, x)[0] ** 2) + jnp.sum(f(p, x)[1])
   got = jax.jit(jax.grad(loss_of(run), (0, 1)))(params, xs)
   ref = jax.jit(jax.grad(loss_of(lambda p, x: reference(cell, p, x, h0, lengths, reverse)),
                          (0, 1)))(params, xs)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=grad_tol[0], atol=grad_tol[1])
+  assert_close(got, ref, **grad_tol)
 
 
 @pytest.mark.parametrize("options", list(OPTIONS))
 @pytest.mark.parametrize("reverse,masked", [(False, False), (True, True)])
 def test_values_and_gradients_equal_the_plain_path(options, reverse, masked):
-  check_against_reference(GRUConfig(I, H), OPTIONS[options], reverse, masked, 1e-5, 1e-6)
+  check_against_reference(GRUConfig(I, H), OPTIONS[options], reverse, masked)
 
 
 @pytest.mark.parametrize("variant,use_bias", [("reset_before", True), ("reset_after", False),
@@ -129,7 +129,7 @@ def test_values_and_gradients_equal_the_plain_path(options, reverse, masked):
 def test_variants(variant, use_bias, options):
   cell = GRUConfig(I, H, variant=variant, use_bias=use_bias, activation="softsign",
                    recurrent_activation="hard_sigmoid")
-  check_against_reference(cell, OPTIONS[options], True, True, 1e-5, 1e-6)
+  check_against_reference(cell, OPTIONS[options], True, True)
 
 
 @pytest.mark.parametrize("options", ["default", "chunks", "remat", "products", "autodiff",
@@ -138,14 +138,14 @@ def test_float64_to_rounding(options):
   """In float64 the only difference left is the order of additions."""
   with jax.enable_x64(True):
     cell = GRUConfig(I, H, param_dtype=jnp.float64)
-    check_against_reference(cell, OPTIONS[options], False, True, 1e-12, 1e-12)
-    check_against_reference(cell, OPTIONS[options], True, False, 1e-12, 1e-12)
+    check_against_reference(cell, OPTIONS[options], False, True)
+    check_against_reference(cell, OPTIONS[options], True, False)
 
 
 def test_bfloat16_products():
   """Products in bfloat16 (accumulated in float32) round alike on both paths."""
   cell = GRUConfig(I, H, dtype=jnp.bfloat16)
-  check_against_reference(cell, OPTIONS["default"], False, True, 2e-2, 2e-2)
+  check_against_reference(cell, OPTIONS["default"], False, True)
 
 
 def test_padding_to_whole_chunks_is_masked_out():
@@ -156,8 +156,7 @@ def test_padding_to_whole_chunks_is_masked_out():
   run = jax.jit(lambda n: scan_layer(cell, params, xs, n, h0, options=OPTIONS["remat"]))
   ys, h_last = run(lengths)
   want_ys, want_h = reference(cell, params, xs, h0, jnp.minimum(lengths, T), False)
-  np.testing.assert_allclose(ys, want_ys, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(h_last, want_h, rtol=1e-6, atol=1e-6)
+  assert_close((ys, h_last), (want_ys, want_h), steps=T, terms=TERMS)
 
 
 @pytest.mark.parametrize("argnums", [0, 1, 2, (1, 2)])
@@ -175,8 +174,7 @@ def test_gradients_of_some_arguments_only(argnums):
   old = functools.partial(f, lambda p, x, h: reference(cell, p, x, h, None, False))
   got = jax.jit(jax.grad(new, argnums))(*args)
   want = jax.jit(jax.grad(old, argnums))(*args)
-  for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-6)
+  assert_close(got, want, steps=T, terms=TERMS)
 
 
 @pytest.mark.parametrize("which", ["ys", "h_last"])
@@ -190,7 +188,7 @@ def test_loss_of_one_output_only(which):
   want = jax.jit(jax.grad(lambda p: pick(reference(cell, p, xs, jnp.zeros((B, H)), None,
                                                    False))))(params)
   for n in want:
-    np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)
+    assert_close(got[n], want[n], steps=T, terms=TERMS, err_msg=n)
 
 
 def test_empty_sequence():
@@ -267,10 +265,10 @@ def test_apply_stack_with_dropout_equals_the_plain_path(time_major, options):
 
   (_, got), got_grads = outputs_and_grads(new)(*stack_args())
   want, want_grads = stack_reference()
-  for g, w in zip(got, want, strict=True):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  # Two layers (the first one's error enters the second), the second one's input 2H wide.
+  stack_tol = dict(steps=2 * T, terms=gru_terms(2 * H, H, B))
+  assert_close(got, want, **stack_tol)
+  assert_close(got_grads, want_grads, **stack_tol)
 
 
 def test_apply_unroll_and_options_do_not_change_results():
@@ -280,8 +278,7 @@ def test_apply_unroll_and_options_do_not_change_results():
   for kwargs in ({"unroll": 3}, {"options": OPTIONS["one_step"]}, {"options": OPTIONS["autodiff"]},
                  {"options": OPTIONS["chunks"], "unroll": 1}):
     got = cfg.apply(params, xs, **kwargs)
-    for g, w in zip(got, want):
-      np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert_close(got, want, steps=T, terms=TERMS, err_msg=str(kwargs))
 
 
 def test_train_step_does_not_recompile():
@@ -420,11 +417,8 @@ def test_heap_reuse_defaults_past_the_custom_vjp_threshold_equal_the_plain_path(
 
   got = run_with(lambda p, x, h: scan_layer(cell, p, x, lengths, h, reverse=True))
   want = run_with(lambda p, x, h: reference(cell, p, x, h, lengths, True))
-  # The kernels' gradients sum 70 x 32 terms, in another order on each path: float32 rounding
-  # grows with the sum's size, so the absolute tolerance is scaled by each array's largest entry.
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    w = np.asarray(w)
-    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(w).max()))
+  # The kernels' gradients sum 70 x 32 terms, in another order on each path.
+  assert_close(got, want, steps=steps, terms=gru_terms(I, H, batch))
 
 
 @pytest.mark.parametrize("kwargs", [{"unroll": 0}, {"chunk": -1}, {"chunk": True},
@@ -455,11 +449,11 @@ def test_activation_that_mixes_units_takes_the_per_step_vjp(monkeypatch):
   fail."""
   cell = GRUConfig(I, H, activation=jax.nn.softmax)
   options = ScanOptions(chunk=3, remat="products", custom_vjp=True, diagonal_backward=True)
-  check_against_reference(cell, options, True, True, 1e-5, 1e-6)
+  check_against_reference(cell, options, True, True)
   monkeypatch.setattr(jaxgru.scan, "diagonal_backward_applies", lambda cell: True)
   jax.clear_caches()
   with pytest.raises(AssertionError):
-    check_against_reference(cell, options, True, True, 1e-5, 1e-6)
+    check_against_reference(cell, options, True, True)
 
 
 @pytest.mark.parametrize("path", ["custom_rule", "models"])
@@ -490,8 +484,8 @@ def test_forward_pass_without_derivative_hoists_as_its_own_rule_says(reverse, pa
   assert not hoisted(dataclasses.replace(options, hoist_projection=False))
   assert options.resolved(70, B, H, "cpu", inputs=I).hoist_projection is False
 
-  check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, (2e-5, 2e-6),
-                              (2e-5, 2e-6))
+  tol = dict(steps=70, terms=TERMS)
+  check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, tol, tol)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -548,8 +542,9 @@ def test_forward_pass_without_derivative_unrolls_as_its_own_rule_says(reverse):
   text = str(jax.make_jaxpr(lambda p: scan_layer(before, p, xs)[0])(random_params(before)))
   assert "unroll=1" in text and "unroll=2" not in text
 
-  check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, (2e-5, 2e-5),
-                              None if reverse else (2e-4, 2e-4))
+  tol = dict(steps=t, terms=gru_terms(64, 256, b))
+  check_run_against_reference(run, cell, params, xs, h0, lengths, reverse, tol,
+                              None if reverse else tol)
 
 
 def test_many_models_take_the_steps_own_jvp_on_the_cpu_defaults(monkeypatch):
@@ -614,17 +609,15 @@ def test_many_models_project_few_inputs_by_multiply_adds(dtype):
   slow = lambda p, x: reference(cell, p, x, h0, lengths, False)
   many = jax.jit(jax.value_and_grad(functools.partial(loss, fast), (0, 1)))
   plain_loop = jax.jit(jax.value_and_grad(functools.partial(loss, slow), (0, 1)))
-  tol = 2e-5 if dtype is None else 2e-3
-  for g, v in zip(jax.tree.leaves(many(params, xs)), jax.tree.leaves(plain_loop(params, xs))):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=tol, atol=tol * 0.1)
-  for g, v in zip(jax.jit(fast)(params, xs), jax.jit(slow)(params, xs)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=tol, atol=tol * 0.1)
+  tol = dict(steps=70, terms=gru_terms(2, H, B), dtype=cell.compute_dtype)
+  # The gradients (the loss is a function of the outputs, compared next).
+  assert_close(many(params, xs)[1], plain_loop(params, xs)[1], **tol)
+  assert_close(jax.jit(fast)(params, xs), jax.jit(slow)(params, xs), **tol)
   # Only the weights', or only the inputs', tangents live (the others symbolic zeros).
   for argnums in ((0, 1) if dtype is None else ()):
     got = jax.jit(jax.grad(functools.partial(loss, fast), argnums))(params, xs)
     want = jax.jit(jax.grad(functools.partial(loss, slow), argnums))(params, xs)
-    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=tol, atol=tol * 0.1)
+    assert_close(got, want, **tol)
 
 
 def test_many_models_under_vmap_equal_each_model_alone():
@@ -648,5 +641,4 @@ def test_many_models_under_vmap_equal_each_model_alone():
     return jax.jit(jax.vmap(lambda p: (run(p), jax.grad(functools.partial(loss, run))(p))))
   # The reference vmapped too: the plain loop per model, JAX's own rules (no hint to read).
   got, want = both(fast)(params), both(slow)(params)
-  for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=2e-5, atol=2e-6)
+  assert_close(got, want, steps=steps, terms=TERMS)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import reference as plain
+import tolerance
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 
 I, H, B = 3, 5, 4
@@ -72,9 +73,14 @@ def jvps(cell, options, reverse, params, xs, h0, lengths, tangents):
   return jax.jvp(run, (params, xs, h0), tangents)
 
 
-def assert_close(got, want, rtol=2e-4, atol=2e-5):
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+def jvp_terms(inputs, hidden):
+  """K of a step's tangent: the products with the weights and those with their tangents."""
+  return 2 * (inputs + hidden + 1)
+
+
+def assert_close(got, want, steps, terms=jvp_terms(I, H)):
+  """Primals and tangents of a ``steps``-step loop, to float32 rounding (tests/tolerance.py)."""
+  tolerance.assert_close(got, want, steps=steps, terms=terms)
 
 
 def check(cell, options, steps, reverse, seed=0):
@@ -84,7 +90,7 @@ def check(cell, options, steps, reverse, seed=0):
   lengths = lengths_for(steps)
   got = jvps(cell, options, reverse, params, xs, h0, lengths, tangents)
   want = jvps(cell, None, reverse, params, xs, h0, lengths, tangents)
-  assert_close(got, want)
+  assert_close(got, want, steps)
   # The tangent is not trivially zero: it would hide a rule that drops terms.
   assert float(jnp.max(jnp.abs(got[1][0]))) > 1e-2
 
@@ -130,15 +136,20 @@ def test_jvp_past_the_chunking_thresholds_of_the_cpu_defaults():
   tangents = (tangent_like(params, 30), randn(*xs.shape, seed=40), jnp.zeros_like(h0))
   got = jvps(cell, ScanOptions(), False, params, xs, h0, lengths, tangents)
   want = jvps(cell, None, False, params, xs, h0, lengths, tangents)
-  assert_close(got, want, rtol=1e-3, atol=1e-4)
+  assert_close(got, want, steps, jvp_terms(2, hidden))
 
 
-def directional_check(f, args, tangents, rtol=2e-4):
-  """``jvp(f)(v) == <grad f, v>`` for a scalar f."""
+def directional_check(f, args, tangents, steps, terms):
+  """``jvp(f)(v) == <grad f, v>`` for a scalar f of a ``steps``-step loop whose steps sum
+  ``terms`` products: each side carries that loop's rounding, and the dot product sums N more
+  terms, so they agree to ``(steps * terms + N) * eps * sum_i |grad_i v_i|``."""
   _, forward = jax.jit(lambda a, t: jax.jvp(f, a, t))(args, tangents)
   grads = jax.jit(jax.grad(f, argnums=tuple(range(len(args)))))(*args)
-  backward = sum(jnp.vdot(g, t) for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(tangents)))
-  np.testing.assert_allclose(float(forward), float(backward), rtol=rtol)
+  pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(tangents), strict=True))
+  backward = sum(jnp.vdot(g, t) for g, t in pairs)
+  size = sum(np.size(g) for g, _ in pairs)
+  magnitude = sum(float(jnp.vdot(jnp.abs(g), jnp.abs(t))) for g, t in pairs)
+  tolerance.assert_close(forward, backward, steps=1, terms=steps * terms + size, scale=magnitude)
   assert abs(float(forward)) > 1e-2
 
 
@@ -157,7 +168,9 @@ def test_jvp_of_a_stack_equals_the_gradients_directional_derivative(steps, varia
     ys, h_last = model.apply(params, xs, lengths=lengths, resets=resets)
     return jnp.sum(jnp.sin(ys) * weights) + jnp.sum(h_last ** 2)
 
-  directional_check(f, (params, xs), (tangent_like(params, 50), randn(*xs.shape, seed=60)))
+  # Two layers (the first one's error enters the second), the second one's input 2H wide.
+  directional_check(f, (params, xs), (tangent_like(params, 50), randn(*xs.shape, seed=60)),
+                    2 * steps, jvp_terms(2 * H, H))
 
 
 def test_jacfwd_equals_jacrev_past_the_threshold():
@@ -170,9 +183,7 @@ def test_jacfwd_equals_jacrev_past_the_threshold():
     return jnp.concatenate([ys[::7].reshape(-1), h_last.reshape(-1)])
 
   h0 = randn(2, H, seed=9)
-  np.testing.assert_allclose(np.asarray(jax.jit(jax.jacfwd(f))(h0)),
-                             np.asarray(jax.jit(jax.jacrev(f))(h0)),
-                             rtol=1e-4, atol=1e-6)
+  assert_close(jax.jit(jax.jacfwd(f))(h0), jax.jit(jax.jacrev(f))(h0), steps)
 
 
 def test_linearize_equals_jvp_and_its_transpose_equals_vjp():
@@ -188,11 +199,11 @@ def test_linearize_equals_jvp_and_its_transpose_equals_vjp():
       params, xs, v)
   assert ys.shape == ct.shape
   ys_dot = jax.jit(lambda p, x, v: jax.jvp(run, (p, x), v)[1])(params, xs, v)
-  assert_close(lin_v, ys_dot)
+  assert_close(lin_v, ys_dot, steps)
   transposed = jax.jit(
       lambda p, x, c: jax.linear_transpose(jax.linearize(run, p, x)[1], p, x)(c))(params, xs, ct)
   vjp_ct = jax.jit(lambda p, x, c: jax.vjp(run, p, x)[1](c))(params, xs, ct)
-  assert_close(transposed, vjp_ct)
+  assert_close(transposed, vjp_ct, steps, tolerance.gru_terms(I, H, B))
 
 
 def test_forward_over_reverse_equals_autodiff():
@@ -207,8 +218,10 @@ def test_forward_over_reverse_equals_autodiff():
     return jax.jit(lambda p, v: jax.jvp(jax.grad(f), (p,), (v,))[1])(params,
                                                                      tangent_like(params, 3))
 
-  assert_close(hvp(ScanOptions(custom_vjp=True)), hvp(ScanOptions(custom_vjp=False)),
-               rtol=1e-3, atol=1e-4)
+  # Forward over reverse: the tangent of the backward recurrence (2 x its 3H terms, or the
+  # batch's), after the forward one; the two directions add their errors.
+  assert_close(hvp(ScanOptions(custom_vjp=True)), hvp(ScanOptions(custom_vjp=False)), 2 * steps,
+               2 * tolerance.gru_terms(I, H, B))
 
 
 @pytest.mark.parametrize("backward", ["adjoint", "rerun"])
@@ -231,7 +244,8 @@ def test_jvp_of_the_parallel_method_equals_the_sequential_one(backward):
 
   got = jax.jit(lambda *a: jax.jvp(parallel, a, tangents))(params, xs, h0)
   want = jax.jit(lambda *a: jax.jvp(sequential, a, tangents))(params, xs, h0)
-  assert_close(got, want, rtol=1e-3, atol=1e-4)
+  # Newton stops at a per-step residual of tol (1e-6): a solver's error on top of rounding.
+  tolerance.assert_close(got, want, steps=steps, terms=jvp_terms(I, H), residual=1e-6)
 
 
 def test_jvp_through_the_linen_module_past_the_threshold():
@@ -247,4 +261,5 @@ def test_jvp_through_the_linen_module_past_the_threshold():
     ys, _ = module.apply(variables, xs, lengths=lengths)
     return jnp.sum(jnp.cos(ys))
 
-  directional_check(f, (variables, xs), (tangent_like(variables, 120), randn(*xs.shape, seed=130)))
+  directional_check(f, (variables, xs), (tangent_like(variables, 120), randn(*xs.shape, seed=130)),
+                    70, jvp_terms(I, H))

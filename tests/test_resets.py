@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import reference as plain
+from tolerance import assert_close, gru_terms
 from jaxgru import GRUConfig, RNNConfig, ScanOptions, scan_layer
 from test_fast_path import OPTIONS, randn, random_params
 
@@ -132,14 +133,14 @@ def fast_all_cases(cell, options, cases, params, xs, h0, w_ys, w_h, resets, leng
   return out
 
 
-def check(got, want, rtol=1e-5, atol=1e-6, scaled=False):
-  """``got`` equals ``want`` leaf by leaf; ``scaled``: ``atol`` times each leaf's largest
-  magnitude (at least 1), for gradients that sum many steps' terms, whose rounding follows the
-  size of the terms rather than of the (possibly near-zero) sum."""
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    w = np.asarray(w)
-    tol = atol * max(1.0, float(np.max(np.abs(w)))) if scaled and w.size else atol
-    np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=tol)
+def check(got, want, steps=SHORT, rtol=None, atol=None):
+  """Values and gradients of a ``steps``-step loop against the reference's, to float32 rounding
+  (tests/tolerance.py); ``rtol=0, atol=0``: bit for bit (the same computation)."""
+  if (rtol, atol) == (0, 0):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  else:
+    assert_close(got, want, steps=steps, terms=gru_terms(I, H, B))
 
 
 # Every option in both directions, each with and without lengths; the four combinations for the
@@ -173,7 +174,7 @@ def test_long_sequences_take_the_custom_vjp(options):
   got = fast_all_cases(cell, options, tuple(CASES), *data(cell, LONG), jnp.asarray(resets_for(LONG)),
                        jnp.asarray(lengths_for(LONG)))
   for case in CASES:
-    check(got[case], expected(LONG)[case], rtol=2e-5, atol=2e-6, scaled=True)
+    check(got[case], expected(LONG)[case], LONG)
 
 
 @pytest.mark.parametrize("options", ["default", "chunks", "per_step_vjp"])
@@ -210,7 +211,7 @@ def test_reset_at_the_first_step_changes_nothing():
     f = lambda p, x, h: scan_layer(cell, p, x, h0=h, resets=resets)
     return values_and_grads(f, params, xs, h0, w_ys, w_h)
 
-  check(run(first), run(None), rtol=1e-6, atol=1e-7)
+  check(run(first), run(None), LONG)
 
 
 def stack_per_segment(cfg, resets_BT, lengths_B):
@@ -247,12 +248,12 @@ def test_bidirectional_stack_equals_each_segment_alone():
   got = jax.jit(functools.partial(values_and_grads, fast))(params, xs, h0, w_ys, w_h)
   want = jax.jit(functools.partial(values_and_grads, stack_per_segment(cfg, resets, lengths)))(
       params, xs, h0, w_ys, w_h)
-  check(got, want)
+  check(got, want, 2 * steps)  # two layers: the first one's error enters the second
   # time_major takes (T, B) flags.
   ys_tm, h_tm = jax.jit(lambda p, x, h: cfg.apply(
       p, x, jnp.asarray(lengths), h, options=options, resets=jnp.asarray(resets.T),
       time_major=True))(params, jnp.swapaxes(xs, 0, 1), h0)
-  check((jnp.swapaxes(ys_tm, 0, 1), h_tm), got[0])
+  check((jnp.swapaxes(ys_tm, 0, 1), h_tm), got[0], 2 * steps)
 
 
 def test_modules_pass_resets_through():
@@ -274,7 +275,7 @@ def test_modules_pass_resets_through():
   model = eqx_mod.GRU.from_params(cfg, variables["params"]["gru"])
   check(model.batched(xs, resets=resets), want, rtol=0, atol=0)
   ys, h_last = jax.vmap(lambda x, r: model(x, resets=r))(xs, resets)
-  check((ys, jnp.swapaxes(h_last, 0, 1)), want, rtol=1e-6, atol=1e-6)
+  check((ys, jnp.swapaxes(h_last, 0, 1)), want, steps)
   del nnx
 
 

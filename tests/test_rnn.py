@@ -10,6 +10,7 @@ import pytest
 
 from jaxgru import GRUConfig, RNNConfig
 import reference as plain
+import tolerance
 
 I, H, T, B = 3, 4, 7, 4
 
@@ -82,8 +83,10 @@ def by_hand(cfg, params, xs, h0, lengths=None):
   return np.stack(all_ys), np.stack(all_h, axis=1)
 
 
-def assert_close(actual, expected, atol=1e-5):
-  np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=atol, rtol=1e-5)
+def assert_close(actual, expected):
+  """A stack's values against another computation of them, to float32 rounding
+  (tests/tolerance.py): at most two layers of T steps, the second one's input 2H wide."""
+  tolerance.assert_close(actual, expected, steps=2 * T, terms=tolerance.gru_terms(2 * H, H, B))
 
 
 # -- stacks and directions ------------------------------------------------------------------------
@@ -161,8 +164,8 @@ def test_full_lengths_equal_no_lengths():
   xs = randn(B, T, I)
   ys, h_last = apply(cfg, params, xs, jnp.full((B,), T), jnp.zeros((4, B, H)))
   ys_ref, h_ref = apply(cfg, params, xs)
-  assert_close(ys, ys_ref, atol=1e-6)
-  assert_close(h_last, h_ref, atol=1e-6)
+  assert_close(ys, ys_ref)
+  assert_close(h_last, h_ref)
 
 
 def test_lengths_h_last_is_state_at_last_valid_step():
@@ -173,7 +176,7 @@ def test_lengths_h_last_is_state_at_last_valid_step():
   ys_full, _ = apply(cfg, params, xs)
   _, h_last = apply(cfg, params, xs, lengths)
   for b, n in enumerate(lengths.tolist()):
-    assert_close(h_last[0, b], ys_full[b, n - 1], atol=1e-6)
+    assert_close(h_last[0, b], ys_full[b, n - 1])
 
 
 def test_lengths_as_a_list():
@@ -182,8 +185,8 @@ def test_lengths_as_a_list():
   xs = randn(B, T, I)
   ys, h_last = cfg.apply(params, xs, [T, 3, 1, 0])
   ys_ref, h_ref = apply(cfg, params, xs, jnp.array([T, 3, 1, 0]))
-  assert_close(ys, ys_ref, atol=1e-6)
-  assert_close(h_last, h_ref, atol=1e-6)
+  assert_close(ys, ys_ref)
+  assert_close(h_last, h_ref)
 
 
 def test_lengths_above_t_under_jit_act_as_t():
@@ -193,8 +196,8 @@ def test_lengths_above_t_under_jit_act_as_t():
   xs, h0 = randn(B, T, I), jnp.zeros((4, B, H))
   ys, h_last = apply(cfg, params, xs, jnp.array([T + 5, 3, 1, 0]), h0)
   ys_ref, h_ref = apply(cfg, params, xs, jnp.array([T, 3, 1, 0]), h0)
-  assert_close(ys, ys_ref, atol=1e-6)
-  assert_close(h_last, h_ref, atol=1e-6)
+  assert_close(ys, ys_ref)
+  assert_close(h_last, h_ref)
 
 
 # -- dropout --------------------------------------------------------------------------------------
@@ -225,14 +228,14 @@ def test_dropout():
 
   # No key: no dropout, whatever the rate.
   ys, _ = apply(cfg, params, xs)
-  assert_close(ys, below, atol=1e-6)
+  assert_close(ys, below)
 
   # With a key: every output is either dropped (0) or kept and scaled by 1 / (1 - p).
   ys, _ = apply(cfg, params, xs, dropout_key=jax.random.key(0))
   ys, below = np.asarray(ys), np.asarray(below)
   dropped = ys == 0.0
   assert 0.3 < dropped.mean() < 0.7, dropped.mean()
-  np.testing.assert_allclose(ys[~dropped], below[~dropped] / (1.0 - p), rtol=1e-5, atol=1e-6)
+  assert_close(ys[~dropped], below[~dropped] / (1.0 - p))
 
   # Deterministic given the key; another key drops other units.
   again, _ = apply(cfg, params, xs, dropout_key=jax.random.key(0))
