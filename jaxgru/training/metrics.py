@@ -59,7 +59,8 @@ class MetricsWriter:
 
 
 class Progress:
-  """A one-line progress bar in a terminal; plain log lines through ``log`` otherwise."""
+  """A one-line progress bar in a terminal; plain log lines through ``log`` otherwise. In a
+  multi-process job only the writing process (process 0) shows it."""
 
   def __init__(self, total: int, log: Callable[[str], None], stream=None):
     self.total, self.log = total, log
@@ -68,6 +69,8 @@ class Progress:
     self.start = time.time()
 
   def update(self, step: int, text: str) -> None:
+    if not is_writer():
+      return
     if self.tty:
       frac = min(step / max(self.total, 1), 1.0)
       bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
@@ -78,7 +81,7 @@ class Progress:
       self.log(f"step {step}/{self.total}: {text}")
 
   def close(self) -> None:
-    if self.tty:
+    if self.tty and is_writer():
       self.stream.write("\n")
       self.stream.flush()
 
