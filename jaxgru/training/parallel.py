@@ -59,8 +59,22 @@ def shard_models(state: Any, mesh: Optional[Mesh]) -> Any:
     return state
   leaves = jax.tree.leaves(state)
   n = leaves[0].shape[0] if leaves and leaves[0].ndim else 1
-  spec = P(AXIS) if n % mesh.devices.size == 0 and n > 1 else P()
+  spec = P(AXIS) if splits_models(n, mesh) else P()
   return jax.device_put(state, NamedSharding(mesh, spec))
+
+
+def splits_models(num_models: int, mesh: Optional[Mesh]) -> bool:
+  """Whether :func:`shard_models` splits ``num_models`` models over ``mesh``'s devices (then
+  each device trains whole models on whole batches, and :func:`batch_mesh` is None)."""
+  return mesh is not None and num_models > 1 and num_models % mesh.devices.size == 0
+
+
+def batch_mesh(num_models: int, mesh: Optional[Mesh]) -> Optional[Mesh]:
+  """The mesh to split each model's batch over (:func:`shard_batch`): ``mesh`` when the models
+  are replicated, None when they are split. One axis, one use: a batch split over the devices
+  that each hold other models would add a gradient all-reduce for nothing, and make the results
+  depend on the order in which the collectives add."""
+  return None if splits_models(num_models, mesh) else mesh
 
 
 def is_multiprocess() -> bool:

@@ -234,6 +234,7 @@ def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = Non
   group = _group_size(cfg.num_models, max(1, _GROUP_BYTES // per_model))
   # The loops' defaults for `group` models under one vmap (jaxgru.ScanOptions.models).
   model = dataclasses.replace(cfg.model(), options=ScanOptions(models=group))
+  mesh = parallel.batch_mesh(cfg.num_models, mesh)
 
   def loss_fn(params, key, step):
     del step

@@ -214,10 +214,11 @@ def make_train_step(cfg: ClassifyConfig, total_steps: int,
 
   Every model sees the same batch; each draws its own dropout masks from its own key. One
   compilation per padded batch length. With a ``mesh`` the batch is split over its devices
-  (:func:`parallel.shard_batch`); the state's placement is the caller's.
+  unless the models are (:func:`parallel.batch_mesh`); the state's placement is the caller's.
   """
   model = cfg.model()
   opt = training.make_optimizer(cfg.optimizer_config(total_steps))
+  mesh = parallel.batch_mesh(cfg.num_models, mesh)
 
   def one_model(state, inputs, lengths_B, labels_B):
     inputs, lengths_B, labels_B = parallel.shard_batch((inputs, lengths_B, labels_B), mesh)
