@@ -27,7 +27,7 @@ RUN = os.path.join(ROOT, "run.py")
 # split over 4 devices (each trains whole models on whole batches).
 ADDITION = ["--hidden_size=8", "--bits=3", "--batch_size=32", "--eval_bits=16", "--log_every=10",
             "--checkpoint_every=50", "--consolidate_steps=20", "--consolidate_bits=8",
-            "--steps=300", "--num_models=4", "--seed=3"]
+            "--steps=150", "--num_models=4", "--seed=3"]
 # One classifier: its batch is split over the 4 devices.
 CLASSIFY = ["--task=classify", "--train_size=1024", "--epochs=2",
             "--hidden_size=16", "--num_models=1", "--log_every=8", "--checkpoint_every=16"]
@@ -100,8 +100,8 @@ def _addition_params(workdir):
 
 
 def _classify_params(workdir):
-  from jaxgru.tasks.classify import predict
-  return _leaves(workdir, lambda w: predict.load_trained(w)[2])
+  from jaxgru.tasks import classify
+  return _leaves(workdir, lambda w: classify.load_trained(w)[2])
 
 
 def _summary(workdir):
@@ -141,9 +141,10 @@ def test_two_processes_train_addition_as_one_process_does(addition_runs):
   steps = _metric_steps(two)
   assert steps == sorted(set(steps)) and steps == _metric_steps(one)
   assert job[1][1] == ""
-  assert "step 10/300" in job[0][2] and "step 10/300" not in job[1][2]
+  assert "step 10/150" in job[0][2] and "step 10/150" not in job[1][2]
   assert "process 1 of 2; 4 devices in all" in job[1][2]
-  assert [l for l in job[1][2].splitlines() if "] " in l and " I" not in l[:1]] == []
+  info = [l for l in job[1][2].splitlines() if l[:1] == "I"]
+  assert len(info) == 1, info
   # A multi-host checkpoint: one folder per step, the array data written by both processes.
   step_dirs = sorted(os.listdir(os.path.join(two, "checkpoints")))
   state = os.path.join(two, "checkpoints", step_dirs[-1], "state")
@@ -172,12 +173,13 @@ def test_two_processes_train_the_classifier_as_one_process_does(tmp_path):
   assert a["steps"] == b["steps"]
   # The batch is split over the 4 devices and the gradient summed across them: in one process by
   # XLA, across two by gloo, which may add the 4 partial sums in another order. Each step's
-  # gradient then differs by float32 rounding (a few ulps of its magnitude), and Adam carries
-  # that through the steps: the parameters agree to about 1e-4 of their scale after 32 steps,
-  # and the test accuracy to one example or less of 2000.
-  assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1 / 2000 + 1e-9
+  # gradient may then differ by float32 rounding (a few ulps), which Adam carries through the
+  # steps: allow 4 ulps of the parameters' scale per step (measured: 6e-8 after 32 steps, at a
+  # scale of 0.65), and a test accuracy one example apart at most.
+  assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 1 / a["test_size"] + 1e-12
   for x, y in zip(_classify_params(one), _classify_params(two)):
-    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(x).max())))
+    scale = max(1.0, float(np.abs(x).max()))
+    np.testing.assert_allclose(x, y, rtol=0, atol=a["steps"] * 4 * np.finfo(np.float32).eps * scale)
 
 
 def _wait_for(predicate, timeout, what):

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from typing import Optional, Sequence
 
 CHILD_ENV = "JAXGRU_JOB_PROCESS"  # set in the supervised child: it does the work itself
@@ -129,15 +130,26 @@ def supervise(argv: Sequence[str], prog: str, address: Optional[str],
   """Runs ``python argv...`` as this process's child (with :data:`CHILD_ENV` set, so that it
   does the work) and returns its exit status.
 
-  The child's stdout is this process's; its stderr passes through line by line, except the
-  distributed runtime's error lines, which are held back: if the child then dies of a signal
-  (the runtime's abort), one line ``"{prog}: error: ..."`` (see :func:`explain`) replaces them.
+  The child's stdout and stderr pass through line by line, less gloo's notes on its connections
+  (printed in every process) and the distributed runtime's error lines, which are held back: if
+  the child then dies of a signal (the runtime's abort), one line ``"{prog}: error: ..."`` (see
+  :func:`explain`) replaces them; if it exits, they are shown as they were.
   SIGTERM and SIGINT sent to this process are passed on to the child once (it saves a checkpoint
   and exits 130); the child runs in its own session, so a terminal's Ctrl-C reaches it once.
   """
   child = subprocess.Popen([sys.executable, *argv], env={**os.environ, CHILD_ENV: "1"},
-                           stderr=subprocess.PIPE, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+  def copy_stdout():
+    for raw in child.stdout:
+      # gloo's notes on its connections ("[Gloo] Rank 1 is connected to 3 peer ranks. ..."),
+      # written by several threads at once, so that a line may hold a part of another.
+      if b"[Gloo]" not in raw and b"peer ranks" not in raw:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+  copier = threading.Thread(target=copy_stdout, daemon=True)
+  copier.start()
 
   def forward(signum, frame):
     del frame
@@ -152,10 +164,11 @@ def supervise(argv: Sequence[str], prog: str, address: Optional[str],
     line = raw.decode(errors="replace")
     if held or _RUNTIME_LINE.match(line):
       held.append(line)  # from the runtime's first error on, until the child's end tells
-    elif not line.startswith("[Gloo] "):  # gloo's connection notes, one per peer and process
+    else:
       sys.stderr.write(line)
       sys.stderr.flush()
   status = child.wait()
+  copier.join()
   if status >= 0 or not held:
     sys.stderr.writelines(held)
     return status if status >= 0 else 128 - status
