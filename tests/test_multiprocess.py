@@ -223,6 +223,27 @@ def test_one_process_killed_the_other_stops_with_one_line_and_the_job_resumes(
     np.testing.assert_array_equal(x, y)
 
 
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
+  work = str(tmp_path / "work")
+  port = _free_port()
+  args = [*ADDITION, f"--workdir={work}", f"--coordinator_address=localhost:{port}",
+          "--num_processes=2", "--checkpoint_every=1000"]
+  logs = [str(tmp_path / f"term.{pid}") for pid in (0, 1)]
+  procs = [_start([*args, f"--process_id={pid}"], logs[pid]) for pid in (0, 1)]
+  metrics = os.path.join(work, "metrics.jsonl")
+  _wait_for(lambda: os.path.exists(metrics) or procs[0].poll() is not None, 400, "a metrics line")
+  assert procs[0].poll() is None, open(f"{logs[0]}.err").read()[-2000:]
+  procs[1].send_signal(signal.SIGTERM)  # to process 1 only; its supervisor passes it on
+  (code0, _, err0), (code1, _, err1) = [_outcome(p, log, 300) for p, log in zip(procs, logs)]
+  assert (code0, code1) == (130, 130), (err0[-2000:], err1[-2000:])
+  assert "stopped by another process's signal at step" in err0
+  assert "stopped by signal 15 at step" in err1
+  # Both stopped at the same step and saved it together: one checkpoint, at that step.
+  step = int(err0.split("signal at step ")[1].split(";")[0])
+  assert f"at step {step};" in err1
+  assert os.listdir(os.path.join(work, "checkpoints")) == [str(step)]
+
+
 def _one_error_line(err):
   lines = [l for l in err.splitlines() if "error" in l.lower()]
   assert len(lines) == 1 and "Traceback" not in err and "Check failure" not in err, err

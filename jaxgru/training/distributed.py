@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from typing import Optional, Sequence
 
 CHILD_ENV = "JAXGRU_JOB_PROCESS"  # set in the supervised child: it does the work itself
@@ -77,6 +76,7 @@ def initialize(coordinator_address: Optional[str], num_processes: Optional[int],
   # CPU devices of different processes talk through gloo (the default in jax 0.10 and later;
   # said explicitly, as it must be set before the backend starts).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  _quiet_native_stdout()
   if coordinator_address and process_id == 0:
     _check_port_free(coordinator_address)
   jax.distributed.initialize(coordinator_address=coordinator_address,
@@ -85,9 +85,25 @@ def initialize(coordinator_address: Optional[str], num_processes: Optional[int],
                              heartbeat_timeout_seconds=heartbeat_timeout)
 
 
+def _quiet_native_stdout() -> None:
+  """Sends what native code writes to file descriptor 1 (gloo's notes on its connections, one
+  per peer, written by several threads at once, so that their pieces interleave) to /dev/null,
+  and keeps Python's ``sys.stdout`` on the real output."""
+  try:
+    sys.stdout.flush()
+    python_out = os.dup(1)
+    with open(os.devnull, "wb") as null:
+      os.dup2(null.fileno(), 1)
+  except (OSError, ValueError):  # no file descriptors (an embedding host): leave it as it is
+    return
+  sys.stdout = os.fdopen(python_out, "w", buffering=1)
+
+
 # A line logged by XLA's C++ code (absl format), from the distributed runtime.
-_RUNTIME_LINE = re.compile(r"^[EF]\d{4} [0-9:.]+\s+\d+ (coordination_service|client|"
+_RUNTIME_LINE = re.compile(r"(?m)^[EF]\d{4} [0-9:.]+\s+\d+ (coordination_service|client|"
                            r"preemption_sync_manager|distributed)\w*\.\w+:\d+\]")
+# gloo's error when the process at the other end of a collective is gone.
+_PEER_LOST = re.compile(r"Gloo \w+ failed: .*Connection (closed by peer|reset)")
 _STATUS = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|ALREADY_EXISTS|INTERNAL|ABORTED|"
                      r"FAILED_PRECONDITION|INVALID_ARGUMENT|NOT_FOUND|CANCELLED): ([^\n\[]*)")
 
@@ -109,7 +125,8 @@ def explain(runtime_log: str, address: Optional[str], initialization_timeout: in
     return (f"could not join the multi-host job: no coordinator answered at {address or '?'} "
             f"within --initialization_timeout={initialization_timeout}s (is process 0 running, "
             f"and are --coordinator_address and --num_processes right?)", 2)
-  why = status or "its runtime aborted"
+  why = status or ("gloo: connection closed by peer" if _PEER_LOST.search(runtime_log)
+                   else "its runtime aborted")
   return (f"another process of the multi-host job stopped or cannot be reached (JAX: {why}; "
           f"--heartbeat_timeout={heartbeat_timeout}s); this process stops too: run the job again "
           f"to resume from its last checkpoint", 1)
@@ -130,26 +147,16 @@ def supervise(argv: Sequence[str], prog: str, address: Optional[str],
   """Runs ``python argv...`` as this process's child (with :data:`CHILD_ENV` set, so that it
   does the work) and returns its exit status.
 
-  The child's stdout and stderr pass through line by line, less gloo's notes on its connections
-  (printed in every process) and the distributed runtime's error lines, which are held back: if
-  the child then dies of a signal (the runtime's abort), one line ``"{prog}: error: ..."`` (see
-  :func:`explain`) replaces them; if it exits, they are shown as they were.
+  The child's stdout is this process's; its stderr passes through line by line, except what
+  follows the distributed runtime's first error line or a Python traceback, which is held back
+  until the child ends: if it holds the runtime's errors or gloo's report of a lost peer, one
+  line ``"{prog}: error: ..."`` (see :func:`explain`) replaces it; else it is shown as it was.
   SIGTERM and SIGINT sent to this process are passed on to the child once (it saves a checkpoint
   and exits 130); the child runs in its own session, so a terminal's Ctrl-C reaches it once.
   """
   child = subprocess.Popen([sys.executable, *argv], env={**os.environ, CHILD_ENV: "1"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                           stderr=subprocess.PIPE, start_new_session=True,
                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-
-  def copy_stdout():
-    for raw in child.stdout:
-      # gloo's notes on its connections ("[Gloo] Rank 1 is connected to 3 peer ranks. ..."),
-      # written by several threads at once, so that a line may hold a part of another.
-      if b"[Gloo]" not in raw and b"peer ranks" not in raw:
-        sys.stdout.buffer.write(raw)
-        sys.stdout.flush()
-  copier = threading.Thread(target=copy_stdout, daemon=True)
-  copier.start()
 
   def forward(signum, frame):
     del frame
@@ -162,16 +169,18 @@ def supervise(argv: Sequence[str], prog: str, address: Optional[str],
   held: list[str] = []
   for raw in child.stderr:
     line = raw.decode(errors="replace")
-    if held or _RUNTIME_LINE.match(line):
-      held.append(line)  # from the runtime's first error on, until the child's end tells
+    # From the runtime's first error, or a Python traceback (a collective that lost its peer
+    # raises one just before the runtime aborts), on: held until the child's end tells.
+    if held or _RUNTIME_LINE.match(line) or line.startswith("Traceback (most recent call last)"):
+      held.append(line)
     else:
       sys.stderr.write(line)
       sys.stderr.flush()
   status = child.wait()
-  copier.join()
-  if status >= 0 or not held:
-    sys.stderr.writelines(held)
+  text = "".join(held)
+  if not (_RUNTIME_LINE.search(text) or _PEER_LOST.search(text)):
+    sys.stderr.write(text)
     return status if status >= 0 else 128 - status
-  line, code = explain("".join(held), address, initialization_timeout, heartbeat_timeout)
+  line, code = explain(text, address, initialization_timeout, heartbeat_timeout)
   print(f"{prog}: error: {line}", file=sys.stderr)
   return code
