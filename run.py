@@ -461,6 +461,13 @@ def _maybe_initialize_distributed() -> None:
     sys.stdout = open(os.devnull, "w")
 
 
+def _own_command_line() -> list[str]:
+  """This file and the flags given to it, as they parsed (whoever called ``main``)."""
+  given = [FLAGS[f.name].serialize() for f in
+           FLAGS.get_flags_for_module(sys.modules[__name__]) if f.present]
+  return [os.path.abspath(__file__), *given]
+
+
 def _joins_job() -> bool:
   """Whether this run is one process of a multi-host job (flags or JAX's environment)."""
   return bool(FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
@@ -532,7 +539,8 @@ def main(argv):
     # The work runs in a child, so that JAX's runtime aborting it (a dead peer, no coordinator)
     # ends in one line here (jaxgru/training/distributed.py).
     return distributed.supervise(
-        sys.argv, "run.py", FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        _own_command_line(), "run.py",
+        FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
         FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, _raise_interrupt)
