@@ -58,9 +58,9 @@ def main() -> None:
   ap = common.argument_parser(prog="multiprocess.py", description=__doc__.split("\n")[0])
   ap.add_argument("--layouts", default="1x1,1x2,2x1,1x4,2x2",
                   help="comma list of PROCESSESxDEVICES")
-  ap.add_argument("--steps", type=int, default=200)
+  ap.add_argument("--steps", type=int, default=1000)
   ap.add_argument("--num_models", type=int, default=4)
-  ap.add_argument("--batch_size", type=int, default=64)
+  ap.add_argument("--batch_size", type=int, default=256)
   ap.add_argument("--timeout", type=float, default=1200)
   ap.add_argument("--out", default=os.path.join(common.RESULTS, "multiprocess.json"))
   a = ap.parse_args()

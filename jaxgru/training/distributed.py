@@ -9,10 +9,10 @@ answers, JAX's coordination service does not raise a Python exception in the oth
 its C++ client logs the error with a stack trace and aborts the process (SIGABRT) once
 ``heartbeat_timeout`` (a dead peer) or ``initialization_timeout`` (nobody to join) has passed.
 Nothing in the aborting process can catch that, so the entry point runs the real work in a child
-process and reads the child's stderr: lines pass through as they come, and if the child is
-killed after the coordination service's fatal error, the supervisor prints one line saying what
-happened and exits 2 (the job could not be joined) or 1 (another process stopped) instead of the
-abort's pages.
+process and reads the child's stderr: lines pass through as they come, and if the child ends
+after the coordination service's fatal error (or after gloo's report that a collective lost its
+peer), the supervisor prints one line saying what happened and exits 2 (the job could not be
+joined) or 1 (another process stopped) instead of the abort's pages.
 """
 
 from __future__ import annotations
