@@ -78,6 +78,11 @@ def main(argv):
                tuned["reason"])
   if len(argv) > 1:
     raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # A process of a multi-host job runs its work in a child, so that JAX's runtime aborting it
+  # (a dead peer, no coordinator) ends in one line here (jaxgru/training/distributed.py).
+  status = common.supervise_job(__file__)
+  if status is not None:
+    return status
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, _raise_interrupt)
   if FLAGS.workdir is not None and not FLAGS.workdir.strip():  # --workdir=$UNSET, most likely

@@ -16,7 +16,7 @@ from absl import flags, logging
 
 from jaxgru import ACTIVATIONS, GRUConfig
 from jaxgru.cell import PRECISIONS, VARIANTS, field_default
-from jaxgru.training import OPTIMIZERS, SCHEDULES
+from jaxgru.training import OPTIMIZERS, SCHEDULES, distributed
 
 MODES = ("train", "add", "eval", "predict")
 
@@ -64,6 +64,11 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: processes in all (env J
 flags.DEFINE_integer("process_id", None, "Multi-host: this process, 0..N-1 (env JAX_PROCESS_ID).")
 flags.DEFINE_boolean("distributed", False, "Multi-host: call jax.distributed.initialize() and let "
                      "JAX detect the cluster (Cloud TPU, SLURM, Open MPI).")
+flags.DEFINE_integer("initialization_timeout", distributed.INITIALIZATION_TIMEOUT,
+                     "Multi-host: seconds to wait for every process to join (exit 2 after).")
+flags.DEFINE_integer("heartbeat_timeout", distributed.HEARTBEAT_TIMEOUT,
+                     "Multi-host: seconds without a heartbeat after which a process counts as "
+                     "dead; the others then exit 1 with one line.")
 
 # Flags that map one to one onto a field of a task's config, when given.
 TRAINING_FLAGS = ("batch_size", "steps", "optimizer", "schedule", "warmup_steps", "clip_norm",
@@ -214,13 +219,39 @@ def initialize_distributed() -> None:
                                                           and process_id >= num_processes)):
     raise UsageError(f"--process_id must lie in [0, --num_processes), got {process_id} of "
                      f"{num_processes}")
+  for name in ("initialization_timeout", "heartbeat_timeout"):
+    if getattr(FLAGS, name) < 1:
+      raise UsageError(f"--{name} must be a positive number of seconds, got {getattr(FLAGS, name)}")
   try:
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                               process_id=process_id)
+    distributed.initialize(address, num_processes, process_id,
+                           initialization_timeout=FLAGS.initialization_timeout,
+                           heartbeat_timeout=FLAGS.heartbeat_timeout)
   except (RuntimeError, ValueError) as e:
     raise UsageError(f"joining the multi-host job failed: {first_line(e)}") from None
   logging.info("process %d of %d; %d devices in all", jax.process_index(), jax.process_count(),
                jax.device_count())
+  if jax.process_index() != 0:  # every process computes; process 0 alone logs and prints
+    logging.set_verbosity(logging.WARNING)
+    sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
+
+
+def joins_job() -> bool:
+  """Whether this run is one process of a multi-host job (flags or JAX's environment)."""
+  return bool(FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+              or FLAGS.distributed)
+
+
+def supervise_job(script: str) -> int | None:
+  """Runs ``script`` again with the flags as parsed, in a child that JAX's runtime may abort (a
+  dead peer, no coordinator), and returns its exit status; None inside that child."""
+  if not joins_job() or os.environ.get(distributed.CHILD_ENV):
+    return None
+  present = {id(f): f for fs in FLAGS.flags_by_module_dict().values() for f in fs if f.present}
+  argv = [os.path.abspath(script), *(f.serialize() for f in present.values())]
+  return distributed.supervise(
+      argv, os.path.basename(script),
+      FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+      FLAGS.initialization_timeout, FLAGS.heartbeat_timeout)
 
 
 def check_workdir(workdir: str) -> None:

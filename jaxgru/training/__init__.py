@@ -10,7 +10,9 @@
 * :mod:`~jaxgru.training.metrics`: :class:`MetricsWriter`, :class:`Progress`,
   :class:`StopSignals`, :class:`Interrupted`, :class:`Diverged`, :func:`first_nan_step`.
 * :mod:`~jaxgru.training.loop`: :func:`fit`, the loop that ties them together.
-* :mod:`~jaxgru.training.parallel`: the device mesh, batch and model sharding.
+* :mod:`~jaxgru.training.parallel`: the device mesh, batch and model sharding, and
+  :func:`~jaxgru.training.parallel.fetch` (host values from a multi-process job).
+* :mod:`~jaxgru.training.distributed`: joining a multi-process job, for entry points.
 
 Nothing here reads flags or knows a task; ``run.py`` builds a task's config and the task calls
 this library. Needs the ``train`` extra (optax, orbax).

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxgru._extras import require
+from jaxgru.training import parallel
 from jaxgru.training.state import TrainState
 
 
@@ -102,6 +103,11 @@ class Checkpointer:
   directories holding orbax's commit marker count (:func:`intact_steps`); leftovers of killed
   saves are removed before the next save. While a save runs SIGTERM and SIGINT are held back.
 
+  In a multi-process job every process constructs the Checkpointer and calls ``save`` and
+  ``restore`` alike: each writes and reads the shards of the global arrays it holds, and orbax's
+  primary process (0) writes the metadata, the JSON items and the commit. The folder must be one
+  that every process sees (a shared file system on a cluster).
+
   Args:
     workdir: the run's folder.
     max_to_keep: finished checkpoints kept.
@@ -123,13 +129,16 @@ class Checkpointer:
                                              enable_async_checkpointing=False))
 
   def clean(self) -> list[str]:
-    """Removes what killed saves left behind (see :func:`_leftovers`); returns those paths."""
-    if not is_writer():
-      return []
-    removed = _leftovers(self.directory)
+    """Removes what killed saves left behind (see :func:`_leftovers`); returns those paths.
+
+    In a multi-process job process 0 removes them and every process waits for it (each must
+    call ``clean``), so that none reads the folder half-cleaned.
+    """
+    removed = _leftovers(self.directory) if is_writer() else []
     for path in removed:
       shutil.rmtree(path, ignore_errors=True)
-    if removed and hasattr(self, "manager"):
+    parallel.barrier("jaxgru-checkpoints-clean")
+    if hasattr(self, "manager"):
       self.manager.reload()
     return removed
 
@@ -191,9 +200,10 @@ class Checkpointer:
         continue
       for note in notes:  # reported only when an older one serves instead
         log(f"{note}; using checkpoint {step}")
-      if damaged and not self.read_only and is_writer():
-        for bad in damaged:
+      if damaged and not self.read_only:
+        for bad in damaged if is_writer() else ():
           shutil.rmtree(os.path.join(self.directory, str(bad)), ignore_errors=True)
+        parallel.barrier("jaxgru-checkpoints-damaged")
         self.manager.reload()
       return state, extra, step
     what = (f"all {len(steps)} checkpoint(s) are damaged (the newest: {reasons[0]})"

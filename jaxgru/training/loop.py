@@ -11,8 +11,10 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxgru.training import parallel
 from jaxgru.training.checkpoints import Checkpointer
 from jaxgru.training.metrics import (Diverged, Interrupted, MetricsWriter, Progress, StopSignals,
                                      first_nan_step)
@@ -54,11 +56,14 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
     shown: the record entries the progress line shows, in this order (the task's names, such as
       ``"train_loss"`` or ``"eval_accuracy"``); entries missing from a record are skipped.
   """
-  step = int(np.asarray(state.step).reshape(-1)[0])
+  step = int(parallel.fetch(state.step).reshape(-1)[0])
   start = time.time()
   if progress is not None:
     progress.start(step, total_steps)
   stopped = False
+  # Alone, a signal ends the interval at once; in a multi-process job every process must take
+  # the same steps, so the processes agree at the end of each interval (any_process).
+  alone = not parallel.is_multiprocess()
   with StopSignals() as signals:
     while step < total_steps:
       interval_start = step
@@ -68,17 +73,19 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
         state, metrics = train_step(state, *(batch_fn(step) if batch_fn else ()))
         pending.append(metrics)
         step += 1
-        if signals.signum is not None:
+        if alone and signals.signum is not None:
           break
-      fetched = jax.device_get(pending)
-      losses = np.stack([np.asarray(m["loss"]) for m in fetched])
-      bad = first_nan_step(losses, step - len(fetched) + 1)
+      # One gather per metric (stacked on the device first), whichever processes hold them.
+      fetched = parallel.fetch(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
+      signalled = parallel.any_process(signals.signum is not None)
+      losses = np.asarray(fetched["loss"])
+      bad = first_nan_step(losses, step - len(pending) + 1)
       if bad is not None:
         raise Diverged(f"loss became non-finite at step {bad}; training stopped, the last good "
                        f"checkpoint is kept")
       record = {"step": step}
-      for k in fetched[-1]:
-        record[f"train_{k}"] = float(np.mean([np.mean(m[k]) for m in fetched]))
+      for k, values in fetched.items():
+        record[f"train_{k}"] = float(np.mean(np.mean(values.reshape(len(pending), -1), axis=1)))
       stop = False
       if evaluate is not None and (step % log_every == 0 or step == total_steps):
         extra, stop = evaluate(state, step)
@@ -88,13 +95,15 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]], *
         writer.write(record)
       if progress is not None:
         progress.update(step, " ".join(f"{k}={record[k]:.4g}" for k in shown if k in record))
-      done = stop or step >= total_steps or signals.signum is not None
+      done = stop or step >= total_steps or signalled
       # Each time a multiple of checkpoint_every is reached or passed, whatever log_every is.
       passed = step // checkpoint_every > interval_start // checkpoint_every
       if checkpointer is not None and (done or passed):
         checkpointer.save(step, state, checkpoint_extra() if checkpoint_extra else None)
-      if signals.signum is not None:
-        raise Interrupted(f"stopped by signal {signals.signum} at step {step}; checkpoint saved, "
+      if signalled:
+        what = ("another process's signal" if signals.signum is None
+                else f"signal {signals.signum}")
+        raise Interrupted(f"stopped by {what} at step {step}; checkpoint saved, "
                           "run the same command again to resume")
       if stop:
         stopped = True

@@ -62,6 +62,8 @@ class MetricsWriter:
 class Progress:
   """How a training run shows its log intervals: one line redrawn in place, or a log line each.
 
+  In a multi-process job only the writing process (process 0) shows anything.
+
   :func:`fit` calls :meth:`start` when it begins (the step it starts from, the step it trains
   to) and :meth:`update` once per log interval. With a bar (``bar=None``: when ``stream`` is a
   terminal), every interval redraws ONE line on ``stream`` after a carriage return::
@@ -97,6 +99,8 @@ class Progress:
   def update(self, step: int, text: str) -> None:
     """A log interval ended at ``step``; ``text``: the metrics to show."""
     self._step, self._text, self._last = step, text, time.time()
+    if not is_writer():
+      return
     if not self.bar:
       self.log(f"step {step}/{self._total}: {text}")
       return
@@ -107,6 +111,8 @@ class Progress:
 
   def message(self, text: str) -> None:
     """A line for the reader while training runs: above the progress line, or through ``log``."""
+    if not is_writer():
+      return
     if not (self.bar and self._shown):
       self.log(text)
       return

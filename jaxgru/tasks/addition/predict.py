@@ -14,6 +14,7 @@ from jaxgru.tasks import common
 from jaxgru.tasks.addition.input_pipeline import encode, from_bits
 from jaxgru.tasks.addition.models import AdditionModel
 from jaxgru.tasks.addition.train import TASK, AdditionConfig, init_states
+from jaxgru.training import parallel
 
 
 def load_trained(workdir: str, log: Callable[[str], None] = logging.warning
@@ -21,6 +22,9 @@ def load_trained(workdir: str, log: Callable[[str], None] = logging.warning
   """The config, the states of all N models (stacked) and their steps-to-solve, from a run.
 
   The newest checkpoint that restores is used; each damaged one is reported through ``log``.
+  The states are placed on all devices as training places them (:func:`parallel.shard_models`),
+  whatever number of processes and devices saved them; in a multi-process job every process
+  must call this.
 
   Raises:
     FileNotFoundError: no run or no checkpoint there.
@@ -33,7 +37,8 @@ def load_trained(workdir: str, log: Callable[[str], None] = logging.warning
   cfg = AdditionConfig.from_json(common.read_run(workdir, (TASK,))["config"])
   ckpt = training.Checkpointer(workdir, read_only=True)
   try:
-    state, extra, _ = ckpt.restore_intact(init_states(cfg), log)
+    target = parallel.shard_models(init_states(cfg), parallel.make_mesh())
+    state, extra, _ = ckpt.restore_intact(target, log)
   finally:
     ckpt.close()
   steps_to_solve = (extra or {}).get("steps_to_solve", [None] * cfg.num_models)
@@ -41,10 +46,11 @@ def load_trained(workdir: str, log: Callable[[str], None] = logging.warning
 
 
 def best_model(state: training.TrainState, steps_to_solve: Sequence[Optional[int]]) -> Any:
-  """The params of the first solved model (the first model if none solved)."""
+  """The params of the first solved model (the first model if none solved), as NumPy arrays on
+  the host (gathered from the processes that hold them: every process must call this)."""
   solved = [i for i, s in enumerate(steps_to_solve) if s is not None]
   i = solved[0] if solved else 0
-  return jax.tree.map(lambda x: x[i], state.params)
+  return jax.tree.map(lambda x: x[i], parallel.fetch(state.params))
 
 
 def predict_sum(model: AdditionModel, params, a: int, b: int) -> int:

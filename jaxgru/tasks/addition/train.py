@@ -234,6 +234,7 @@ def make_train_step(cfg: AdditionConfig, mesh: Optional[jax.sharding.Mesh] = Non
   group = _group_size(cfg.num_models, max(1, _GROUP_BYTES // per_model))
   # The loops' defaults for `group` models under one vmap (jaxgru.ScanOptions.models).
   model = dataclasses.replace(cfg.model(), options=ScanOptions(models=group))
+  mesh = parallel.batch_mesh(cfg.num_models, mesh)
 
   def loss_fn(params, key, step):
     del step
@@ -295,19 +296,22 @@ def make_evaluate(cfg: AdditionConfig, bits: int, size: int, batch_chunk: Option
     done = 0
     for b0 in range(0, size, chunk):
       x_CTI, y_CT = x_BTI[b0:b0 + chunk], y_BT[b0:b0 + chunk]
-      h_NLCH = jnp.zeros((num, layers, x_CTI.shape[0], hidden), cfg.rnn.cell.state_dtype)
-      ok_NC = jnp.ones((num, x_CTI.shape[0]), bool)
+      # Host zeros: in a multi-process job jit places them like the (global) params.
+      h_NLCH = np.zeros((num, layers, x_CTI.shape[0], hidden), cfg.rnn.cell.state_dtype)
+      ok_NC = None
       for t0 in range(0, steps, time_chunk):
         ok_t, h_NLCH = chunk_fn(params, x_CTI[:, t0:t0 + time_chunk], y_CT[:, t0:t0 + time_chunk],
                                 h_NLCH)
-        ok_NC = ok_NC & ok_t
+        ok_NC = ok_t if ok_NC is None else ok_NC & ok_t
         done += 1
         if log is not None and time.time() - last > every_seconds:
           ok_NC.block_until_ready()
           last = time.time()
           log(f"evaluating at {bits} bits: {done}/{chunks} chunks, {last - started:.0f}s")
       correct.append(ok_NC)
-    return np.asarray(jnp.concatenate(correct, axis=1).mean(axis=1, dtype=jnp.float32))
+    # Gathered from every process holding some of the models (parallel.fetch), so that every
+    # process gets the same scores and takes the same decisions from them.
+    return parallel.fetch(jnp.concatenate(correct, axis=1).mean(axis=1, dtype=jnp.float32))
 
   return evaluate
 
@@ -327,7 +331,7 @@ def steps_summary(steps_to_solve: list[Optional[float]]) -> dict[str, Any]:
 
 
 def _step_of(state: training.TrainState) -> int:
-  return int(np.asarray(state.step).reshape(-1)[0])
+  return int(parallel.fetch(state.step).reshape(-1)[0])
 
 
 def train_and_evaluate(cfg: AdditionConfig, workdir: str, log=logging.info,

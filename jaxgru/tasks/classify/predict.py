@@ -15,6 +15,7 @@ from jaxgru.tasks import common
 from jaxgru.tasks.classify.input_pipeline import SOURCES, ImdbData
 from jaxgru.tasks.classify.models import Classifier
 from jaxgru.tasks.classify.train import ClassifyConfig, evaluate, init_states, make_predict
+from jaxgru.training import parallel
 
 
 def load_trained(workdir: str) -> tuple[ClassifyConfig, Classifier, Any, Optional[tuple[str, ...]]]:
@@ -30,7 +31,9 @@ def load_trained(workdir: str) -> tuple[ClassifyConfig, Classifier, Any, Optiona
   cfg = ClassifyConfig.from_json(common.read_run(workdir, tuple(SOURCES))["config"])
   ckpt = training.Checkpointer(workdir, read_only=True)
   try:
-    state, extra, _ = ckpt.restore_intact(init_states(cfg, 1), logging.warning)
+    # Placed on all devices as training places them, whatever job saved them.
+    target = parallel.shard_models(init_states(cfg, 1), parallel.make_mesh())
+    state, extra, _ = ckpt.restore_intact(target, logging.warning)
   finally:
     ckpt.close()
   vocab = tuple(extra["vocab"]) if extra and "vocab" in extra else None
@@ -57,7 +60,7 @@ def predict_texts(model: Classifier, params, vocab: Sequence[str], texts: Sequen
 
 def _predict(model: Classifier, params, ids_BT: np.ndarray, lengths_B: np.ndarray) -> np.ndarray:
   steps = max(int(lengths_B.max()), 1)  # no need to run the GRU over the padding
-  return np.asarray(make_predict(model)(params, ids_BT[:, :steps], lengths_B)).mean(axis=0)
+  return parallel.fetch(make_predict(model)(params, ids_BT[:, :steps], lengths_B)).mean(axis=0)
 
 
 def evaluate_trained(workdir: str, data_path: Optional[str] = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from jaxgru.tasks.classify import imdb as _imdb
 from jaxgru.tasks.classify.input_pipeline import (SOURCES, Data, ImdbData, Split, SyntheticData,
                                                   TrainBatches, eval_batches, eval_sample)
 from jaxgru.tasks.classify.models import Classifier, loss_and_metrics
+from jaxgru.training import parallel
 
 DataSource = Union[SyntheticData, ImdbData]
 
@@ -206,17 +207,22 @@ def init_states(cfg: ClassifyConfig, total_steps: int) -> training.TrainState:
                             cfg.num_models, cfg.seed, cfg.learning_rates)
 
 
-def make_train_step(cfg: ClassifyConfig, total_steps: int):
+def make_train_step(cfg: ClassifyConfig, total_steps: int,
+                    mesh: Optional[jax.sharding.Mesh] = None):
   """Jitted ``(state (N, ...), inputs, lengths_B, labels_B) -> (state, metrics (N,))``;
   ``inputs`` is ``ids_BT`` or ``x_BTI``.
 
   Every model sees the same batch; each draws its own dropout masks from its own key. One
-  compilation per padded batch length.
+  compilation per padded batch length. With a ``mesh`` the batch is split over its devices
+  unless the models are (:func:`parallel.batch_mesh`); the state's placement is the caller's.
   """
   model = cfg.model()
   opt = training.make_optimizer(cfg.optimizer_config(total_steps))
+  mesh = parallel.batch_mesh(cfg.num_models, mesh)
 
   def one_model(state, inputs, lengths_B, labels_B):
+    inputs, lengths_B, labels_B = parallel.shard_batch((inputs, lengths_B, labels_B), mesh)
+
     def loss_fn(params, key, step):
       del step
       return loss_and_metrics(model, params, inputs, lengths_B, labels_B, dropout_key=key)
@@ -253,7 +259,7 @@ def evaluate(predict_fn, params, split: Split, batch_size: int, bucket: int
   num = jax.tree.leaves(params)[0].shape[0]
   probs_NB = np.zeros((num, len(split)), np.float32)
   for index, inputs, lengths_B in eval_batches(split, batch_size, bucket):
-    probs_NB[:, index] = np.asarray(predict_fn(params, inputs, lengths_B))[:, : index.size]
+    probs_NB[:, index] = parallel.fetch(predict_fn(params, inputs, lengths_B))[:, : index.size]
   accuracy, loss = _scores(probs_NB, split.labels[None, :])
   ens_accuracy, ens_loss = _scores(probs_NB.mean(axis=0), split.labels)
   return {"accuracy": accuracy, "loss": loss, "ensemble_accuracy": ens_accuracy,
@@ -313,7 +319,8 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
     log(warning)
 
   ckpt = training.Checkpointer(workdir)
-  state = init_states(cfg, total_steps)
+  mesh = parallel.make_mesh()
+  state = parallel.shard_models(init_states(cfg, total_steps), mesh)
   resumed_from = None
   writer = training.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   if ckpt.latest_step() is not None:
@@ -328,7 +335,7 @@ def train_and_evaluate(cfg: ClassifyConfig, workdir: str, log=logging.info,
   training.write_json_atomic(os.path.join(workdir, "config.json"), record)
 
   model = cfg.model()
-  train_step = make_train_step(cfg, total_steps)
+  train_step = make_train_step(cfg, total_steps, mesh)
   predict_fn = make_predict(model)
   held_out = eval_sample(data.test, cfg.eval_subset, cfg.seed)
 
