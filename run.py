@@ -36,7 +36,9 @@ from jaxgru.tasks.classify.imdb import TRUNCATIONS
 from jaxgru.training import OPTIMIZERS, SCHEDULES
 from jaxgru.training import malloc
 
-TASKS = ("addition",) + tuple(CLASSIFY_SOURCES)
+import cli.rl  # --task=rl: its flags, config and modes
+
+TASKS = ("addition",) + tuple(CLASSIFY_SOURCES) + ("rl",)
 MODES = ("train", "add", "eval", "predict")
 
 # Choices and cell defaults come from the library; every setting left unset (None) takes the
@@ -532,6 +534,11 @@ def main(argv):
                      f"such device here ({_first_line(e)[:160]})") from None
   if FLAGS.mode == "predict" and FLAGS.task == "addition":
     return _run_classification(workdir)
+  if FLAGS.task == "rl":
+    try:
+      return cli.rl.run(FLAGS.mode, workdir)
+    except cli.rl.UsageError as e:
+      raise UsageError(str(e)) from None
   if FLAGS.task == "addition":
     return _run_addition(workdir)
   return _run_classification(workdir)

@@ -11,6 +11,7 @@ Shapes: E environments, O observed features, A actions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional
@@ -20,13 +21,14 @@ import jax.numpy as jnp
 
 from jaxgru._extras import require
 
+gymnax = require("gymnax")
+
 DEFAULT_ENV = "CartPole-v1"
 DEFAULT_OBSERVE = (0, 2)  # cart position and pole angle; the velocities (1, 3) are hidden
 
 
 @functools.lru_cache(maxsize=None)
 def _make(name: str):
-  gymnax = require("gymnax", "rl")
   if name not in gymnax.registered_envs:
     raise ValueError(f"env must be a gymnax environment, one of {sorted(gymnax.registered_envs)};"
                      f" got {name!r}")
@@ -86,7 +88,8 @@ class EnvConfig:
   @property
   def full_observation_size(self) -> int:
     env, env_params = self.make()
-    shape = jax.eval_shape(lambda k: env.reset(k, env_params)[0], jax.random.PRNGKey(0)).shape
+    with _permissive():
+      shape = jax.eval_shape(lambda k: env.reset(k, env_params)[0], jax.random.PRNGKey(0)).shape
     size = 1
     for s in shape:
       size *= s
@@ -126,10 +129,19 @@ class EnvState(NamedTuple):
   return_E: jax.Array       # (E,) float32, the running episode's return so far
 
 
+@contextlib.contextmanager
+def _permissive():
+  """gymnax's environments rely on NumPy's implicit promotions (int * float, rank broadcasts):
+  they run under JAX's standard rules whatever the caller set."""
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    yield
+
+
 def reset(cfg: EnvConfig, key: jax.Array, num_envs: int) -> EnvState:
   """``num_envs`` fresh environments, each at the start of an episode."""
   env, env_params = cfg.make()
-  obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs),
+  with _permissive():
+    obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, num_envs),
                                                       env_params)
   return EnvState(env=state, obs_EO=jax.vmap(cfg.observe_fn)(obs),
                   starts_E=jnp.ones((num_envs,), bool),
@@ -146,8 +158,9 @@ def step(cfg: EnvConfig, key: jax.Array, state: EnvState, actions_E: jax.Array
   """
   env, env_params = cfg.make()
   keys = jax.random.split(key, actions_E.shape[0])
-  obs, env_state, reward, terminated, truncated, _ = jax.vmap(
-      env.step, in_axes=(0, 0, 0, None))(keys, state.env, actions_E, env_params)
+  with _permissive():
+    obs, env_state, reward, terminated, truncated, _ = jax.vmap(
+        env.step, in_axes=(0, 0, 0, None))(keys, state.env, actions_E, env_params)
   done = jnp.logical_or(terminated, truncated)
   reward = reward.astype(jnp.float32)
   total = state.return_E + reward

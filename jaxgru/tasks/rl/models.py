@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxgru.cell import add_bias
 from jaxgru.rnn import RNNConfig
 
 MODELS = ("gru", "mlp")
@@ -33,7 +34,7 @@ def _dense_init(key, fan_in: int, fan_out: int, scale: float, dtype) -> dict[str
 
 
 def _dense(p: dict[str, jax.Array], x: jax.Array, precision=None) -> jax.Array:
-  return jnp.matmul(x, p["w"], precision=precision) + p["b"]
+  return add_bias(jnp.matmul(x, p["w"], precision=precision), p["b"])
 
 
 @dataclasses.dataclass(frozen=True)
