@@ -16,13 +16,14 @@ Shapes: T steps, E environments, O observed features, D embedding, L layers, H h
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxgru.cell import add_bias
 from jaxgru.rnn import RNNConfig
+from jaxgru.scan import ScanOptions
 
 MODELS = ("gru", "mlp")
 
@@ -48,6 +49,8 @@ class ActorCritic:
     observation_size: O.
     head_size: units of each head's hidden layer.
     core: one of :data:`MODELS`.
+    options: how the stack's time loop runs in the update (None: its defaults); the training
+      of N agents passes ``ScanOptions(models=N)``, as the loop's defaults differ under a vmap.
   """
 
   rnn: RNNConfig
@@ -55,6 +58,7 @@ class ActorCritic:
   observation_size: int
   head_size: int = 64
   core: str = "gru"
+  options: Optional[ScanOptions] = None
 
   def __post_init__(self):
     if self.core not in MODELS:
@@ -74,16 +78,20 @@ class ActorCritic:
     k_embed, k_core, k_pi, k_pi_out, k_v, k_v_out = jax.random.split(key, 6)
     dt, d, h, f = self.dtype, self.rnn.input_size, self.rnn.hidden_size, self.head_size
     root2 = 2.0 ** 0.5
-    if self.core == "gru":
-      core = self.rnn.init(k_core)
-    else:
-      keys = jax.random.split(k_core, self.rnn.num_layers)
-      core = [_dense_init(k, d if l == 0 else h, h, root2, dt) for l, k in enumerate(keys)]
     return {"embed": _dense_init(k_embed, self.observation_size, d, root2, dt),
-            "core": core,
+            "core": self.init_core(k_core),
             "pi": [_dense_init(k_pi, h, f, root2, dt),
                    _dense_init(k_pi_out, f, self.num_actions, 0.01, dt)],
             "v": [_dense_init(k_v, h, f, root2, dt), _dense_init(k_v_out, f, 1, 1.0, dt)]}
+
+  def init_core(self, key: jax.Array) -> Any:
+    """The core's parameters."""
+    if self.core == "gru":
+      return self.rnn.init(key)
+    d, h = self.rnn.input_size, self.rnn.hidden_size
+    keys = jax.random.split(key, self.rnn.num_layers)
+    return [_dense_init(k, d if l == 0 else h, h, 2.0 ** 0.5, self.dtype)
+            for l, k in enumerate(keys)]
 
   def initial_state(self, num_envs: int) -> jax.Array:
     """The state at an episode's start, zeros (L, E, H) (unused by the ``"mlp"`` core)."""
@@ -98,8 +106,8 @@ class ActorCritic:
     v = jax.nn.relu(_dense(params["v"][0], y, prec))
     return _dense(params["pi"][1], a, prec), _dense(params["v"][1], v, prec)[..., 0]
 
-  def _mlp(self, params, x):
-    for layer in params["core"]:
+  def _mlp(self, core, x):
+    for layer in core:
       x = jnp.tanh(_dense(layer, x, self.rnn.cell.precision))
     return x
 
@@ -109,16 +117,20 @@ class ActorCritic:
 
     Where ``starts_E`` is set (the observation begins an episode) the state is zero first.
     """
-    x = self._embed(params, obs_EO)
+    h_LEH, y_EH = self.core_step(params["core"], h_LEH, self._embed(params, obs_EO), starts_E)
+    return h_LEH, *self._heads(params, y_EH)
+
+  def core_step(self, core, h_LEH, x_ED, starts_E) -> tuple[jax.Array, jax.Array]:
+    """The core's step: ``(h_LEH, y_EH)``, the state zeroed first where ``starts_E``."""
     if self.core == "mlp":
-      return h_LEH, *self._heads(params, self._mlp(params, x))
+      return h_LEH, self._mlp(core, x_ED)
     h_LEH = jnp.where(starts_E[None, :, None], jnp.zeros_like(h_LEH), h_LEH)
     new = []
-    for l, layer in enumerate(params["core"]):
+    for l, layer in enumerate(core):
       cell = self.rnn.layer_cell(l)
-      x = jax.vmap(cell.step, in_axes=(None, 0, 0))(layer["fwd"], h_LEH[l], x)
-      new.append(x)
-    return jnp.stack(new), *self._heads(params, x)
+      x_ED = jax.vmap(cell.step, in_axes=(None, 0, 0))(layer["fwd"], h_LEH[l], x_ED)
+      new.append(x_ED)
+    return jnp.stack(new), x_ED
 
   def sequence(self, params, h0_LEH: jax.Array, obs_TEO: jax.Array, starts_TE: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
@@ -131,15 +143,18 @@ class ActorCritic:
     one call: E from ``h0_LEH``, E from zeros with the resets; each step takes the first copy
     until its environment's first episode start in the segment and the second from there on.
     """
-    x_TED = self._embed(params, obs_TEO)
+    y_TEH = self.core_sequence(params["core"], h0_LEH, self._embed(params, obs_TEO), starts_TE)
+    return self._heads(params, y_TEH)
+
+  def core_sequence(self, core, h0_LEH, x_TED, starts_TE) -> jax.Array:
+    """The core over a segment: its outputs ``y_TEH`` (see :meth:`sequence`)."""
     if self.core == "mlp":
-      return self._heads(params, self._mlp(params, x_TED))
-    num_envs = obs_TEO.shape[1]
+      return self._mlp(core, x_TED)
+    num_envs = x_TED.shape[1]
     x2_TED = jnp.concatenate([x_TED, x_TED], axis=1)
     h0_2 = jnp.concatenate([h0_LEH, jnp.zeros_like(h0_LEH)], axis=1)
     resets_TE = jnp.concatenate([starts_TE, starts_TE], axis=1)
-    ys_TEH, _ = self.rnn.apply(params["core"], x2_TED, h0=h0_2, resets=resets_TE,
-                               time_major=True)
+    ys_TEH, _ = self.rnn.apply(core, x2_TED, h0=h0_2, resets=resets_TE, time_major=True,
+                               options=self.options)
     before_TE = jnp.cumsum(starts_TE, axis=0) == 0  # no episode has started yet in the segment
-    y_TEH = jnp.where(before_TE[..., None], ys_TEH[:, :num_envs], ys_TEH[:, num_envs:])
-    return self._heads(params, y_TEH)
+    return jnp.where(before_TE[..., None], ys_TEH[:, :num_envs], ys_TEH[:, num_envs:])

@@ -21,6 +21,7 @@ A actions, M minibatches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from jaxgru import training
 from jaxgru._extras import require
 from jaxgru.cell import GRUConfig
 from jaxgru.rnn import RNNConfig
+from jaxgru.scan import ScanOptions
 from jaxgru.tasks import common
 from jaxgru.tasks.rl import envs
 from jaxgru.tasks.rl.models import MODELS, ActorCritic
@@ -130,7 +132,7 @@ class RLConfig:
   def agent(self) -> ActorCritic:
     return ActorCritic(rnn=self.rnn, num_actions=self.env.num_actions,
                        observation_size=self.env.observation_size, head_size=self.head_size,
-                       core=self.model)
+                       core=self.model, options=ScanOptions(models=self.num_models))
 
   def optimizer_config(self) -> training.OptimizerConfig:
     return training.OptimizerConfig(
@@ -193,9 +195,11 @@ class Rollout(NamedTuple):
   finished: jax.Array   # (T, E) the return of the episode the step ended (0 elsewhere)
 
 
-def init_state(cfg: RLConfig, seed: int, learning_rate: float) -> RLState:
-  """A fresh state for one agent with ``seed``."""
-  agent = cfg.agent()
+def init_state(cfg: RLConfig, seed: int, learning_rate: float, agent: Optional[ActorCritic] = None
+               ) -> RLState:
+  """A fresh state for one agent with ``seed`` (``agent``: the architecture, ``cfg.agent()`` by
+  default; benchmarks/rl.py passes others)."""
+  agent = agent or cfg.agent()
   key = jax.random.PRNGKey(seed)
   k_params, k_env = jax.random.split(key)
   opt = training.make_optimizer(cfg.optimizer_config())
@@ -205,19 +209,19 @@ def init_state(cfg: RLConfig, seed: int, learning_rate: float) -> RLState:
                  return_sum=jnp.zeros((), jnp.float32))
 
 
-def init_states(cfg: RLConfig) -> RLState:
+def init_states(cfg: RLConfig, agent: Optional[ActorCritic] = None) -> RLState:
   """N fresh agents stacked on a leading axis: agent i has seed ``seed + i`` and learning rate
   ``learning_rates[i % len(learning_rates)]``."""
-  states = [init_state(cfg, cfg.seed + i, cfg.learning_rates[i % len(cfg.learning_rates)])
+  states = [init_state(cfg, cfg.seed + i, cfg.learning_rates[i % len(cfg.learning_rates)], agent)
             for i in range(cfg.num_models)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def rollout(cfg: RLConfig, params, env: envs.EnvState, h_LEH: jax.Array, key: jax.Array
-            ) -> tuple[envs.EnvState, jax.Array, Rollout]:
+def rollout(cfg: RLConfig, params, env: envs.EnvState, h_LEH: jax.Array, key: jax.Array,
+            agent: Optional[ActorCritic] = None) -> tuple[envs.EnvState, jax.Array, Rollout]:
   """T steps of E environments with actions sampled from the policy, the state carried from
   step to step and zeroed where an episode starts: ``(env, h_LEH, rollout)`` after them."""
-  agent = cfg.agent()
+  agent = agent or cfg.agent()
 
   def one(carry, k):
     env, h = carry
@@ -248,9 +252,10 @@ def gae(cfg: RLConfig, traj: Rollout, last_value_E: jax.Array) -> tuple[jax.Arra
   return adv_TE, adv_TE + traj.values
 
 
-def ppo_loss(cfg: RLConfig, params, h0_LEH, traj: Rollout, adv_TE, targets_TE):
+def ppo_loss(cfg: RLConfig, params, h0_LEH, traj: Rollout, adv_TE, targets_TE,
+             agent: Optional[ActorCritic] = None):
   """The clipped PPO loss of a minibatch of whole segments, and its metrics."""
-  logits, values = cfg.agent().sequence(params, h0_LEH, traj.obs, traj.starts)
+  logits, values = (agent or cfg.agent()).sequence(params, h0_LEH, traj.obs, traj.starts)
   log_p = jax.nn.log_softmax(logits)
   log_prob = jnp.take_along_axis(log_p, traj.actions[..., None], axis=-1)[..., 0]
   ratio = jnp.exp(log_prob - traj.log_probs)
@@ -267,12 +272,13 @@ def ppo_loss(cfg: RLConfig, params, h0_LEH, traj: Rollout, adv_TE, targets_TE):
 
 
 def update(cfg: RLConfig, train: training.TrainState, h0_LEH, traj: Rollout, adv_TE,
-           targets_TE, key: jax.Array) -> tuple[training.TrainState, dict]:
+           targets_TE, key: jax.Array, agent: Optional[ActorCritic] = None
+           ) -> tuple[training.TrainState, dict]:
   """``epochs`` passes over the rollout, each in ``minibatches`` random groups of environments:
   one Adam step per minibatch. Returns the state and the last pass's mean metrics."""
   opt = training.make_optimizer(cfg.optimizer_config())
   per = cfg.num_envs // cfg.minibatches
-  grad_fn = jax.value_and_grad(lambda p, *a: ppo_loss(cfg, p, *a), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, *a: ppo_loss(cfg, p, *a, agent=agent), has_aux=True)
 
   def minibatch(carry, idx):
     params, opt_state = carry
@@ -295,17 +301,18 @@ def update(cfg: RLConfig, train: training.TrainState, h0_LEH, traj: Rollout, adv
   return train._replace(params=params, opt_state=opt_state), metrics
 
 
-def iteration(cfg: RLConfig, state: RLState) -> tuple[RLState, dict]:
+def iteration(cfg: RLConfig, state: RLState, agent: Optional[ActorCritic] = None
+              ) -> tuple[RLState, dict]:
   """One PPO iteration of ONE agent: rollout, GAE, update. Its keys are
   ``fold_in(key(rng), step)``, so a resumed run repeats an uninterrupted one exactly."""
   train = state.train
   key = jax.random.fold_in(jax.random.wrap_key_data(train.rng), train.step)
   k_roll, k_update = jax.random.split(key)
-  agent = cfg.agent()
-  env, h_LEH, traj = rollout(cfg, train.params, state.env, state.h_LEH, k_roll)
+  agent = agent or cfg.agent()
+  env, h_LEH, traj = rollout(cfg, train.params, state.env, state.h_LEH, k_roll, agent)
   _, _, last_value = agent.step(train.params, h_LEH, env.obs_EO, env.starts_E)
   adv_TE, targets_TE = gae(cfg, traj, last_value)
-  train, metrics = update(cfg, train, state.h_LEH, traj, adv_TE, targets_TE, k_update)
+  train, metrics = update(cfg, train, state.h_LEH, traj, adv_TE, targets_TE, k_update, agent)
   done = traj.dones.sum(dtype=jnp.int32)
   metrics.update(episodes=done, return_sum=traj.finished.sum())
   state = RLState(train=train._replace(step=train.step + 1), env=env, h_LEH=h_LEH,
@@ -314,15 +321,17 @@ def iteration(cfg: RLConfig, state: RLState) -> tuple[RLState, dict]:
   return state, metrics
 
 
-def make_iteration(cfg: RLConfig):
+@functools.lru_cache(maxsize=8)  # one compiled program per config in a process (a resume, tests)
+def make_iteration(cfg: RLConfig, agent: Optional[ActorCritic] = None):
   """The jitted iteration of N agents: ``state (N, ...) -> (state, metrics (N,))``."""
-  return jax.jit(jax.vmap(lambda s: iteration(cfg, s)), donate_argnums=0)
+  return jax.jit(jax.vmap(lambda s: iteration(cfg, s, agent)), donate_argnums=0)
 
 
-def evaluate_agent(cfg: RLConfig, params, key: jax.Array, episodes: int) -> jax.Array:
+def evaluate_agent(cfg: RLConfig, params, key: jax.Array, episodes: int,
+                   agent: Optional[ActorCritic] = None) -> jax.Array:
   """ONE agent plays ``episodes`` episodes at once, greedy (the most probable action), each
   from a fresh state: their returns, (episodes,)."""
-  agent = cfg.agent()
+  agent = agent or cfg.agent()
   env = envs.reset(cfg.env, key, episodes)
   h = agent.initial_state(episodes)
   limit = cfg.env.max_episode_steps + 1
@@ -343,12 +352,17 @@ def evaluate_agent(cfg: RLConfig, params, key: jax.Array, episodes: int) -> jax.
   return jax.lax.while_loop(cond, body, init)[4]
 
 
-def make_evaluate(cfg: RLConfig, episodes: Optional[int] = None):
+def make_evaluate(cfg: RLConfig, episodes: Optional[int] = None,
+                  agent: Optional[ActorCritic] = None):
   """``params (N, ...) -> returns (N, episodes)``: every agent plays the same episodes' seeds."""
-  episodes = cfg.eval_episodes if episodes is None else episodes
-  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), EVAL_SALT)
-  fn = jax.jit(jax.vmap(lambda p: evaluate_agent(cfg, p, key, episodes)))
+  fn = _evaluate_fn(cfg, cfg.eval_episodes if episodes is None else episodes, agent)
   return lambda params: np.asarray(fn(params))
+
+
+@functools.lru_cache(maxsize=8)
+def _evaluate_fn(cfg: RLConfig, episodes: int, agent: Optional[ActorCritic]):
+  key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), EVAL_SALT)
+  return jax.jit(jax.vmap(lambda p: evaluate_agent(cfg, p, key, episodes, agent)))
 
 
 def _step_of(state: RLState) -> int:
