@@ -159,8 +159,9 @@ def main(argv=None):
     key = jax.random.PRNGKey(args.seed)
 
     def prepare(s, agent=agent):
-      env, h, traj = rl.rollout(cfg, s.train.params, s.env, s.h_LEH, key, agent)
-      _, _, last = agent.step(s.train.params, h, env.obs_EO, env.starts_E)
+      env, h, traj = rl.rollout(cfg, s.train.params, s.env, s.h_LEH, key, s.obs_stats, agent)
+      _, _, last = agent.step(s.train.params, h, rl.train.normalize(cfg, s.obs_stats, env.obs_EO),
+                              env.starts_E)
       adv, targets = rl.gae(cfg, traj, last)
       return s.train, s.h_LEH, traj, adv, targets
 
@@ -196,7 +197,7 @@ def main(argv=None):
 
   results = {}
   for name in names:
-    returns = rl.make_evaluate(cfg, agent=every[name])(states[name].train.params).mean(axis=1)
+    returns = rl.make_evaluate(cfg, agent=every[name])(states[name]).mean(axis=1)
     total = cfg.iterations * cfg.steps_per_iteration * cfg.num_models
     results[name] = {
         "env_steps_per_second": total / train_s[name],

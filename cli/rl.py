@@ -148,7 +148,7 @@ def run(mode: str, workdir: str) -> int:
     episodes = FLAGS.eval_episodes or cfg.eval_episodes
     if episodes < 1:
       raise UsageError(f"--eval_episodes must be a positive integer, got {episodes}")
-    returns = rl.make_evaluate(cfg, episodes)(state.train.params).mean(axis=1)
+    returns = rl.make_evaluate(cfg, episodes)(state).mean(axis=1)
     for i, r in enumerate(returns):
       print(f"agent {i}: mean return {r:.1f} over {episodes} episodes")
     return 0

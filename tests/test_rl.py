@@ -29,8 +29,9 @@ def _two_rollouts(cfg, seed=0):
   state (nonzero), with episodes ending inside it. Returns (params, h_start, env_start, traj)."""
   state = rl.train.init_state(cfg, seed, 1e-3)
   params = state.train.params
-  env, h, _ = rl.rollout(cfg, params, state.env, state.h_LEH, jax.random.PRNGKey(1))
-  env2, h2, traj = rl.rollout(cfg, params, env, h, jax.random.PRNGKey(2))
+  env, h, _ = rl.rollout(cfg, params, state.env, state.h_LEH, jax.random.PRNGKey(1),
+                         state.obs_stats)
+  env2, h2, traj = rl.rollout(cfg, params, env, h, jax.random.PRNGKey(2), state.obs_stats)
   return params, h, env, traj
 
 
@@ -147,6 +148,18 @@ def test_resume_is_bitwise(trained, tmp_path):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert s2["eval_returns"] == s["eval_returns"]
+
+
+def test_running_observation_statistics_equal_numpy_over_everything_seen():
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(3.0, 2.0, (n, 2)).astype(np.float32) for n in (50, 7, 300)]
+  stats = rl.train.init_obs_stats(2)
+  for b in batches:
+    stats = rl.train.update_obs_stats(stats, jnp.asarray(b))
+  seen = np.concatenate(batches)
+  # The prior (count 1e-4 at mean 0, var 1) weighs 1e-4 / 357 of the result.
+  np.testing.assert_allclose(stats.mean, seen.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(stats.var, seen.var(0), rtol=1e-5)
 
 
 def test_config_refuses_bad_settings():

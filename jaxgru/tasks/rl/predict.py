@@ -36,4 +36,4 @@ def evaluate_trained(workdir: str, episodes: Optional[int] = None) -> np.ndarray
   """Every agent of the run plays ``episodes`` greedy episodes (the run's ``eval_episodes`` by
   default): their returns, (N, episodes)."""
   cfg, state = load_trained(workdir)
-  return make_evaluate(cfg, episodes)(state.train.params)
+  return make_evaluate(cfg, episodes)(state)

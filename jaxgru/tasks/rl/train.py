@@ -71,14 +71,18 @@ class RLConfig:
       them to 0 over the run.
     clip_norm: global-norm gradient clipping.
     eval_episodes: episodes each agent plays after training (greedy actions).
+    normalize_observations: the agent sees each observed feature shifted and scaled by the
+      running mean and standard deviation of all its observations so far (updated after each
+      rollout, frozen for evaluation): CartPole's pole angle moves by hundredths of a radian
+      per step, which is what a memory of it has to tell apart.
   """
 
   env: envs.EnvConfig = envs.EnvConfig()
   model: str = "gru"
   rnn: RNNConfig = RNNConfig(GRUConfig(input_size=64, hidden_size=64))
   head_size: int = 64
-  num_envs: int = 64
-  rollout_steps: int = 64
+  num_envs: int = 128
+  rollout_steps: int = 32
   env_steps: int = 2_000_000
   epochs: int = 4
   minibatches: int = 4
@@ -93,6 +97,7 @@ class RLConfig:
   seed: int = 0
   num_models: int = 8
   eval_episodes: int = 128
+  normalize_observations: bool = True
   log_every: int = 10
   checkpoint_every: int = 100
 
@@ -112,6 +117,8 @@ class RLConfig:
       _check(name, value, training.is_number(value) and 0 <= value < math.inf,
              "a finite number >= 0")
     _check("model", self.model, self.model in MODELS, f"one of {MODELS}")
+    _check("normalize_observations", self.normalize_observations,
+           isinstance(self.normalize_observations, bool), "a bool")
     _check("minibatches", self.minibatches, self.num_envs % self.minibatches == 0,
            f"a divisor of num_envs={self.num_envs}")
     _check("env_steps", self.env_steps, self.env_steps >= self.num_envs * self.rollout_steps,
@@ -170,11 +177,44 @@ RESUMABLE_CHANGES = ("log_every", "checkpoint_every", "eval_episodes")
 SHOWN_METRICS = ("episode_return", "train_loss", "train_entropy")
 
 
+class ObsStats(NamedTuple):
+  """Running statistics of one agent's observations (Chan et al.'s parallel update)."""
+  mean: jax.Array   # (O,) float32
+  var: jax.Array    # (O,) float32
+  count: jax.Array  # () float32
+
+
+def init_obs_stats(size: int) -> ObsStats:
+  return ObsStats(jnp.zeros((size,), jnp.float32), jnp.ones((size,), jnp.float32),
+                  jnp.asarray(1e-4, jnp.float32))
+
+
+def normalize(cfg: RLConfig, stats: ObsStats, obs: jax.Array) -> jax.Array:
+  """``obs`` (..., O) as the agent sees it: standardized by ``stats`` and clipped to [-10, 10]
+  when ``cfg.normalize_observations``, else as it is."""
+  if not cfg.normalize_observations:
+    return obs
+  lead = (1,) * (obs.ndim - 1)
+  mean, scale = stats.mean.reshape(lead + (-1,)), jnp.sqrt(stats.var + 1e-8).reshape(lead + (-1,))
+  return jnp.clip((obs - mean) / scale, -10.0, 10.0)
+
+
+def update_obs_stats(stats: ObsStats, obs_NO: jax.Array) -> ObsStats:
+  """``stats`` with the N observations ``obs_NO`` added."""
+  n = jnp.asarray(obs_NO.shape[0], jnp.float32)
+  mean, var = obs_NO.mean(axis=0), obs_NO.var(axis=0)
+  total = stats.count + n
+  delta = mean - stats.mean
+  m2 = stats.var * stats.count + var * n + delta ** 2 * stats.count * n / total
+  return ObsStats(stats.mean + delta * n / total, m2 / total, total)
+
+
 class RLState(NamedTuple):
   """One agent's training state (every field gains a leading axis N with many agents)."""
   train: training.TrainState   # step (iterations done), params, optimizer, learning rate, rng
   env: envs.EnvState           # the E environments now
   h_LEH: jax.Array             # (L, E, H) the agent's state now, carried across rollouts
+  obs_stats: ObsStats          # the running statistics the agent's observations are scaled by
   episodes: jax.Array          # () int32, episodes finished so far
   return_sum: jax.Array        # () float32, their returns summed
 
@@ -185,7 +225,8 @@ class RLState(NamedTuple):
 
 class Rollout(NamedTuple):
   """T steps of E environments (each field (T, E, ...))."""
-  obs: jax.Array        # (T, E, O) what the agent saw
+  obs: jax.Array        # (T, E, O) what the agent saw (normalized)
+  raw_obs: jax.Array    # (T, E, O) the observations as the environments gave them
   starts: jax.Array     # (T, E) bool, the observation began an episode (state reset before it)
   actions: jax.Array    # (T, E) int32
   log_probs: jax.Array  # (T, E) log pi_old(a_t | history)
@@ -205,7 +246,9 @@ def init_state(cfg: RLConfig, seed: int, learning_rate: float, agent: Optional[A
   opt = training.make_optimizer(cfg.optimizer_config())
   train = training.init_state(agent.init(k_params), opt, learning_rate, seed)
   return RLState(train=train, env=envs.reset(cfg.env, k_env, cfg.num_envs),
-                 h_LEH=agent.initial_state(cfg.num_envs), episodes=jnp.zeros((), jnp.int32),
+                 h_LEH=agent.initial_state(cfg.num_envs),
+                 obs_stats=init_obs_stats(cfg.env.observation_size),
+                 episodes=jnp.zeros((), jnp.int32),
                  return_sum=jnp.zeros((), jnp.float32))
 
 
@@ -218,19 +261,22 @@ def init_states(cfg: RLConfig, agent: Optional[ActorCritic] = None) -> RLState:
 
 
 def rollout(cfg: RLConfig, params, env: envs.EnvState, h_LEH: jax.Array, key: jax.Array,
-            agent: Optional[ActorCritic] = None) -> tuple[envs.EnvState, jax.Array, Rollout]:
+            obs_stats: ObsStats, agent: Optional[ActorCritic] = None
+            ) -> tuple[envs.EnvState, jax.Array, Rollout]:
   """T steps of E environments with actions sampled from the policy, the state carried from
-  step to step and zeroed where an episode starts: ``(env, h_LEH, rollout)`` after them."""
+  step to step and zeroed where an episode starts: ``(env, h_LEH, rollout)`` after them. The
+  observations are normalized by ``obs_stats`` (fixed during the rollout)."""
   agent = agent or cfg.agent()
 
   def one(carry, k):
     env, h = carry
     k_act, k_env = jax.random.split(k)
-    h, logits, value = agent.step(params, h, env.obs_EO, env.starts_E)
+    obs = normalize(cfg, obs_stats, env.obs_EO)
+    h, logits, value = agent.step(params, h, obs, env.starts_E)
     action = jax.random.categorical(k_act, logits)
     log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=1)[:, 0]
     new, reward, done, finished = envs.step(cfg.env, k_env, env, action)
-    return (new, h), Rollout(env.obs_EO, env.starts_E, action, log_prob, value, reward, done,
+    return (new, h), Rollout(obs, env.obs_EO, env.starts_E, action, log_prob, value, reward, done,
                              finished)
 
   (env, h_LEH), traj = jax.lax.scan(one, (env, h_LEH), jax.random.split(key, cfg.rollout_steps))
@@ -309,13 +355,18 @@ def iteration(cfg: RLConfig, state: RLState, agent: Optional[ActorCritic] = None
   key = jax.random.fold_in(jax.random.wrap_key_data(train.rng), train.step)
   k_roll, k_update = jax.random.split(key)
   agent = agent or cfg.agent()
-  env, h_LEH, traj = rollout(cfg, train.params, state.env, state.h_LEH, k_roll, agent)
-  _, _, last_value = agent.step(train.params, h_LEH, env.obs_EO, env.starts_E)
+  env, h_LEH, traj = rollout(cfg, train.params, state.env, state.h_LEH, k_roll, state.obs_stats,
+                             agent)
+  _, _, last_value = agent.step(train.params, h_LEH,
+                                normalize(cfg, state.obs_stats, env.obs_EO), env.starts_E)
   adv_TE, targets_TE = gae(cfg, traj, last_value)
   train, metrics = update(cfg, train, state.h_LEH, traj, adv_TE, targets_TE, k_update, agent)
   done = traj.dones.sum(dtype=jnp.int32)
   metrics.update(episodes=done, return_sum=traj.finished.sum())
+  obs_stats = update_obs_stats(state.obs_stats,
+                               traj.raw_obs.reshape((-1, traj.raw_obs.shape[-1])))
   state = RLState(train=train._replace(step=train.step + 1), env=env, h_LEH=h_LEH,
+                  obs_stats=obs_stats,
                   episodes=state.episodes + done,
                   return_sum=state.return_sum + traj.finished.sum())
   return state, metrics
@@ -327,7 +378,7 @@ def make_iteration(cfg: RLConfig, agent: Optional[ActorCritic] = None):
   return jax.jit(jax.vmap(lambda s: iteration(cfg, s, agent)), donate_argnums=0)
 
 
-def evaluate_agent(cfg: RLConfig, params, key: jax.Array, episodes: int,
+def evaluate_agent(cfg: RLConfig, params, obs_stats: ObsStats, key: jax.Array, episodes: int,
                    agent: Optional[ActorCritic] = None) -> jax.Array:
   """ONE agent plays ``episodes`` episodes at once, greedy (the most probable action), each
   from a fresh state: their returns, (episodes,)."""
@@ -343,7 +394,7 @@ def evaluate_agent(cfg: RLConfig, params, key: jax.Array, episodes: int,
   def body(c):
     t, env, h, alive, returns, k = c
     k, k_env = jax.random.split(k)
-    h, logits, _ = agent.step(params, h, env.obs_EO, env.starts_E)
+    h, logits, _ = agent.step(params, h, normalize(cfg, obs_stats, env.obs_EO), env.starts_E)
     env, reward, done, _ = envs.step(cfg.env, k_env, env, jnp.argmax(logits, axis=-1))
     return t + 1, env, h, alive & ~done, returns + jnp.where(alive, reward, 0.0), k
 
@@ -354,15 +405,16 @@ def evaluate_agent(cfg: RLConfig, params, key: jax.Array, episodes: int,
 
 def make_evaluate(cfg: RLConfig, episodes: Optional[int] = None,
                   agent: Optional[ActorCritic] = None):
-  """``params (N, ...) -> returns (N, episodes)``: every agent plays the same episodes' seeds."""
+  """``state (N, ...) -> returns (N, episodes)``: every agent of an :class:`RLState` plays the
+  same episodes' seeds."""
   fn = _evaluate_fn(cfg, cfg.eval_episodes if episodes is None else episodes, agent)
-  return lambda params: np.asarray(fn(params))
+  return lambda state: np.asarray(fn(state.train.params, state.obs_stats))
 
 
 @functools.lru_cache(maxsize=8)
 def _evaluate_fn(cfg: RLConfig, episodes: int, agent: Optional[ActorCritic]):
   key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), EVAL_SALT)
-  return jax.jit(jax.vmap(lambda p: evaluate_agent(cfg, p, key, episodes, agent)))
+  return jax.jit(jax.vmap(lambda p, s: evaluate_agent(cfg, p, s, key, episodes, agent)))
 
 
 def _step_of(state: RLState) -> int:
@@ -466,7 +518,7 @@ def train_and_evaluate(cfg: RLConfig, workdir: str, log=print, progress_stream=N
   done_steps = _step_of(state)
   trained_steps = (done_steps - (resumed_from or 0)) * cfg.steps_per_iteration
   t0 = time.time()
-  returns = make_evaluate(cfg)(state.train.params)
+  returns = make_evaluate(cfg)(state)
   eval_seconds = time.time() - t0
   curve = plot_curve(workdir, os.path.join(workdir, "learning_curve.png"),
                      f"{cfg.model} agents on {cfg.env.name}, observing "
