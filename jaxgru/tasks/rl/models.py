@@ -85,23 +85,9 @@ class ActorCritic:
             "v": [_dense_init(k_v, h, f, root2, dt), _dense_init(k_v_out, f, 1, 1.0, dt)]}
 
   def init_core(self, key: jax.Array) -> Any:
-    """The core's parameters. The GRU's weights are drawn per gate, as Flax's ``GRUCell`` draws
-    them: each gate's (H, H) recurrent block orthogonal and its (I, H) input block LeCun-normal
-    (``GRUConfig.init`` draws the (H, 3H) and (I, 3H) matrices whole, which makes each block
-    smaller by about sqrt(3)); biases zero."""
+    """The core's parameters (the GRU's: ``RNNConfig.init``, Keras's initializers)."""
     if self.core == "gru":
-      params = self.rnn.init(key)
-      for l, layer in enumerate(params):
-        cell = self.rnn.layer_cell(l)
-        k_x, k_h = jax.random.split(jax.random.fold_in(key, l))
-        i, h = cell.input_size, cell.hidden_size
-        layer["fwd"]["w_x"] = jnp.concatenate(
-            [jax.nn.initializers.lecun_normal()(k, (i, h), self.dtype)
-             for k in jax.random.split(k_x, 3)], axis=1)
-        layer["fwd"]["w_h"] = jnp.concatenate(
-            [jax.nn.initializers.orthogonal()(k, (h, h), self.dtype)
-             for k in jax.random.split(k_h, 3)], axis=1)
-      return params
+      return self.rnn.init(key)
     d, h = self.rnn.input_size, self.rnn.hidden_size
     keys = jax.random.split(key, self.rnn.num_layers)
     return [_dense_init(k, d if l == 0 else h, h, 2.0 ** 0.5, self.dtype)
