@@ -90,8 +90,9 @@ def config():
   from jaxgru.tasks import rl
   for name in _NOT_RL:
     if name in FLAGS and FLAGS[name].present:
-      raise UsageError("--steps is not a setting of --task=rl: it trains for --env_steps"
-                       if name == "steps" else f"--{name} is not a setting of --task=rl")
+      instead = {"steps": "--env_steps", "epochs": "--ppo_epochs", "batch_size": "--num_envs"}
+      raise UsageError(f"--{name} is not a setting of --task=rl"
+                       + (f"; use {instead[name]}" if name in instead else ""))
   if FLAGS.optimizer not in (None, "adam"):
     raise UsageError(f"--task=rl trains with adam, not --optimizer={FLAGS.optimizer}")
   if FLAGS.dtype != "float32":

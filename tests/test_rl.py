@@ -178,7 +178,7 @@ def test_config_refuses_bad_settings():
 BAD_FLAGS = [  # each check of the config is tested above; these show run.py's one line
     (["--observe=0,7"], "observe"),
     (["--env=Pendulum-v1"], "discrete"),
-    (["--steps=10"], "--env_steps"),
+    (["--steps=10"], "use --env_steps"),
     (["--mode=eval"], "--mode=eval needs a trained rl run"),
 ]
 
