@@ -91,7 +91,7 @@ class RLConfig:
   clip_eps: float = 0.2
   vf_coef: float = 0.5
   ent_coef: float = 0.01
-  learning_rates: tuple[float, ...] = (2e-3,)
+  learning_rates: tuple[float, ...] = (1e-3,)
   schedule: str = "cosine"
   clip_norm: float = 0.5
   seed: int = 0
