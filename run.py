@@ -32,13 +32,13 @@ import sys
 
 from absl import app, flags, logging
 
-from cli import addition, classify, common
+from cli import addition, classify, common, rl
 from cli.common import FLAGS, UsageError
 from jaxgru.tasks.classify import SOURCES as CLASSIFY_SOURCES
 from jaxgru.training import malloc
 
 # --task=NAME runs TASKS[NAME].run(mode, workdir), a module of the cli package.
-TASKS = {"addition": addition, **{name: classify for name in CLASSIFY_SOURCES}}
+TASKS = {"addition": addition, **{name: classify for name in CLASSIFY_SOURCES}, "rl": rl}
 
 flags.DEFINE_enum("task", "addition", tuple(TASKS), "What to learn.")
 flags.DEFINE_boolean("mallopt", True, "Raise glibc's malloc thresholds first thing (XLA:CPU's "

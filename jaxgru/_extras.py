@@ -28,6 +28,7 @@ EXTRAS: dict[str, str] = {
     "orbax": "train",
     "absl": "train",
     "matplotlib": "bench",
+    "gymnax": "rl",
 }
 
 

@@ -54,7 +54,7 @@ def test_readme_quick_start_commands():
   bash_blocks = re.findall(r"^```bash\n(.*?)^```$", text, flags=re.S | re.M)
   for command in (
       'python3 -m venv .venv && .venv/bin/pip install -e ".[train]" && .venv/bin/python run.py',
-      'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/python -m pytest -q',
+      'python3 -m venv .venv && .venv/bin/pip install -e ".[dev,rl]" && .venv/bin/python -m pytest -q',
   ):
     assert command + "\n" in bash_blocks, f"README.md lacks a ```bash block holding only: {command}"
 

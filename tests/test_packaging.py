@@ -21,7 +21,7 @@ PROJECT = PYPROJECT["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 
 # Optional dependencies by their top-level import name, as jaxgru's modules import them.
-OPTIONAL = ("flax", "optax", "orbax", "absl", "equinox")
+OPTIONAL = ("flax", "optax", "orbax", "absl", "equinox", "gymnax")
 # Never needed by jaxgru at all (the parity tests read committed fixtures).
 FOREIGN = ("torch", "keras", "tensorflow")
 # The distribution that provides each import name.
@@ -32,6 +32,7 @@ DISTRIBUTION = {
     "orbax": "orbax-checkpoint",
     "absl": "absl-py",
     "matplotlib": "matplotlib",
+    "gymnax": "gymnax",
 }
 
 _REQ = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?\s*(.*)$")
@@ -65,7 +66,7 @@ def test_runtime_dependencies_have_lower_bounds_and_no_caps():
     # .ci/run pins each of these to its lower bound on Python 3.11, so every one needs a >= bound;
     # an upper cap would refuse the JAX a user already has.
     reqs = list(PROJECT["dependencies"])
-    for extra in ("flax", "equinox", "train", "bench"):
+    for extra in ("flax", "equinox", "train", "bench", "rl"):
         reqs += [r for r in EXTRAS[extra] if _name(r) != "jaxgru"]
     for req in reqs:
         spec = _REQ.match(req).group(3)
@@ -91,8 +92,11 @@ def test_extras_by_need():
     assert _resolve("train") >= {"flax", "optax", "orbax-checkpoint", "absl-py"}
     assert _resolve("bench") >= _resolve("train") | {"matplotlib"}
     assert _resolve("docs") >= {"mkdocs", "mkdocstrings"}
+    assert _resolve("rl") >= _resolve("train") | {"gymnax", "six"}  # gymnax 1.0.1 imports six undeclared
     dev = _resolve("dev")
     assert dev >= _resolve("train") | _resolve("flax") | _resolve("equinox") | _resolve("docs")
+    # gymnax caps jax below 0.12: in dev it would hold every dev install below the newest JAX.
+    assert "gymnax" not in dev
     assert dev >= {"pytest", "build", "twine"}
     assert not dev & {"torch", "keras", "tensorflow"}
     assert "python" in next(r for r in EXTRAS["docs"] if _name(r) == "mkdocstrings")
