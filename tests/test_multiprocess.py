@@ -293,3 +293,32 @@ def test_a_coordinator_that_never_answers_exits_2_within_the_timeout(tmp_path):
   # 5 s of waiting, plus starting Python and JAX twice (the supervisor and its worker) on a
   # loaded machine.
   assert elapsed < 5 + 90, elapsed
+
+
+RL = ["--task=rl", "--num_models=4", "--num_envs=8", "--rollout_steps=32", "--env_steps=4096",
+      "--hidden_size=16", "--log_every=4", "--checkpoint_every=8", "--seed=3",
+      "--eval_episodes=16"]
+
+
+def test_two_processes_train_rl_agents_as_one_process_does(tmp_path):
+  """The RL task (4 agents, one per device) as 1 process x 4 devices and 2 x 2: the same
+  evaluation returns and the same final parameters, bit for bit (no sum crosses devices); the
+  run the job saved plays again from one process (--mode=eval)."""
+  pytest.importorskip("gymnax")
+  from jaxgru.tasks import rl
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _ok(_job(RL, one, "one", 1, 4))
+  _ok(_job(RL, two, "two"))
+  a, b = _summary(one), _summary(two)
+  assert len(a["eval_returns"]) == 4 and a["eval_returns"] == b["eval_returns"]
+  assert a["env_steps"] == b["env_steps"] == 4096
+  params = lambda w: rl.load_trained(w)[1].train.params
+  for x, y in zip(_leaves(one, params), _leaves(two, params), strict=True):
+    np.testing.assert_array_equal(x, y)
+  log = str(tmp_path / "eval")
+  code, out, err = _outcome(_start(["--task=rl", "--mode=eval", f"--workdir={two}",
+                                    "--eval_episodes=16"], log, devices=1), log)
+  assert code == 0, err[-3000:]
+  played = [float(line.split("mean return ")[1].split()[0]) for line in out.splitlines()
+            if line.startswith("agent ")]
+  assert played == [round(r, 1) for r in b["eval_returns"]], (played, b["eval_returns"])
