@@ -12,6 +12,7 @@ through JAX's CPU collectives (gloo) on localhost, against 1 process x 4 devices
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -322,3 +323,32 @@ def test_two_processes_train_rl_agents_as_one_process_does(tmp_path):
   played = [float(line.split("mean return ")[1].split()[0]) for line in out.splitlines()
             if line.startswith("agent ")]
   assert played == [round(r, 1) for r in b["eval_returns"]], (played, b["eval_returns"])
+
+
+def test_two_processes_train_imdb_with_subset_and_predict(tmp_path):
+  """IMDB (a tiny archive, --subset) with one model per device, as 1 process x 4 devices and as
+  2 x 2: the same test accuracy and parameters bit for bit; --mode=predict on the job's run gives
+  the one-process run's probability, from one process and as a 2-process job."""
+  from test_imdb import make_archive, make_layout
+  make_layout(str(tmp_path / "data"))
+  archive = make_archive(str(tmp_path / "data"), str(tmp_path / "aclImdb_v1.tar.gz"))
+  args = ["--task=imdb", f"--data_path={archive}", "--subset=6", "--num_models=4",
+          "--vocab_size=30", "--max_length=12", "--embed_size=8", "--hidden_size=8",
+          "--batch_size=4", "--epochs=3", "--learning_rate=0.05", "--warmup_steps=0",
+          "--log_every=2", "--checkpoint_every=100"]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  _ok(_job(args, one, "one", 1, 4))
+  _ok(_job(args, two, "two"))
+  a, b = _summary(one), _summary(two)
+  assert a["test_accuracy"] == b["test_accuracy"]
+  for x, y in zip(_classify_params(one), _classify_params(two), strict=True):
+    np.testing.assert_array_equal(x, y)
+  text = "--text=Wonderful and great, I loved it!"
+  (code, want, err), = _job(["--mode=predict", text], one, "predict_one", 1, 1)
+  assert code == 0 and re.fullmatch(r"[01]\.\d{6}\n", want), (want, err[-2000:])
+  (code, alone, err), = _job(["--mode=predict", text], two, "predict_alone", 1, 1)
+  assert code == 0 and alone == want, (alone, want, err[-2000:])
+  job = _job(["--mode=predict", text], two, "predict_job")
+  _ok(job)
+  assert job[0][1] == want, (job[0][1], want)  # process 0 prints; process 1 prints nothing
+  assert job[1][1] == "", job[1][1]
