@@ -507,7 +507,14 @@ def _cotangents(fs: _Fused, live, params, xs_TBI, h0_BH, lengths_B, resets_TB, y
 
 def _sequential_vjp(fs: _Fused, live, params, xs, h0, lengths, resets, dys, dh_last):
   """What :func:`_cotangents` computes, by the sequential loop's derivative."""
-  primals = (params, xs, h0)
+  run, live_primals = _sequential_in_live(fs, live, (params, xs, h0), lengths, resets)
+  _, vjp = jax.vjp(run, *live_primals)
+  return tuple(vjp((dys, dh_last)))
+
+
+def _sequential_in_live(fs: _Fused, live, primals, lengths, resets):
+  """The sequential layer as a function of the live ones among ``primals`` (params, xs, h0),
+  the others held fixed; and those live primals."""
   live_idx = [i for i in range(3) if live[i]]
 
   def run(*values):
@@ -516,8 +523,7 @@ def _sequential_vjp(fs: _Fused, live, params, xs, h0, lengths, resets, dys, dh_l
       full[i] = v
     return _layer_jvp(fs.seq, full[0], full[1], full[2], lengths, resets)
 
-  _, vjp = jax.vjp(run, *[primals[i] for i in live_idx])
-  return tuple(vjp((dys, dh_last)))
+  return run, [primals[i] for i in live_idx]
 
 
 @_cotangents.defjvp
@@ -540,16 +546,8 @@ _tangent_p.multiple_results = True
 def _tangent_base(fs: _Fused, tree, live, *args):
   """The tangents ``(dys, dh_last)`` by the sequential loop's JVP (forward mode's fallback)."""
   (params, xs, h0, lengths, resets, _), tans = jax.tree.unflatten(tree, list(args))
-  primals = [params, xs, h0]
-  live_idx = [i for i in range(3) if live[i]]
-
-  def run(*values):
-    full = list(primals)
-    for i, v in zip(live_idx, values):
-      full[i] = v
-    return _layer_jvp(fs.seq, full[0], full[1], full[2], lengths, resets)
-
-  _, out = jax.jvp(run, [primals[i] for i in live_idx], list(tans))
+  run, live_primals = _sequential_in_live(fs, live, (params, xs, h0), lengths, resets)
+  _, out = jax.jvp(run, live_primals, list(tans))
   return list(out)
 
 
