@@ -5,8 +5,7 @@ environment (CartPole-v1 observing cart position and pole angle), N agents vmapp
 program, the same seeds for every implementation of the core:
 
 * ``jaxgru``: the task's agent: :meth:`jaxgru.GRUConfig.step` in the rollout,
-  :meth:`jaxgru.RNNConfig.apply` with ``resets=`` in the update (on 2E rows: see
-  ``ActorCritic.sequence``);
+  :meth:`jaxgru.RNNConfig.apply` with ``resets=`` (and ``reset_state=`` zeros) in the update;
 * ``flax``: what purejaxrl's users write (its ``ScannedRNN``): ``flax.linen.GRUCell`` inside
   ``nn.scan`` with ``jnp.where(done, zeros, carry)`` before each step, in both passes;
 * ``equinox``: ``equinox.nn.GRUCell`` vmapped over environments in a ``lax.scan`` with the same

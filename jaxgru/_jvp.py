@@ -265,7 +265,7 @@ def _chunk_tangent(st: _Static, params, x, h_start, saved, y, lengths, t0, reset
 # -- the layer ------------------------------------------------------------------------------------
 
 
-def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
+def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB, h_init):
   """The forward pass, keeping what the tangents need: ``(ys, h_last, h_starts, saved)``.
 
   Per chunk, ``h_starts`` is its first state (remat "full" and "products"; for "products" the
@@ -278,7 +278,8 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
 
   def chunk(h, inp):
     x, t0, rs = inp
-    ys, h_last, r = _forward(st, params, x, h, lengths, t0, save=save, resets_CB=rs, h_init=h0)
+    ys, h_last, r = _forward(st, params, x, h, lengths, t0, save=save, resets_CB=rs,
+                             h_init=h_init)
     return h_last, (ys, h if st.remat == "full" else r)
 
   if st.remat == "full" or st.hoist:  # chunk by chunk (a hoisted projection is made per chunk)
@@ -288,7 +289,7 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
     saved = kept
   else:
     ys, h_last, saved = _forward(st, params, _flat(st, xs_NCBI), h0, lengths, 0, save=save,
-                                 resets_CB=_flat(st, resets_NCB), h_init=h0)
+                                 resets_CB=_flat(st, resets_NCB), h_init=h_init)
     ys, saved = jax.tree.map(lambda a: _chunked(st, a, xs_NCBI), (ys, saved))
   if saved is not None and st.remat == "none":
     hs, gs, outs = saved
@@ -306,14 +307,15 @@ def _primal(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _layer_jvp(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
+def _layer_jvp(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None, h_init=None):
   """The layer over (N, C, B, I) chunks, differentiated by the rules of this module. Run without
-  a derivative it keeps nothing for one, and runs as :func:`jaxgru._loop._forward_only` says."""
-  return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB)
+  a derivative it keeps nothing for one, and runs as :func:`jaxgru._loop._forward_only` says.
+  A reset restores ``h_init`` (B, H), ``h0`` when None."""
+  return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB, h_init)
 
 
 def _layer_jvp_rule(st: _Static, primals, tangents):
-  params, xs_NCBI, h0, lengths, resets_NCB = primals
+  params, xs_NCBI, h0, lengths, resets_NCB, h_init = primals
   dparams, dxs, dh0 = tangents[:3]
   leaves = jax.tree.leaves(dparams, is_leaf=lambda t: isinstance(t, SymbolicZero))
   dparams = (None if all(_is_zero(t) for t in leaves) else
@@ -321,14 +323,20 @@ def _layer_jvp_rule(st: _Static, primals, tangents):
                           is_leaf=lambda t: isinstance(t, SymbolicZero)))
   dxs = None if _is_zero(dxs) else dxs
   dh0 = None if _is_zero(dh0) else dh0
-  ys, h_last, h_starts, saved = _primal(st, params, xs_NCBI, h0, lengths, resets_NCB)
-  if dparams is None and dxs is None and dh0 is None:
+  # What reaches a reset step is the reset state's tangent: h0's unless a reset state of its own
+  # is given; none where that has no tangent.
+  if h_init is None:
+    h_init, dh_given = h0, dh0
+  else:
+    dh_given = None if _is_zero(tangents[5]) else tangents[5]
+  ys, h_last, h_starts, saved = _primal(st, params, xs_NCBI, h0, lengths, resets_NCB, h_init)
+  if resets_NCB is None:
+    h_init, dh_given = None, None
+  if dparams is None and dxs is None and dh0 is None and dh_given is None:
     return (ys, h_last), (jnp.zeros_like(ys), jnp.zeros_like(h_last))
-  # What reaches a reset step is the initial state's tangent; none when h0 has no tangent.
   dh_init = None
   if resets_NCB is not None:
-    dh_init = jnp.zeros_like(h0) if dh0 is None else dh0
-  h_init = None if resets_NCB is None else h0
+    dh_init = jnp.zeros_like(h_init) if dh_given is None else dh_given
   ys_kept = ys if st.remat == "products" else None
 
   tangent = functools.partial(_chunk_tangent, st)

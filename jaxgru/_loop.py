@@ -1,8 +1,8 @@
 """The forward time loop of one layer: time-major, in chunks, masked by lengths.
 
 This module owns how a layer's steps run forward: the one masked step (:func:`_step`, the only
-place where ``lengths`` act on the state), the reset of a state to its initial value at episode
-boundaries (:func:`_reset`, the only place where ``resets`` act on the state), the loop over one chunk's steps (:func:`_forward`,
+place where ``lengths`` act on the state), the reset of a state to its reset state (the initial
+state unless given) at episode boundaries (:func:`_reset`, the only place where ``resets`` act on the state), the loop over one chunk's steps (:func:`_forward`,
 which can also record what the backward pass needs), the loop over chunks, and
 :func:`_layer`, the layer as JAX differentiates it by itself (:func:`_layer_autodiff` runs it
 where nothing is differentiated as the custom rule's forward pass). The GRU math is the cell's
@@ -149,8 +149,9 @@ def _forward(st: _Static, params, x_CBI, h0, lengths, t0, save: Optional[str],
   """The loop over one chunk's steps, starting at time index t0: (ys, h_last, residuals).
 
   ``h0`` is the chunk's starting state; ``resets_CB`` (C, B) the direction's reset mask over the
-  chunk's steps (None: none), which replaces the state by ``h_init`` (B, H), the layer's initial
-  state, before the steps where it is set.
+  chunk's steps (None: none), which replaces the state by ``h_init`` (B, H), the state a reset
+  restores (the layer's initial state unless the caller gives another), before the steps where it
+  is set.
 
   ``save`` is None (no residuals) or ``"all"`` (per step: the state before the step, after any
   reset, the gate inputs and the outputs of the recurrent products, split by gate).
@@ -221,20 +222,23 @@ def _chunked(st: _Static, a, like_NCBI):
   return a if st.single else a.reshape(like_NCBI.shape[:2] + a.shape[1:])
 
 
-def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
+def _layer(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None, h_init=None):
   """The loop differentiated by JAX (with jax.checkpoint per chunk unless remat is "none").
 
   ``xs_NCBI`` (N, C, B, I) and ``resets_NCB`` (N, C, B) are in chunks, or (T, B, I) and (T, B)
-  when ``st.single``; the outputs ``ys`` are shaped alike."""
+  when ``st.single``; the outputs ``ys`` are shaped alike. A reset restores ``h_init`` (B, H),
+  ``h0`` when None."""
+  h_init = h0 if h_init is None else h_init
   if st.remat == "none" and not st.hoist:
     # Chunks only bound the memory of a backward pass or of a hoisted projection: one loop.
     ys, h_last, _ = _forward(st, params, _flat(st, xs_NCBI), h0, lengths, 0, save=None,
-                             resets_CB=_flat(st, resets_NCB), h_init=h0)
+                             resets_CB=_flat(st, resets_NCB), h_init=h_init)
     return _chunked(st, ys, xs_NCBI), h_last
 
   def chunk(h, inp):
     x, t0, r = inp
-    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None, resets_CB=r, h_init=h0)
+    ys, h_last, _ = _forward(st, params, x, h, lengths, t0, save=None, resets_CB=r,
+                             h_init=h_init)
     return h_last, ys
 
   if st.remat != "none":
@@ -274,7 +278,7 @@ def _jvp_of_live(fn, primals, tangents):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _layer_autodiff(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
+def _layer_autodiff(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None, h_init=None):
   """:func:`_layer` as JAX differentiates it (``ScanOptions.custom_vjp`` off), which runs where
   nothing is differentiated as the custom rule's forward pass does (:func:`_forward_only`).
 
@@ -284,7 +288,7 @@ def _layer_autodiff(st: _Static, params, xs_NCBI, h0, lengths, resets_NCB=None):
   (docs/performance-notes.md). Its JVP is JAX's JVP of :func:`_layer`, so a differentiated program is
   what it was without this rule.
   """
-  return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB)
+  return _layer(_forward_only(st), params, xs_NCBI, h0, lengths, resets_NCB, h_init)
 
 
 @functools.partial(_layer_autodiff.defjvp, symbolic_zeros=True)

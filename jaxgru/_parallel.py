@@ -52,8 +52,9 @@ Methods (``method=``):
   one that raised it (that iterate is then discarded).
 
 Lengths and resets enter through F_t (masked steps: ``F_t(h) = h``, J = I, c = 0, so the state
-carries; a reset before step t: ``F_t(h) = f(h0)``, J = 0, c = f(h0)), and a reverse layer is the
-forward one over the time-flipped sequence.
+carries; a reset before step t: ``F_t(h) = f(hr)``, J = 0, c = f(hr), with ``hr`` the reset
+state, ``h0`` unless one is given), and a reverse layer is the forward one over the time-flipped
+sequence.
 
 Stopping, and the guarantee. The iteration stops when the largest per-step residual
 ``max_t |F_t(h_{t-1}) - h_t|`` is at most ``tol``, or after ``max_iters`` iterations. (The
@@ -123,7 +124,8 @@ def default_tol(cell: GRUConfig) -> float:
 
 def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
                    h0_BH: Optional[jax.Array] = None, lengths_B: Optional[jax.Array] = None,
-                   resets_BT: Optional[jax.Array] = None, *, reverse: bool = False,
+                   resets_BT: Optional[jax.Array] = None, *,
+                   reset_state_BH: Optional[jax.Array] = None, reverse: bool = False,
                    method: str = "quasi", tol: Optional[float] = None, max_iters: int = 100,
                    damping: Optional[float] = None, backward: str = "adjoint",
                    sequential: Optional[Callable[..., tuple[jax.Array, jax.Array]]] = None,
@@ -132,7 +134,8 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
 
   Same semantics as :func:`jaxgru.scan_layer` (lengths: steps t >= L keep the state and output
   zeros; ``reverse`` reads from step L-1 down; ``resets_BT[b, t]`` replaces the state by
-  ``h0_BH[b]`` before step t, in reverse before step t where ``resets_BT[b, t+1]``), and the same
+  ``h0_BH[b]``, or ``reset_state_BH[b]`` where given, before step t, in reverse before step t
+  where ``resets_BT[b, t+1]``), and the same
   values and gradients up to a per-step residual of ``tol``.
 
   Args:
@@ -142,6 +145,7 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
     h0_BH: initial states, (B, H); zeros when None.
     lengths_B: optional valid lengths, (B,) signed integers in [0, T].
     resets_BT: optional episode boundaries, (B, T) booleans, batch-major.
+    reset_state_BH: optional (B, H): the state a reset restores; ``h0_BH`` when None.
     reverse: read the sequences from their (valid) ends; outputs stay in input order.
     method: ``"quasi"`` (diagonal Jacobian, default), ``"elk"`` (diagonal, damped) or
       ``"full"`` (dense Jacobian; memory T*B*H*H).
@@ -181,6 +185,12 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   h0_BH = check_shape("parallel_layer h0_BH", h0_BH, (batch, cell.hidden_size),
                       f"(B={batch}, hidden_size={cell.hidden_size})")
   h0_BH = jnp.asarray(h0_BH).astype(dtype)
+  if reset_state_BH is None:
+    hr_BH = h0_BH
+  else:
+    hr_BH = check_shape("parallel_layer reset_state_BH", reset_state_BH,
+                        (batch, cell.hidden_size), f"(B={batch}, hidden_size={cell.hidden_size})")
+    hr_BH = jnp.asarray(hr_BH).astype(dtype)
   tol = default_tol(cell) if tol is None else float(tol)
   if damping is None:
     damping = 1.0 if method == "elk" else 0.0
@@ -214,7 +224,8 @@ def parallel_layer(cell: GRUConfig, params: Params, xs_TBI: jax.Array,
   flip = (lambda a: a[::-1]) if reverse else (lambda a: a)
   st = _Static(cell, method, tol, int(max_iters), float(damping), backward, bool(reverse),
                sequential)
-  states_TBH, info = _solve(st, params, flip(xs_TBI), h0_BH, flip(valid_TB), flip(reset_TB))
+  states_TBH, info = _solve(st, params, flip(xs_TBI), h0_BH, hr_BH, flip(valid_TB),
+                            flip(reset_TB))
   valid_TB1 = flip(valid_TB)[:, :, None]
   ys_TBH = flip(jnp.where(valid_TB1, states_TBH, jnp.zeros_like(states_TBH)))
   return ys_TBH, states_TBH[-1], info
@@ -287,12 +298,12 @@ def _step_and_diag(cell: GRUConfig, params: Params, a_NH, gx_N3H, diagonal: bool
   return f, z + (a - n) * dz + (1.0 - z) * dn
 
 
-def _evaluate(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB, prev_TBH):
+def _evaluate(st: _Static, params, gx_TB3H, hr_BH, valid_TB, reset_TB, prev_TBH):
   """``F_t(prev_t)`` for every t at once, (T, B, H), and its Jacobian in h: the diagonal
-  (T, B, H), or for ``"full"`` the dense (T, B, H, H)."""
+  (T, B, H), or for ``"full"`` the dense (T, B, H, H). A reset restores ``hr_BH``."""
   cell = st.cell
   steps, batch, size = prev_TBH.shape
-  a_TBH = jnp.where(reset_TB[:, :, None], h0_BH[None], prev_TBH)
+  a_TBH = jnp.where(reset_TB[:, :, None], hr_BH[None], prev_TBH)
   rows = steps * batch
   if st.method == "full":
     step = lambda h, g: cell._recur(params, h, g)
@@ -339,12 +350,12 @@ def _apply(jac, h, full: bool, precision=None):
   return jnp.einsum("...ij,...j->...i", jac, h, precision=precision) if full else jac * h
 
 
-def _newton(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB):
+def _newton(st: _Static, params, gx_TB3H, h0_BH, hr_BH, valid_TB, reset_TB):
   """The Newton iterations, then the sequential finish: (states_TBH, info)."""
   full = st.method == "full"
   adaptive = st.method == "elk"
   prec = st.cell.precision
-  evaluate = functools.partial(_evaluate, st, params, gx_TB3H, h0_BH, valid_TB, reset_TB)
+  evaluate = functools.partial(_evaluate, st, params, gx_TB3H, hr_BH, valid_TB, reset_TB)
 
   def residual(g_TBH, f_TBH):
     # NaN -> inf BEFORE the reduction: XLA's max need not propagate NaN.
@@ -390,20 +401,20 @@ def _newton(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB):
   steps = g.shape[0]
   first = jnp.where(converged, steps, jnp.argmax(bad_T)).astype(jnp.int32)
   states = jax.lax.cond(converged, lambda g: g,
-                        lambda g: _finish(st, params, gx_TB3H, h0_BH, valid_TB, reset_TB, g,
-                                          first), g)
+                        lambda g: _finish(st, params, gx_TB3H, h0_BH, hr_BH, valid_TB,
+                                          reset_TB, g, first), g)
   info = ParallelInfo(k, converged, ~converged, first, jnp.max(r))
   return states, info
 
 
-def _finish(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB, g_TBH, first):
+def _finish(st: _Static, params, gx_TB3H, h0_BH, hr_BH, valid_TB, reset_TB, g_TBH, first):
   """Steps ``first``..T-1 one after another, from the state before step ``first``."""
   cell = st.cell
   h_start = jnp.where(first > 0, g_TBH[jnp.maximum(first - 1, 0)], h0_BH)
 
   def body(t, carry):
     h, out = carry
-    a = jnp.where(reset_TB[t][:, None], h0_BH, h)
+    a = jnp.where(reset_TB[t][:, None], hr_BH, h)
     f = cell._recur(params, a, gx_TB3H[t])
     h = jnp.where(valid_TB[t][:, None], f, a)
     return h, jax.lax.dynamic_update_index_in_dim(out, h, t, 0)
@@ -415,30 +426,29 @@ def _finish(st: _Static, params, gx_TB3H, h0_BH, valid_TB, reset_TB, g_TBH, firs
 # -- the custom JVP -------------------------------------------------------------------------------
 
 
-def _steps_of(st: _Static, params, xs_TBI, h0_BH, valid_TB, reset_TB, prev_TBH):
-  """``F_t(prev_t)`` of all t, as a function of what has gradients (params, xs, h0)."""
+def _steps_of(st: _Static, params, xs_TBI, hr_BH, valid_TB, reset_TB, prev_TBH):
+  """``F_t(prev_t)`` of all t, as a function of what has gradients here (params, xs, the reset
+  state)."""
   cell = st.cell
   gx = cell._project_inputs(params, xs_TBI)
-  a = jnp.where(reset_TB[:, :, None], h0_BH[None], prev_TBH)
+  a = jnp.where(reset_TB[:, :, None], hr_BH[None], prev_TBH)
   return jnp.where(valid_TB[:, :, None], cell._recur(params, a, gx), a)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _solve(st: _Static, params, xs_TBI, h0_BH, valid_TB, reset_TB):
+def _solve(st: _Static, params, xs_TBI, h0_BH, hr_BH, valid_TB, reset_TB):
   """States (T, B, H) in processing order, and the info."""
   gx = st.cell._project_inputs(params, xs_TBI)
-  return _newton(st, params, gx, h0_BH, valid_TB, reset_TB)
+  return _newton(st, params, gx, h0_BH, hr_BH, valid_TB, reset_TB)
 
 
 @_solve.defjvp
 def _solve_jvp(st, primals, tangents):
-  params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
-  dparams, dxs_TBI, dh0_BH = tangents[:3]
   states_TBH, info = _solve(st, *primals)
   if st.backward == "rerun":
-    dstates_TBH = _rerun_tangent(st, primals, (dparams, dxs_TBI, dh0_BH))
+    dstates_TBH = _rerun_tangent(st, primals, tangents[:4])
   else:
-    dstates_TBH = _adjoint_tangent(st, primals, (dparams, dxs_TBI, dh0_BH), states_TBH)
+    dstates_TBH = _adjoint_tangent(st, primals, tangents[:4], states_TBH)
   info_tangent = jax.tree.map(
       lambda a: (jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact)
                  else np.zeros(a.shape, jax.dtypes.float0)), info)
@@ -448,16 +458,17 @@ def _solve_jvp(st, primals, tangents):
 def _adjoint_tangent(st, primals, tangents, states_TBH):
   """The states' tangents at the solution: ``ds_t = J_t ds_{t-1} + u_t`` from ``ds_{-1} = dh0``.
 
-  ``u_t`` is the tangent of step t with its starting state held (params, inputs, and h0 where a
-  segment starts), one JVP of all T steps at once; the loop applies each step's TRUE Jacobian
+  ``u_t`` is the tangent of step t with its starting state held (params, inputs, and the reset
+  state where a segment starts), one JVP of all T steps at once; the loop applies each step's TRUE Jacobian
   ``J_t`` at the known states. Linear in the tangents, so JAX transposes it into the adjoint
   recurrence ``lambda_t = dy_t + J_{t+1}^T lambda_{t+1}`` for reverse mode.
   """
-  params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
+  params, xs_TBI, h0_BH, hr_BH, valid_TB, reset_TB = primals
+  dparams, dxs_TBI, dh0_BH, dhr_BH = tangents
   cell = st.cell
   prev_TBH = _shift(h0_BH, states_TBH)
-  _, u_TBH = jax.jvp(lambda p, x, h0: _steps_of(st, p, x, h0, valid_TB, reset_TB, prev_TBH),
-                     (params, xs_TBI, h0_BH), tangents)
+  _, u_TBH = jax.jvp(lambda p, x, hr: _steps_of(st, p, x, hr, valid_TB, reset_TB, prev_TBH),
+                     (params, xs_TBI, hr_BH), (dparams, dxs_TBI, dhr_BH))
   gx_TB3H = cell._project_inputs(params, xs_TBI)
 
   # Checkpointed: a reverse pass recomputes each step inside its own loop.
@@ -466,20 +477,20 @@ def _adjoint_tangent(st, primals, tangents, states_TBH):
     h, gx, valid, reset, u = inp
 
     def one_step(h):
-      a = jnp.where(reset[:, None], jnp.zeros_like(h), h)  # h0's share is in u
+      a = jnp.where(reset[:, None], jnp.zeros_like(h), h)  # the reset state's share is in u
       return jnp.where(valid[:, None], cell._recur(params, a, gx), a)
 
     _, d = jax.jvp(one_step, (h,), (dprev,))
     return d + u, d + u
 
-  _, ds_TBH = jax.lax.scan(body, tangents[2], (prev_TBH, gx_TB3H, valid_TB, reset_TB, u_TBH))
+  _, ds_TBH = jax.lax.scan(body, dh0_BH, (prev_TBH, gx_TB3H, valid_TB, reset_TB, u_TBH))
   return ds_TBH
 
 
 def _rerun_tangent(st, primals, tangents):
   """The states' tangents from the JVP of the sequential loop ``st.sequential``
   (:func:`jaxgru.scan_layer`) from h0, mapped to processing order."""
-  params, xs_TBI, h0_BH, valid_TB, reset_TB = primals
+  params, xs_TBI, h0_BH, hr_BH, valid_TB, reset_TB = primals
   flip = (lambda a: a[::-1]) if st.reverse else (lambda a: a)
   lengths_B = jnp.sum(valid_TB, axis=0).astype(jnp.int32)
   # Back to the caller's time order; a reverse loop's mask at t is the flag of step t+1.
@@ -488,12 +499,12 @@ def _rerun_tangent(st, primals, tangents):
     mask_TB = jnp.concatenate([jnp.zeros_like(mask_TB[:1]), mask_TB[:-1]])
   resets_BT = jnp.swapaxes(mask_TB, 0, 1)
 
-  def run(p, x, h0):
+  def run(p, x, h0, hr):
     ys, _ = st.sequential(st.cell, p, flip(x), lengths_B, h0, resets=resets_BT,
-                          reverse=st.reverse)
+                          reset_state=hr, reverse=st.reverse)
     return flip(ys)
 
-  _, dys_TBH = jax.jvp(run, (params, xs_TBI, h0_BH), tangents)
+  _, dys_TBH = jax.jvp(run, (params, xs_TBI, h0_BH, hr_BH), tangents)
 
   # The outputs are zero at masked steps, whose state is the one before them: carry the last
   # valid step's tangent (or h0's) forward over them.

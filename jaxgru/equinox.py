@@ -136,6 +136,7 @@ class GRU(eqx.Module):
   @renamed("jaxgru.equinox.GRU.batched", xs_BTI="xs", lengths_B="lengths", resets_BT="resets")
   def batched(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
               h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
+              reset_state: Optional[jax.Array] = None,
               key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs a batch as one time-major loop: :meth:`RNNConfig.apply` with the module's params.
 
@@ -146,6 +147,8 @@ class GRU(eqx.Module):
         backward); zeros when None.
       resets: optional episode boundaries ``resets_BT``, (B, T) booleans: the state restarts
         from ``h0`` before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
+      reset_state: optional states a reset restores in the place of ``h0``, shaped as ``h0``
+        (:meth:`RNNConfig.apply`'s ``reset_state``).
       key: PRNG key for dropout between layers; needed when dropout applies, unless
         ``inference``.
 
@@ -164,12 +167,13 @@ class GRU(eqx.Module):
         raise ValueError(f"jaxgru.equinox.GRU with dropout={cfg.dropout} needs a key in training "
                          "mode; pass key=..., or eqx.nn.inference_mode(model) to turn dropout off")
       dropout_key = key
-    return cfg.apply(self.params, xs, lengths, h0, resets=resets, dropout_key=dropout_key,
-                     unroll=self.unroll)
+    return cfg.apply(self.params, xs, lengths, h0, resets=resets, reset_state=reset_state,
+                     dropout_key=dropout_key, unroll=self.unroll)
 
   @renamed("jaxgru.equinox.GRU", xs_TI="xs", resets_T="resets")
   def __call__(self, xs: jax.Array, length: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
+               reset_state: Optional[jax.Array] = None,
                key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs ONE sequence: :meth:`batched` with a batch of one.
 
@@ -178,6 +182,7 @@ class GRU(eqx.Module):
       length: optional valid length, a scalar integer in [0, T].
       h0: optional initial states ``h0_NH``, (L * D, H); zeros when None.
       resets: optional episode boundaries ``resets_T``, (T,) booleans, as :meth:`batched`'s.
+      reset_state: optional states a reset restores, ``(L * D, H)`` as ``h0``.
       key: PRNG key for dropout, as :meth:`batched`.
 
     Returns:
@@ -196,16 +201,19 @@ class GRU(eqx.Module):
     if length is not None:
       check_shape("equinox GRU length", length, (), "(), one integer")
     h0_NH = h0
+    cells = cfg.num_layers * cfg.num_directions
     if h0_NH is not None:
-      cells = cfg.num_layers * cfg.num_directions
       h0_NH = check_shape("equinox GRU h0", h0_NH, (cells, cfg.hidden_size),
                           f"(L*D={cells}, H={cfg.hidden_size})")
     if resets is not None:
       check_shape("equinox GRU resets", resets, (np.shape(xs_TI)[0],),
                   f"(T={np.shape(xs_TI)[0]},)")
+    if reset_state is not None:
+      reset_state = check_shape("equinox GRU reset_state", reset_state, (cells, cfg.hidden_size),
+                                f"(L*D={cells}, H={cfg.hidden_size}), as h0")[:, None]
     lengths_1 = None if length is None else jnp.reshape(jnp.asarray(length), (1,))
     resets_1T = None if resets is None else jnp.asarray(resets)[None]
     ys_1TF, h_last_N1H = self.batched(xs_TI[None], lengths_1,
                                       None if h0_NH is None else h0_NH[:, None], resets=resets_1T,
-                                      key=key)
+                                      reset_state=reset_state, key=key)
     return ys_1TF[0], h_last_N1H[:, 0]

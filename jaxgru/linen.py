@@ -71,6 +71,7 @@ class GRU(nn.Module):
   @nn.compact
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
+               reset_state: Optional[jax.Array] = None,
                deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """Runs the stack: :meth:`RNNConfig.apply` with the module's parameters.
 
@@ -81,6 +82,8 @@ class GRU(nn.Module):
         backward); zeros when None.
       resets: optional episode boundaries ``resets_BT``, (B, T) booleans: the state restarts
         from ``h0`` before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
+      reset_state: optional states a reset restores in the place of ``h0``, shaped as ``h0``
+        (:meth:`RNNConfig.apply`'s ``reset_state``).
       deterministic: no dropout (the default); False draws masks from the ``"dropout"`` stream.
 
     Returns:
@@ -100,5 +103,6 @@ class GRU(nn.Module):
     params = self.param("gru", lambda key: cfg.init(key, self.initializer))
     applies = cfg.dropout > 0 and cfg.num_layers > 1
     key = None if deterministic or not applies else self.make_rng("dropout")
-    return cfg.apply(params, xs, lengths, h0, resets=resets, dropout_key=key,
+    return cfg.apply(params, xs, lengths, h0, resets=resets, reset_state=reset_state,
+                     dropout_key=key,
                      unroll=self.unroll)

@@ -162,7 +162,7 @@ class GRU(nnx.Module):
   @renamed("jaxgru.nnx.GRU", xs_BTI="xs", lengths_B="lengths", resets_BT="resets")
   def __call__(self, xs: jax.Array, lengths: Optional[jax.Array] = None,
                h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
-               deterministic: Optional[bool] = None,
+               reset_state: Optional[jax.Array] = None, deterministic: Optional[bool] = None,
                rngs: Union[None, Any, jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack: :meth:`RNNConfig.apply` with the module's parameters.
 
@@ -173,6 +173,8 @@ class GRU(nnx.Module):
         backward); zeros when None.
       resets: optional episode boundaries ``resets_BT``, (B, T) booleans: the state restarts
         from ``h0`` before each flagged step (:meth:`RNNConfig.apply`'s ``resets``).
+      reset_state: optional states a reset restores in the place of ``h0``, shaped as ``h0``
+        (:meth:`RNNConfig.apply`'s ``reset_state``).
       deterministic: overrides the ``deterministic`` attribute for this call.
       rngs: overrides the dropout stream for this call: an ``nnx.Rngs`` (its ``"dropout"``
         stream), an ``nnx.RngStream`` or a PRNG key.
@@ -196,5 +198,5 @@ class GRU(nnx.Module):
         key = source()
       else:
         key = source
-    return cfg.apply(self.stack_params(), xs, lengths, h0, resets=resets, dropout_key=key,
-                     unroll=self.unroll)
+    return cfg.apply(self.stack_params(), xs, lengths, h0, resets=resets,
+                     reset_state=reset_state, dropout_key=key, unroll=self.unroll)

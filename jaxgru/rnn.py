@@ -123,7 +123,7 @@ class RNNConfig:
 
   def apply(self, params: StackParams, xs: jax.Array, lengths: Optional[jax.Array] = None,
             h0: Optional[jax.Array] = None, *, resets: Optional[jax.Array] = None,
-            dropout_key: Optional[jax.Array] = None, unroll: Optional[int] = None,
+            reset_state: Optional[jax.Array] = None, dropout_key: Optional[jax.Array] = None, unroll: Optional[int] = None,
             time_major: bool = False,
             options: Optional[ScanOptions] = None) -> tuple[jax.Array, jax.Array]:
     """Runs the stack over a batch of sequences.
@@ -144,6 +144,11 @@ class RNNConfig:
         state is replaced by its initial state (its row of ``h0``, zeros by default) before it;
         the backward direction reads each segment from its own last step. Each segment gives
         what the stack gives run over it alone (values and gradients). See docs/resets.md.
+      reset_state: optional states a reset restores in the place of ``h0``, shaped as ``h0``
+        (L * D, B, H): each sequence's first segment (the backward direction's last) starts
+        from ``h0``, every later one from ``reset_state``; e.g. zeros, where a reinforcement
+        learner's rollout segment continues a stored state and its new episodes start afresh
+        (:func:`jaxgru.scan_layer`). Used only with ``resets``.
       dropout_key: PRNG key for dropout between layers; None (evaluation) disables dropout.
       unroll: the ``lax.scan`` unroll factor; None picks the backend's default. Shorthand for
         ``options.unroll``.
@@ -183,6 +188,10 @@ class RNNConfig:
         resets = jnp.swapaxes(resets, 0, 1)
       else:
         check_resets(resets, (batch, steps), f"(B={batch}, T={steps})", "RNN resets")
+    if reset_state is not None:
+      reset_state = check_shape("RNN reset_state", reset_state,
+                                (num_cells, batch, self.hidden_size),
+                                f"(L*D={num_cells}, B={batch}, H={self.hidden_size}), as h0")
     options = options if options is not None else ScanOptions()
     check_options(options, "RNN options")
     if unroll is not None:
@@ -194,8 +203,10 @@ class RNNConfig:
       cell = self.layer_cell(l)
       outs = []
       for i, d in enumerate(self.directions):
-        ys, hs = scan_layer(cell, layer[d], xs_TBF, lengths, h0[l * self.num_directions + i],
-                            resets=resets, reverse=d == "bwd", options=options)
+        k = l * self.num_directions + i
+        ys, hs = scan_layer(cell, layer[d], xs_TBF, lengths, h0[k], resets=resets,
+                            reset_state=None if reset_state is None else reset_state[k],
+                            reverse=d == "bwd", options=options)
         outs.append(ys)
         finals.append(hs)
       if len(outs) == 1:

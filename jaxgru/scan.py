@@ -37,10 +37,10 @@ over a time-major batch. What it adds is only how the loop is run and differenti
   JVP of each step. Gradients nobody asked for (the inputs' of a first layer, the initial
   state's) are never formed: their tangents are symbolic zeros;
 * episode resets (``resets_BT``): where a flag is set, the state is replaced by its initial
-  state before that step (forward) or before the segment's last step (reverse), so a sequence
+  state (or by ``reset_state``, where given) before that step (forward) or before the segment's last step (reverse), so a sequence
   holds independent segments, each run as if alone (see docs/resets.md). One ``jnp.where`` per
   step forward; backward, the same select on the carried cotangent, whose share at each segment
-  start goes to the initial state's gradient;
+  start goes to the initial (or reset) state's gradient;
 * rematerialization, at two levels: ``remat="products"`` keeps every step's state only (the
   outputs themselves, when no lengths are given) and recomputes a chunk's projections and
   recurrent products from them, each as one large product; ``remat="full"`` keeps each chunk's
@@ -128,7 +128,8 @@ def _old_order(lengths: Any, h0: Any) -> bool:
 @renamed("jaxgru.scan_layer", xs_TBI="xs", lengths_B="lengths", h0_BH="h0", resets_BT="resets")
 def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
                lengths: Optional[jax.Array] = None, h0: Optional[jax.Array] = None, *,
-               resets: Optional[jax.Array] = None, reverse: bool = False,
+               resets: Optional[jax.Array] = None, reset_state: Optional[jax.Array] = None,
+               reverse: bool = False,
                options: ScanOptions = ScanOptions()) -> tuple[jax.Array, jax.Array]:
   """Runs ``cell`` over a time-major batch of sequences.
 
@@ -146,8 +147,17 @@ def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
       ``resets[b, t]`` is set, step t starts a new segment of sequence b: forward, its state
       is replaced by ``h0[b]`` before step t; in reverse, before the segment's last step. Each
       segment then gives what it gives run alone from ``h0[b]`` (values and gradients; the
-      gradient of ``h0`` sums every segment's). Flags at t=0 change nothing; flags at or past
-      a sequence's length are ignored.
+      gradient of ``h0`` sums every segment's). Flags at t=0 change nothing (unless
+      ``reset_state`` is given); flags at or past a sequence's length are ignored.
+    reset_state: optional ``h_reset_BH``, (B, H): the state a reset restores, in the place of
+      ``h0``. Then only the segment read first (forward: from step 0, unless ``resets[b, 0]``
+      is set; in reverse: the one that holds the last valid step) starts from ``h0``, and
+      every other one from ``reset_state[b]``: as in reinforcement learning, where a rollout
+      segment continues a stored state and each episode that starts in it, at its first step
+      too, starts from zeros. The gradient of
+      ``h0`` is then the first segment's, that of ``reset_state`` the sum of the others'. Used
+      only with ``resets``. (The fused GPU kernel restores ``h0`` only: with a reset state of
+      its own, the sequential loop runs instead.)
     reverse: read the sequences from their (valid) ends; outputs stay in input order.
     options: how to run the loop (:class:`ScanOptions`).
 
@@ -190,18 +200,25 @@ def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
     if isinstance(resets_BT, (list, tuple)):
       resets_BT = jnp.asarray(resets_BT)
     check_resets(resets_BT, (batch, steps), f"(B={batch}, T={steps})", "scan_layer resets")
+  h_reset_BH = None
+  if reset_state is not None and resets_BT is not None:
+    h_reset_BH = check_shape("scan_layer reset_state", reset_state, (batch, cell.hidden_size),
+                             f"(B={batch}, hidden_size={cell.hidden_size})")
+    h_reset_BH = jnp.asarray(h_reset_BH).astype(dtype)
   if steps == 0 or batch == 0:  # nothing to run (an empty batch has no chunks to reshape)
     return jnp.zeros((steps, batch, cell.hidden_size), dtype), h0_BH
   opts = options.resolved(steps, batch, cell.hidden_size, inputs=xs_TBI.shape[-1])
   if opts.method == "parallel":
     ys_TBH, h_last_BH, _ = parallel_layer(
-        cell, params, xs_TBI, h0_BH, lengths_B, resets_BT, reverse=reverse, method=opts.newton,
+        cell, params, xs_TBI, h0_BH, lengths_B, resets_BT, reset_state_BH=h_reset_BH,
+        reverse=reverse, method=opts.newton,
         tol=opts.tol, max_iters=opts.max_iters, sequential=scan_layer)
     return ys_TBH, h_last_BH
   if opts.method == "fused":
     seq = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, "none",
                   opts.diagonal_backward and diagonal_backward_applies(cell))
-    plan = fused_plan(cell, seq, steps)
+    # The kernel restores h0 at a reset: with a reset state of its own, the sequential loop.
+    plan = None if h_reset_BH is not None else fused_plan(cell, seq, steps)
     if plan is not None:  # else (outside the kernel's limits) the sequential loop below
       if lengths_B is not None:
         lengths_B = jnp.minimum(jnp.asarray(lengths_B).astype(jnp.int32), steps)
@@ -238,7 +255,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
                             and input_terms_default(cell.input_size, batch)),
                forward_hoist=forward_hoist, forward_unroll=forward_unroll)
   run = _layer_jvp if opts.custom_vjp else _layer_autodiff
-  ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB)
+  ys, h_last = run(st, params, xs_NCBI, h0_BH, lengths_B, resets_NCB, h_reset_BH)
   if not single:
     ys = ys.reshape((num_chunks * chunk,) + ys.shape[2:])
   return (ys[:steps] if pad else ys), h_last

@@ -214,6 +214,165 @@ def test_reset_at_the_first_step_changes_nothing():
   check(run(first), run(None), LONG)
 
 
+# -- a reset state of its own (reset_state=) -------------------------------------------------------
+
+
+def per_segment_from(cell, resets_BT, lengths_B, reverse):
+  """The reference ``run(params, xs_TBI, h0_BH, hr_BH)`` with a reset state: the plain loop over
+  every segment as its own sequence, the one read first (forward: from step 0, unless flagged
+  there; reverse: ending at the sequence's length) from ``h0[b]``, every other one from
+  ``hr[b]``."""
+  src_t, src_b, seg_lengths, seg_of, at, final_seg = segment_batch(resets_BT, lengths_B, reverse)
+  steps = resets_BT.shape[1]
+  first = []
+  for k, b in enumerate(src_b):
+    n = steps if lengths_B is None else int(lengths_B[b])
+    start = int(np.min(src_t[0, k]))
+    # Forward, a flag at t=0 starts the first segment from the reset state too.
+    first.append(start + seg_lengths[k] == n if reverse else start == 0 and not resets_BT[b, 0])
+  first = jnp.asarray(np.array(first))
+
+  def run(params, xs_TBI, h0_BH, hr_BH):
+    xs_seg = xs_TBI[src_t, src_b[None, :]]
+    starts = jnp.where(first[:, None], h0_BH[src_b], hr_BH[src_b])
+    one = lambda x, h, n: plain.sequence(cell, params, x, h, n, reverse)
+    ys_seg, h_seg = jax.vmap(one, in_axes=(1, 0, 0), out_axes=(1, 0))(
+        xs_seg, starts, jnp.asarray(seg_lengths))
+    ys = ys_seg[np.maximum(at, 0), seg_of]
+    ys = jnp.where(jnp.asarray(at >= 0)[:, :, None], ys, 0.0)
+    h_last = jnp.where(jnp.asarray(final_seg >= 0)[:, None], h_seg[np.maximum(final_seg, 0)],
+                       h0_BH)
+    return ys, h_last
+
+  return run
+
+
+def values_and_grads_from(run, params, xs, h0, hr, w_ys, w_h):
+  f = lambda p, x, h, r: loss(lambda p, x, h: run(p, x, h, r), p, x, h, w_ys, w_h)
+  return run(params, xs, h0, hr), jax.grad(f, argnums=(0, 1, 2, 3))(params, xs, h0, hr)
+
+
+RESET_STATE_OPTIONS = {
+    **{k: OPTIONS[k] for k in SEGMENT_OPTIONS},
+    "parallel": ScanOptions(method="parallel"),
+    "parallel_full": ScanOptions(method="parallel", newton="full"),
+    "fused": ScanOptions(method="fused"),  # the kernel restores h0 only: the sequential loop
+}
+
+
+@functools.lru_cache(maxsize=None)
+def expected_from(steps):
+  """The reference's values and gradients with a reset state, every (reverse, masked) case."""
+  cell = GRUConfig(I, H)
+  resets, lengths = resets_for(steps), lengths_for(steps)
+  params, xs, h0, w_ys, w_h = data(cell, steps)
+  hr = randn(B, H, seed=9)
+
+  @jax.jit
+  def reference(params, xs, h0, hr):
+    return {case: values_and_grads_from(per_segment_from(cell, resets, lengths if case[1] else None,
+                                                         case[0]), params, xs, h0, hr, w_ys, w_h)
+            for case in CASES}
+
+  return reference(params, xs, h0, hr)
+
+
+@pytest.mark.parametrize("options, steps",
+                         [(k, SHORT) for k in RESET_STATE_OPTIONS]
+                         + [(k, LONG) for k in ("default", "chunks", "parallel")])
+def test_reset_state_restarts_every_later_segment(options, steps):
+  """Segments after a reset start from ``reset_state``, the first from ``h0``: values and the
+  gradients of params, xs, h0 and the reset state, both directions, with and without lengths,
+  against the plain loop per segment; every path at T=7, and at T=70 those whose chunks and
+  thresholds differ there (the custom VJP, chunked and padded)."""
+  cell = GRUConfig(I, H)
+  params, xs, h0, w_ys, w_h = data(cell, steps)
+  hr = randn(B, H, seed=9)
+  resets, lengths = jnp.asarray(resets_for(steps)), jnp.asarray(lengths_for(steps))
+  opts = RESET_STATE_OPTIONS[options]
+  cases = tuple(CASES) if options in ALL_CASES + ("parallel",) else ((False, False), (True, True))
+
+  @jax.jit
+  def fast(params, xs, h0, hr):
+    out = {}
+    for reverse, masked in cases:
+      n = lengths if masked else None
+      run = lambda p, x, h, r, reverse=reverse, n=n: scan_layer(
+          cell, p, x, n, h, resets=resets, reset_state=r, reverse=reverse, options=opts)
+      out[reverse, masked] = values_and_grads_from(run, params, xs, h0, hr, w_ys, w_h)
+    return out
+
+  got, want = fast(params, xs, h0, hr), expected_from(steps)
+  for case in cases:
+    if options.startswith("parallel"):
+      # Newton stops at a per-step residual of tol (1e-5): the loop's rounding plus that.
+      assert_close(got[case], want[case], steps=steps, terms=gru_terms(I, H, B), residual=1e-5)
+    else:
+      check(got[case], want[case], steps)
+  # Not the restarts from h0: where a later segment exists, the outputs differ.
+  old = per_segment(cell, resets_for(steps), None, False)(params, xs, h0)[0]
+  assert np.max(np.abs(np.asarray(got[False, False][0][0]) - np.asarray(old))) > 0.1
+
+
+def test_reset_state_equal_to_h0_is_the_default():
+  """``reset_state=h0`` is what resets do without it, bit for bit (the same computation), and
+  the gradient of h0 is then the sum of the two."""
+  cell = GRUConfig(I, H)
+  params, xs, h0, w_ys, w_h = data(cell, LONG)
+  resets = jnp.asarray(resets_for(LONG))
+
+  @jax.jit
+  def both(params, xs, h0):
+    plain_run = lambda p, x, h: scan_layer(cell, p, x, h0=h, resets=resets)
+    given = lambda p, x, h: scan_layer(cell, p, x, h0=h, resets=resets, reset_state=h)
+    return (values_and_grads(plain_run, params, xs, h0, w_ys, w_h),
+            values_and_grads(given, params, xs, h0, w_ys, w_h))
+
+  a, b = both(params, xs, h0)
+  check(b, a, LONG)
+
+
+def test_stack_and_modules_take_reset_state():
+  """RNNConfig.apply, the Flax and Equinox modules pass ``reset_state`` (L*D, B, H) to every
+  cell: a 2-layer bidirectional stack against the stack run per segment."""
+  pytest.importorskip("flax")
+  import jaxgru.linen  # pylint: disable=import-outside-toplevel
+  import jaxgru.nnx  # pylint: disable=import-outside-toplevel
+  cfg = RNNConfig(GRUConfig(I, H), num_layers=2)
+  steps = 9
+  params = cfg.init(jax.random.key(0))
+  xs, h0, hr = randn(B, steps, I, seed=1), randn(2, B, H, seed=2), randn(2, B, H, seed=3)
+  resets = resets_for(steps)
+  got = cfg.apply(params, xs, h0=h0, resets=jnp.asarray(resets), reset_state=hr)
+  # Reference: layer by layer, the per-segment loop of each cell from (h0, hr).
+  x_TBI = jnp.swapaxes(xs, 0, 1)
+  finals = []
+  for l in range(2):
+    cell = cfg.layer_cell(l)
+    x_TBI, h_last = per_segment_from(cell, resets, None, False)(params[l]["fwd"], x_TBI, h0[l],
+                                                                 hr[l])
+    finals.append(h_last)
+  check(got, (jnp.swapaxes(x_TBI, 0, 1), jnp.stack(finals)), 2 * steps)
+  layer = jaxgru.linen.GRU(hidden_size=H, num_layers=2)
+  variables = {"params": {"gru": params}}
+  check(layer.apply(variables, xs, None, h0, resets=jnp.asarray(resets), reset_state=hr), got,
+        rtol=0, atol=0)
+  module = jaxgru.nnx.GRU.from_params(cfg, params)
+  check(module(xs, None, h0, resets=jnp.asarray(resets), reset_state=hr), got, rtol=0, atol=0)
+  eqx_mod = pytest.importorskip("jaxgru.equinox")
+  model = eqx_mod.GRU.from_params(cfg, params)
+  check(model.batched(xs, None, h0, resets=jnp.asarray(resets), reset_state=hr), got,
+        rtol=0, atol=0)
+  ys, h_last = jax.vmap(lambda x, h, r, rs: model(x, None, h, resets=rs, reset_state=r),
+                        in_axes=(0, 1, 1, 0))(xs, h0, hr, jnp.asarray(resets))
+  check((ys, jnp.swapaxes(h_last, 0, 1)), got, 2 * steps)
+  with pytest.raises(ValueError, match=r"RNN reset_state.*\(L\*D=2, B=3, H=5\)"):
+    cfg.apply(params, xs, resets=jnp.asarray(resets), reset_state=hr[0])
+  with pytest.raises(ValueError, match=r"scan_layer reset_state.*\(B=3, hidden_size=5\)"):
+    scan_layer(cfg.cell, params[0]["fwd"], jnp.swapaxes(xs, 0, 1), resets=jnp.asarray(resets),
+               reset_state=hr)
+
+
 def stack_per_segment(cfg, resets_BT, lengths_B):
   """A stack's reference: RNNConfig.apply (no resets) over every segment as its own sequence."""
   fwd = segment_batch(resets_BT, lengths_B, False)

@@ -7,7 +7,8 @@ policy's logits over A actions and the value. The core is
 * ``"gru"``: a :class:`jaxgru.RNNConfig` stack. The rollout runs it one step at a time with the
   per-example cell, :meth:`jaxgru.GRUConfig.step`, carrying the state ``h_LEH`` and setting it
   to zero where an episode starts; the update runs a whole rollout segment through
-  :meth:`jaxgru.RNNConfig.apply` with ``resets=``, from the state stored at the segment's start.
+  :meth:`jaxgru.RNNConfig.apply` with ``resets=`` and ``reset_state=`` zeros, from the state
+  stored at the segment's start.
 * ``"mlp"``: ``num_layers`` dense + tanh layers of H units: no state.
 
 Shapes: T steps, E environments, O observed features, D embedding, L layers, H hidden, A actions.
@@ -136,25 +137,20 @@ class ActorCritic:
                ) -> tuple[jax.Array, jax.Array]:
     """A rollout segment at once, as the update runs it: ``(logits_TEA, values_TE)``; equal to
     :meth:`step` over the T steps from ``h0_LEH`` (the state stored at the segment's start).
-
-    :meth:`jaxgru.RNNConfig.apply` with ``resets=`` restarts each episode from its row of
-    ``h0``; here an episode that starts inside the segment starts from zero, while the one
-    running when the segment began continues from ``h0_LEH``. So the stack runs on 2E rows in
-    one call: E from ``h0_LEH``, E from zeros with the resets; each step takes the first copy
-    until its environment's first episode start in the segment and the second from there on.
     """
     y_TEH = self.core_sequence(params["core"], h0_LEH, self._embed(params, obs_TEO), starts_TE)
     return self._heads(params, y_TEH)
 
   def core_sequence(self, core, h0_LEH, x_TED, starts_TE) -> jax.Array:
-    """The core over a segment: its outputs ``y_TEH`` (see :meth:`sequence`)."""
+    """The core over a segment: its outputs ``y_TEH``.
+
+    One call of :meth:`jaxgru.RNNConfig.apply`: the episode running when the segment began
+    continues from ``h0_LEH``, and each episode that starts inside it (``resets=starts_TE``, at
+    t=0 too) starts from zeros (``reset_state``), as the rollout's steps did.
+    """
     if self.core == "mlp":
       return self._mlp(core, x_TED)
-    num_envs = x_TED.shape[1]
-    x2_TED = jnp.concatenate([x_TED, x_TED], axis=1)
-    h0_2 = jnp.concatenate([h0_LEH, jnp.zeros_like(h0_LEH)], axis=1)
-    resets_TE = jnp.concatenate([starts_TE, starts_TE], axis=1)
-    ys_TEH, _ = self.rnn.apply(core, x2_TED, h0=h0_2, resets=resets_TE, time_major=True,
+    ys_TEH, _ = self.rnn.apply(core, x_TED, h0=h0_LEH, resets=starts_TE,
+                               reset_state=jnp.zeros_like(h0_LEH), time_major=True,
                                options=self.options)
-    before_TE = jnp.cumsum(starts_TE, axis=0) == 0  # no episode has started yet in the segment
-    return jnp.where(before_TE[..., None], ys_TEH[:, :num_envs], ys_TEH[:, num_envs:])
+    return ys_TEH
