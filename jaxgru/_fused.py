@@ -157,11 +157,14 @@ def _warn_once(message: str) -> None:
 
 
 def fused_plan(cell: GRUConfig, seq: _Static, steps: int,
-               backend: Optional[str] = None) -> Optional[_Fused]:
+               backend: Optional[str] = None, reset_state: bool = False) -> Optional[_Fused]:
   """The fused layer's static description, or None (with a one-time warning saying why) where it
-  falls back to the sequential loop. On the CPU it warns once that it runs in interpret mode."""
+  falls back to the sequential loop. On the CPU it warns once that it runs in interpret mode.
+  ``reset_state``: the call restores a state of its own at resets, which the kernel (restoring
+  ``h0``) does not do."""
   backend = backend or jax.default_backend()
-  reason = fused_limit(cell, steps, backend)
+  reason = ("a reset_state of its own (the kernel restores h0 at a reset)" if reset_state
+            else fused_limit(cell, steps, backend))
   if reason is not None:
     _warn_once(f"jaxgru: method='fused' runs the sequential loop instead: {reason}")
     return None

@@ -217,8 +217,7 @@ def scan_layer(cell: GRUConfig, params: Params, xs: jax.Array,
   if opts.method == "fused":
     seq = _Static(cell, bool(reverse), opts.unroll, opts.hoist_projection, "none",
                   opts.diagonal_backward and diagonal_backward_applies(cell))
-    # The kernel restores h0 at a reset: with a reset state of its own, the sequential loop.
-    plan = None if h_reset_BH is not None else fused_plan(cell, seq, steps)
+    plan = fused_plan(cell, seq, steps, reset_state=h_reset_BH is not None)
     if plan is not None:  # else (outside the kernel's limits) the sequential loop below
       if lengths_B is not None:
         lengths_B = jnp.minimum(jnp.asarray(lengths_B).astype(jnp.int32), steps)
