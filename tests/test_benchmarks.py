@@ -5,7 +5,8 @@ then the opt-in ones (tuning variants, the parallel method), at tiny sizes
 in processes of their own; parts whose peer library (PyTorch, Keras) is missing run without it.
 This checks that each part finished and wrote its files, with numbers in them. It also checks the
 arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX, that
-benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run, and that
+benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run, that
+benchmarks/rl_memory.py's records follow from its agents' returns (a tiny run), and that
 every entry point meets a bad flag with one line and exit status 2, having written nothing.
 """
 
@@ -136,12 +137,12 @@ def test_models_and_long_sequence_hold_numbers(suite):
 
 @pytest.mark.slow
 def test_rl_memory_records_agree_with_their_returns(tmp_path):
-  """benchmarks/rl_memory.py at a tiny size (2 agents, one iteration at N=2): each segment is one
-  episode, every greedy return is a mean of +-1 outcomes, and the solved flags follow from the
-  returns, the threshold and the 7-of-8 rule; --append keeps an earlier length."""
+  """benchmarks/rl_memory.py at a tiny size (2 agents, one iteration at N=2 and at N=3): each
+  segment is one episode, every greedy return is a mean of +-1 outcomes, and the solved flags
+  follow from the returns, the threshold and the 7-of-8 rule; --append keeps an earlier length."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
   out = tmp_path / "m"
-  common = ["-m", "benchmarks.rl_memory", "--num_models=2", "--env_steps=384",
+  common = ["-m", "benchmarks.rl_memory", "--num_models=2", "--env_steps=512",
             "--eval_episodes=8", f"--out={out}", f"--plot={tmp_path / 'm.png'}"]
   for lengths in (["--lengths=2"], ["--lengths=3", "--append", "--threshold=-1"]):
     proc = subprocess.run([sys.executable, *common, *lengths], cwd=ROOT, env=env,
@@ -281,7 +282,8 @@ BAD_FLAGS = [
     ("parallel", ["--steps=0", "--out={o}/p"], "--steps must be positive"),
     ("resets", ["--p_done=2", "--out={o}/r"], "--p_done"),
     ("gpu_suite", [], "--out"),
-    ("rl_memory", ["--lengths=4,0", "--out={o}/m", "--plot={o}/m.png"], "--lengths must be positive"),
+    ("rl_memory", ["--lengths=4,0", "--out={o}/m", "--plot={o}/m.png"],
+     "--lengths must be positive"),
     ("rl_memory", ["--lengths=4", "--threshold=2", "--out={o}/m", "--plot={o}/m.png"],
      "--threshold"),
     ("gpu_suite", ["--parts=zz", "--out={o}/g"], "unknown parts"),
