@@ -172,7 +172,7 @@ def plot(record: dict, path: str) -> bool:
   ax2.set_yticks(range(agents + 1))
   for ax in (ax1, ax2):
     ax.set_xscale("log", base=2)
-    ax.set_xticks(n, [str(int(v)) for v in n])
+    ax.set_xticks(n, [str(int(v)) for v in n], rotation=90, fontsize=8)  # 48, 56, 64 are close
     ax.minorticks_off()
     ax.set_xlabel("memory length N")
     ax.grid(alpha=0.3)
