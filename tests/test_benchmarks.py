@@ -5,7 +5,8 @@ then the opt-in ones (tuning variants, the parallel method), at tiny sizes
 in processes of their own; parts whose peer library (PyTorch, Keras) is missing run without it.
 This checks that each part finished and wrote its files, with numbers in them. It also checks the
 arithmetic of benchmarks/models.py and the malloc helper's opt-out, which need no JAX, that
-benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run, and that
+benchmarks/parallel.py's trained_imdb part skips, saying why, without a trained run, that
+benchmarks/rl_memory.py's records follow from its agents' returns (a tiny run), and that
 every entry point meets a bad flag with one line and exit status 2, having written nothing.
 """
 
@@ -134,6 +135,46 @@ def test_models_and_long_sequence_hold_numbers(suite):
   assert _finite(long_rec["step_s"]) and long_rec["peak_rss_bytes"] > 0
 
 
+@pytest.mark.slow
+def test_rl_memory_records_agree_with_their_returns(tmp_path):
+  """benchmarks/rl_memory.py at a tiny size (2 agents, one iteration at N=2 and at N=3): each
+  segment is one episode, every greedy return is a mean of +-1 outcomes, and the solved flags
+  follow from the returns, the threshold and the 7-of-8 rule; --append keeps an earlier length."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_WAIT_POLICY="PASSIVE")
+  out = tmp_path / "m"
+  common = ["-m", "benchmarks.rl_memory", "--num_models=2", "--env_steps=512",
+            "--eval_episodes=8", f"--out={out}", f"--plot={tmp_path / 'm.png'}"]
+  for lengths in (["--lengths=2"], ["--lengths=3", "--append", "--threshold=-1"]):
+    proc = subprocess.run([sys.executable, *common, *lengths], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads(out.with_suffix(".json").read_text())
+  runs = record["lengths"]
+  assert [r["memory_length"] for r in runs] == [2, 3]
+  for r, threshold in zip(runs, (0.9, -1.0)):
+    returns = np.asarray(r["eval_returns"])
+    assert r["segments_are_episodes"] and r["rollout_steps"] == r["memory_length"] + 1
+    assert r["env_steps"] == 128 * r["rollout_steps"]  # one iteration of 128 environments
+    assert len(returns) == 2 and np.all(np.abs(returns) <= 1)
+    np.testing.assert_allclose(returns * 8 % 2, 0, atol=1e-5)  # (right - wrong) / 8 episodes
+    assert r["agents_solved"] == [bool(v >= threshold) for v in returns]
+    assert r["required"] == 2
+    assert r["solved"] == (all(r["agents_solved"]) and r["train_seconds"] <= 900)
+  assert runs[1]["solved"]  # every return is >= -1
+  assert "| 3 | 2 of 2 | **yes** |" in out.with_suffix(".md").read_text()
+  assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_rl_memory_solved_rule():
+  from benchmarks import rl_memory  # pylint: disable=import-outside-toplevel
+  assert [rl_memory.required_agents(n) for n in (1, 2, 4, 8, 16, 9)] == [1, 2, 4, 7, 14, 8]
+  judged = rl_memory.judge([1.0, 0.9, 0.89, 1.0, 1.0, 1.0, 1.0, 1.0], 100.0, 0.9, 900.0)
+  assert judged["num_solved"] == 7 and judged["solved"] and judged["agents_solved"][2] is False
+  assert not rl_memory.judge([1.0] * 6 + [0.5] * 2, 100.0, 0.9, 900.0)["solved"]
+  over = rl_memory.judge([1.0] * 8, 901.0, 0.9, 900.0)
+  assert over["num_solved"] == 8 and not over["within_budget"] and not over["solved"]
+
+
 def test_models_ratio_arithmetic():
   from benchmarks import models  # pylint: disable=import-outside-toplevel
   rec = models.make_record("consolidate", 4, [8.0, 10.0, 12.0], [2.0, 5.0, 3.0])
@@ -241,6 +282,10 @@ BAD_FLAGS = [
     ("parallel", ["--steps=0", "--out={o}/p"], "--steps must be positive"),
     ("resets", ["--p_done=2", "--out={o}/r"], "--p_done"),
     ("gpu_suite", [], "--out"),
+    ("rl_memory", ["--lengths=4,0", "--out={o}/m", "--plot={o}/m.png"],
+     "--lengths must be positive"),
+    ("rl_memory", ["--lengths=4", "--threshold=2", "--out={o}/m", "--plot={o}/m.png"],
+     "--threshold"),
     ("gpu_suite", ["--parts=zz", "--out={o}/g"], "unknown parts"),
     ("fused", ["--modes=zz", "--out={o}/f"], "unknown mode"),
     ("fused", ["--shapes=2x4", "--out={o}/f"], "--shapes"),
