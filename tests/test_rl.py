@@ -86,12 +86,18 @@ def test_gae_against_a_python_loop():
   cfg = TINY
   _, _, _, traj = _two_rollouts(cfg)
   last = jnp.linspace(-1.0, 1.0, cfg.num_envs)
-  adv, targets = rl.gae(cfg, traj, last)
   r, v, d = (np.asarray(a, np.float64) for a in (traj.rewards, traj.values, traj.dones))
+  # Some episodes cut by the time limit: they bootstrap from the step's own value.
+  cut = np.zeros(d.shape, bool)
+  cut[3, :2] = True
+  d[3, :2] = 1.0
+  traj = traj._replace(dones=jnp.asarray(d, bool), cut=jnp.asarray(cut))
+  adv, targets = rl.gae(cfg, traj, last)
   want = np.zeros_like(r)
   a_next, v_next = np.zeros(cfg.num_envs), np.asarray(last, np.float64)
   for t in reversed(range(cfg.rollout_steps)):
-    delta = r[t] + cfg.gamma * v_next * (1 - d[t]) - v[t]
+    future = np.where(cut[t], v[t], v_next * (1 - d[t]))
+    delta = r[t] + cfg.gamma * future - v[t]
     a_next = delta + cfg.gamma * cfg.gae_lambda * (1 - d[t]) * a_next
     want[t], v_next = a_next, v[t]
   np.testing.assert_allclose(adv, want, atol=1e-4, rtol=1e-5)
@@ -191,3 +197,25 @@ def test_run_py_refuses_bad_flags_in_one_line(tmp_path):
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and says in lines[0], (args, status, err)
     assert not os.path.exists(tmp_path / f"run{i}"), args
+
+
+def test_episodes_cut_by_the_time_limit_are_told_from_terminated_ones():
+  """CartPole with a 6-step limit and alternating pushes (which keep the pole up that long):
+  every episode ends at step 6, cut, not terminated; with a limit of 500 and one push
+  repeated, they terminate (the pole falls) and none is cut."""
+  for limit, actions, cut_expected in ((6, "alternate", True), (500, "right", False)):
+    cfg = rl.envs.EnvConfig("CartPole-v1", params=(("max_steps_in_episode", limit),))
+    env = rl.envs.reset(cfg, jax.random.PRNGKey(0), 3)
+    ends = []
+    for t in range(12 if cut_expected else 60):
+      a = jnp.full((3,), t % 2 if actions == "alternate" else 1, jnp.int32)
+      env, _, done, _, cut = rl.envs.step(cfg, jax.random.PRNGKey(t), env, a)
+      done, cut = np.asarray(done), np.asarray(cut)
+      assert not (cut & ~done).any()  # a cut ends the episode
+      if done.any():
+        ends.append((t, cut.copy()))
+    assert ends, "no episode ended"
+    if cut_expected:
+      assert [t for t, _ in ends] == [5, 11] and all(c.all() for _, c in ends)
+    else:
+      assert not any(c.any() for _, c in ends)

@@ -149,12 +149,13 @@ def reset(cfg: EnvConfig, key: jax.Array, num_envs: int) -> EnvState:
 
 
 def step(cfg: EnvConfig, key: jax.Array, state: EnvState, actions_E: jax.Array
-         ) -> tuple[EnvState, jax.Array, jax.Array, jax.Array]:
+         ) -> tuple[EnvState, jax.Array, jax.Array, jax.Array, jax.Array]:
   """One step of every environment; an episode that ends is reset at once (gymnax's auto-reset).
 
-  Returns ``(state, rewards_E, dones_E, finished_E)``: the rewards of the step, whether it ended
-  an episode (terminated or truncated; the next observation is then a new episode's first), and
-  the return of each episode it ended (0 elsewhere).
+  Returns ``(state, rewards_E, dones_E, finished_E, cut_E)``: the rewards of the step, whether it
+  ended an episode (terminated or truncated; the next observation is then a new episode's
+  first), the return of each episode it ended (0 elsewhere), and whether the episode was cut by
+  the time limit without terminating (its future was not zero: PPO bootstraps there).
   """
   env, env_params = cfg.make()
   keys = jax.random.split(key, actions_E.shape[0])
@@ -167,4 +168,4 @@ def step(cfg: EnvConfig, key: jax.Array, state: EnvState, actions_E: jax.Array
   finished = jnp.where(done, total, 0.0)
   new = EnvState(env=env_state, obs_EO=jax.vmap(cfg.observe_fn)(obs), starts_E=done,
                  return_E=jnp.where(done, 0.0, total))
-  return new, reward, done, finished
+  return new, reward, done, finished, jnp.logical_and(truncated, jnp.logical_not(terminated))

@@ -234,6 +234,7 @@ class Rollout(NamedTuple):
   rewards: jax.Array    # (T, E)
   dones: jax.Array      # (T, E) bool, the step ended an episode
   finished: jax.Array   # (T, E) the return of the episode the step ended (0 elsewhere)
+  cut: jax.Array        # (T, E) bool, the step ended an episode by the time limit alone
 
 
 def init_state(cfg: RLConfig, seed: int, learning_rate: float, agent: Optional[ActorCritic] = None
@@ -275,26 +276,34 @@ def rollout(cfg: RLConfig, params, env: envs.EnvState, h_LEH: jax.Array, key: ja
     h, logits, value = agent.step(params, h, obs, env.starts_E)
     action = jax.random.categorical(k_act, logits)
     log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=1)[:, 0]
-    new, reward, done, finished = envs.step(cfg.env, k_env, env, action)
+    new, reward, done, finished, cut = envs.step(cfg.env, k_env, env, action)
     return (new, h), Rollout(obs, env.obs_EO, env.starts_E, action, log_prob, value, reward, done,
-                             finished)
+                             finished, cut)
 
   (env, h_LEH), traj = jax.lax.scan(one, (env, h_LEH), jax.random.split(key, cfg.rollout_steps))
   return env, h_LEH, traj
 
 
 def gae(cfg: RLConfig, traj: Rollout, last_value_E: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Generalized advantage estimates and value targets, each (T, E)."""
+  """Generalized advantage estimates and value targets, each (T, E).
+
+  Where the time limit cut an episode that had not terminated (``traj.cut``), its future is not
+  zero: the step bootstraps from its own value, ``V(s_t)``, standing for that of the state the
+  cut hid (gymnax resets at once; Pardo et al. 2018, "Time limits in reinforcement learning").
+  Without it the return drops from about 1 / (1 - gamma) to 0 at the limit, which no
+  observation foretells, and the values and advantages of agents that reach the limit are noise.
+  """
   def back(carry, t):
     adv_next, value_next = carry
-    reward, value, done = t
+    reward, value, done, cut = t
     live = 1.0 - done.astype(jnp.float32)
-    delta = reward + cfg.gamma * value_next * live - value
+    future = jnp.where(cut, value, value_next * live)
+    delta = reward + cfg.gamma * future - value
     adv = delta + cfg.gamma * cfg.gae_lambda * live * adv_next
     return (adv, value), adv
 
   _, adv_TE = jax.lax.scan(back, (jnp.zeros_like(last_value_E), last_value_E),
-                           (traj.rewards, traj.values, traj.dones), reverse=True)
+                           (traj.rewards, traj.values, traj.dones, traj.cut), reverse=True)
   return adv_TE, adv_TE + traj.values
 
 
@@ -395,7 +404,7 @@ def evaluate_agent(cfg: RLConfig, params, obs_stats: ObsStats, key: jax.Array, e
     t, env, h, alive, returns, k = c
     k, k_env = jax.random.split(k)
     h, logits, _ = agent.step(params, h, normalize(cfg, obs_stats, env.obs_EO), env.starts_E)
-    env, reward, done, _ = envs.step(cfg.env, k_env, env, jnp.argmax(logits, axis=-1))
+    env, reward, done, _, _ = envs.step(cfg.env, k_env, env, jnp.argmax(logits, axis=-1))
     return t + 1, env, h, alive & ~done, returns + jnp.where(alive, reward, 0.0), k
 
   init = (jnp.zeros((), jnp.int32), env, h, jnp.ones((episodes,), bool),
