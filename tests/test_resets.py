@@ -73,21 +73,10 @@ def segment_batch(resets_BT, lengths_B, reverse):
 
 def per_segment(cell, resets_BT, lengths_B, reverse):
   """The reference ``run(params, xs_TBI, h0_BH) -> (ys_TBH, h_last_BH)`` for fixed flags: the
-  plain loop over every segment as its own sequence (one vmapped loop), reassembled."""
-  src_t, src_b, seg_lengths, seg_of, at, final_seg = segment_batch(resets_BT, lengths_B, reverse)
-
-  def run(params, xs_TBI, h0_BH):
-    xs_seg = xs_TBI[src_t, src_b[None, :]]  # (T, S, I)
-    one = lambda x, h, n: plain.sequence(cell, params, x, h, n, reverse)
-    ys_seg, h_seg = jax.vmap(one, in_axes=(1, 0, 0), out_axes=(1, 0))(
-        xs_seg, h0_BH[src_b], jnp.asarray(seg_lengths))
-    ys = ys_seg[np.maximum(at, 0), seg_of]
-    ys = jnp.where(jnp.asarray(at >= 0)[:, :, None], ys, 0.0)
-    h_last = jnp.where(jnp.asarray(final_seg >= 0)[:, None], h_seg[np.maximum(final_seg, 0)],
-                       h0_BH)
-    return ys, h_last
-
-  return run
+  plain loop over every segment as its own sequence (one vmapped loop), reassembled, each
+  segment from ``h0[b]`` (:func:`per_segment_from` with the reset state ``h0``)."""
+  run = per_segment_from(cell, resets_BT, lengths_B, reverse)
+  return lambda params, xs_TBI, h0_BH: run(params, xs_TBI, h0_BH, h0_BH)
 
 
 def loss(run, params, xs, h0, w_ys, w_h):
